@@ -1,0 +1,278 @@
+"""Run configuration: typed dataclasses, YAML presets, ``--set key=value`` overrides.
+
+Precedence: dataclass defaults < preset YAML (``--preset``) < ``--config FILE`` < ``--set``.
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` with a one-line
+message naming the offending field (and the file, when it came from one). Nothing touches the
+run directory before the whole configuration has validated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FORMS = ("pg", "ratio", "hinge")
+REWEIGHTS = ("base", "tempflow", "tempflow_outer", "fair", "fair_guard", "guard", "pcpo")
+ESTIMATORS = ("zo", "fo_terminal", "fo_current")
+RETURNS = ("hard", "soft")
+BASELINES = ("mean", "loo", "none")
+ADV_NORMS = ("none", "group", "global")
+FO_WEIGHTS = ("kl", "native")
+FO_GAMMAS = ("one", "alpha_bar", "sqrt_alpha_bar")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``str(err)`` is a one-line message naming the field."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = field(default="toy2d", metadata={"help": "task: toy2d (the analytic 2-D task)"})
+    alpha: float = field(default=1.0, metadata={"help": "KL weight of the soft objective; p* ∝ p_ref exp(r/alpha)"})
+    num_steps: int = field(default=50, metadata={"help": "sampling steps (toy: DDIM over 500 train steps)"})
+    eta: float = field(default=1.0, metadata={"help": "DDIM eta (1 = DDPM posterior noise)"})
+    reward: str = field(default="linear", metadata={"help": "'linear' (r = -x1/2 + 3) or 'module:function' mapping x0 [B,d] -> [B]"})
+    eval_samples: int = field(default=8192, metadata={"help": "fresh samples for the final evaluation"})
+
+
+@dataclass
+class PolicyConfig:
+    hidden: int = field(default=128, metadata={"help": "width of the residual MLP"})
+    layers: int = field(default=2, metadata={"help": "hidden layers of the residual MLP"})
+    emb_dim: int = field(default=32, metadata={"help": "time-embedding width"})
+
+
+@dataclass
+class MethodConfig:
+    estimator: str = field(default="zo", metadata={"help": f"guidance estimator {ESTIMATORS}"})
+    returns: str = field(default="hard", metadata={"help": "zo: 'hard' reward or 'soft' entropy-augmented return"})
+    baseline: str = field(default="mean", metadata={"help": f"reward centering {BASELINES}"})
+    adv_norm: str = field(default="group", metadata={"help": f"advantage scaling {ADV_NORMS}"})
+    adv_clip: float = field(default=5.0, metadata={"help": "clip advantages to ±this (0 = off); flow_grpo adv_clip_max=5"})
+    group_size: int = field(default=16, metadata={"help": "trajectories per advantage group"})
+    surrogate: str = field(default="hinge", metadata={"help": f"zo surrogate form {FORMS}"})
+    reweight: str = field(default="base", metadata={"help": f"timestep reweighting {REWEIGHTS}"})
+    clip_eps: float = field(default=1e-4, metadata={"help": "trust-region clip (ratio form: 1±eps; hinge: eps|A|)"})
+    kl_coef: float = field(default=0.0, metadata={"help": "weight of KL(pi_theta || pi_ref) per step"})
+    kl_dt_weight: bool = field(default=False, metadata={"help": "multiply the KL by dt (Flow-GRPO heuristic denominator)"})
+    fo_weight: str = field(default="kl", metadata={"help": "fo loss weight: 'kl' = 0.5 omega^2 |df|^2, 'native' = 0.5 |df|^2"})
+    fo_gamma: str = field(default="one", metadata={"help": f"fo temporal weight gamma(t) {FO_GAMMAS}"})
+    fo_reward_scale: float = field(default=1.0, metadata={"help": "K in Psi = K (Sigma/b) grad r; K = 1/alpha of RSM"})
+    trust_c2: float = field(default=0.0, metadata={"help": "fo trust region C2 (relative, spec §3.2)"})
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=300, metadata={"help": "rollout/update epochs"})
+    batch_size: int = field(default=512, metadata={"help": "trajectories sampled per epoch"})
+    inner_updates: int = field(default=1, metadata={"help": "optimizer steps per epoch on the same rollout (>1: off-policy, trust region active)"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip (0 = off)"})
+    timestep_fraction: float = field(default=1.0, metadata={"help": "train the first fraction of stochastic steps (flow_grpo timestep_fraction)"})
+    seed: int = field(default=0, metadata={"help": "seed for weights, noise and evaluation"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch default)"})
+
+
+@dataclass
+class RunConfig:
+    preset: str = "custom"
+    description: str = ""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_CHOICES = {
+    "method.estimator": ESTIMATORS, "method.returns": RETURNS, "method.baseline": BASELINES,
+    "method.adv_norm": ADV_NORMS, "method.surrogate": FORMS, "method.reweight": REWEIGHTS,
+    "method.fo_weight": FO_WEIGHTS, "method.fo_gamma": FO_GAMMAS, "task.name": ("toy2d",),
+}
+_POSITIVE = ("task.alpha", "task.num_steps", "task.eval_samples", "policy.hidden", "policy.layers",
+             "policy.emb_dim", "method.group_size", "train.epochs", "train.batch_size",
+             "train.inner_updates", "train.lr")
+_NONNEG = ("task.eta", "method.adv_clip", "method.clip_eps", "method.kl_coef", "method.trust_c2",
+           "train.weight_decay", "train.max_grad_norm", "train.seed", "train.threads")
+
+
+# ----------------------------------------------------------------------------------------------
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(path: str, value: Any, typ: Any) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config field '{path}' must be true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config field '{path}' must be an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config field '{path}' must be a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config field '{path}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"config field '{path}' has unsupported type {typ}")
+
+
+def apply_mapping(cfg: Any, data: dict, prefix: str = "", source: str = "") -> None:
+    """Merge a nested mapping into dataclass ``cfg`` in place, rejecting unknown keys."""
+    where = f" (in {source})" if source else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix or '<root>'}' must be a mapping{where}, got {type(data).__name__}")
+    types_ = _field_types(type(cfg))
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in types_:
+            raise ConfigError(f"unknown config key '{path}'{where}; allowed: {', '.join(sorted(types_))}")
+        typ = types_[key]
+        if dataclasses.is_dataclass(typ):
+            apply_mapping(getattr(cfg, key), value, f"{path}.", source)
+        else:
+            try:
+                setattr(cfg, key, _coerce(path, value, typ))
+            except ConfigError as e:
+                raise ConfigError(f"{e}{where}") from None
+
+
+def parse_set(expr: str) -> tuple[str, Any]:
+    """``"method.kl_coef=0.5"`` -> ``("method.kl_coef", 0.5)`` (value parsed as YAML scalar)."""
+    if "=" not in expr:
+        raise ConfigError(f"--set expects key=value, got {expr!r}")
+    key, raw = expr.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(cfg: RunConfig, key: str, value: Any, source: str = "--set") -> None:
+    parts = key.split(".")
+    nested: dict = {}
+    cur = nested
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    apply_mapping(cfg, nested, source=source)
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file '{p}': {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid YAML"
+        raise ConfigError(f"config file '{p}' is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# presets
+# ----------------------------------------------------------------------------------------------
+def preset_names() -> list[str]:
+    files = resources.files("rsm_fast.presets")
+    return sorted(f.name[:-5] for f in files.iterdir() if f.name.endswith(".yaml"))
+
+
+def preset_data(name: str) -> dict:
+    names = preset_names()
+    if name not in names:
+        raise ConfigError(f"unknown preset '{name}'; available: {', '.join(names)}")
+    text = resources.files("rsm_fast.presets").joinpath(f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def build_config(preset: str | None = None, config_file: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    cfg = RunConfig()
+    if preset is not None:
+        apply_mapping(cfg, preset_data(preset), source=f"preset {preset}")
+        cfg.preset = preset
+    if config_file is not None:
+        apply_mapping(cfg, load_yaml(config_file), source=str(config_file))
+    for expr in overrides:
+        set_dotted(cfg, *parse_set(expr))
+    validate(cfg)
+    return cfg
+
+
+def _get(cfg: RunConfig, path: str) -> Any:
+    obj: Any = cfg
+    for p in path.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def validate(cfg: RunConfig) -> None:
+    for path, choices in _CHOICES.items():
+        v = _get(cfg, path)
+        if v not in choices:
+            raise ConfigError(f"config field '{path}' must be one of {list(choices)}, got {v!r}")
+    for path in _POSITIVE:
+        v = _get(cfg, path)
+        if not v > 0:
+            raise ConfigError(f"config field '{path}' must be positive, got {v!r}")
+    for path in _NONNEG:
+        v = _get(cfg, path)
+        if v < 0:
+            raise ConfigError(f"config field '{path}' must be >= 0, got {v!r}")
+    if cfg.task.name == "toy2d" and cfg.task.num_steps > 500:
+        raise ConfigError(f"config field 'task.num_steps' must be <= 500 (the toy's train steps), got {cfg.task.num_steps}")
+    if not 0 < cfg.train.timestep_fraction <= 1:
+        raise ConfigError(f"config field 'train.timestep_fraction' must be in (0, 1], got {cfg.train.timestep_fraction}")
+    m = cfg.method
+    if m.estimator == "zo" and m.surrogate in ("ratio", "hinge") and m.clip_eps <= 0:
+        raise ConfigError("config field 'method.clip_eps' must be positive for the ratio/hinge surrogates")
+    if m.reweight == "pcpo":
+        raise ConfigError("config field 'method.reweight': 'pcpo' needs a per-step omega' schedule, not available on toy2d")
+    if m.baseline == "loo" and m.returns == "hard" and m.group_size < 2:
+        raise ConfigError("config field 'method.group_size' must be >= 2 for the leave-one-out baseline")
+    if m.estimator == "zo" and m.returns == "hard" and cfg.train.batch_size % m.group_size:
+        raise ConfigError(f"config field 'train.batch_size' ({cfg.train.batch_size}) must be a multiple of "
+                          f"'method.group_size' ({m.group_size})")
+    if m.estimator == "zo" and m.returns == "soft" and cfg.train.batch_size < 2:
+        raise ConfigError("config field 'train.batch_size' must be >= 2 for the soft return baseline")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def describe_fields() -> list[tuple[str, str, Any]]:
+    """(dotted key, help, default) for every leaf, for ``--help``."""
+    out = []
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            typ = _field_types(cls)[f.name]
+            if dataclasses.is_dataclass(typ):
+                walk(typ, f"{prefix}{f.name}.")
+            elif prefix:
+                default = f.default if f.default is not dataclasses.MISSING else None
+                out.append((f"{prefix}{f.name}", f.metadata.get("help", ""), default))
+
+    walk(RunConfig, "")
+    return out
+

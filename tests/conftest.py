@@ -1,0 +1,40 @@
+"""Shared pytest fixtures."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+# Tensor methods that read device memory back to the host (a CUDA sync). Code that runs inside a
+# sampling / training step must never call them.
+HOST_SYNC_METHODS = ("item", "tolist", "__bool__", "cpu", "numpy", "__float__", "__int__", "__index__")
+
+
+@pytest.fixture
+def no_host_sync():
+    """Context-manager factory: inside ``with no_host_sync():`` any call of a host-sync Tensor
+    method (``HOST_SYNC_METHODS``) raises ``RuntimeError``; they are restored on exit.
+
+    Usage::
+
+        def test_x(no_host_sync):
+            with no_host_sync():
+                out = code_under_test(...)
+            assert torch.allclose(out, expected)   # check outside the guard
+    """
+
+    def _raiser(name):
+        def _raise(self, *args, **kwargs):
+            raise RuntimeError(f"host sync: Tensor.{name} called inside a no_host_sync() block")
+
+        return _raise
+
+    @contextlib.contextmanager
+    def guard():
+        with pytest.MonkeyPatch.context() as mp:
+            for name in HOST_SYNC_METHODS:
+                mp.setattr(torch.Tensor, name, _raiser(name))
+            yield
+
+    return guard
