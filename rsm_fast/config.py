@@ -71,7 +71,9 @@ class TrainConfig:
     epochs: int = field(default=300, metadata={"help": "rollout/update epochs"})
     batch_size: int = field(default=512, metadata={"help": "trajectories sampled per epoch"})
     inner_updates: int = field(default=1, metadata={"help": "optimizer steps per epoch on the same rollout (>1: off-policy, trust region active)"})
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    lr_schedule: str = field(default="constant", metadata={"help": "'constant' or 'cosine' (decays to lr_final_frac * lr)"})
+    lr_final_frac: float = field(default=0.1, metadata={"help": "cosine: final learning rate as a fraction of lr"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip (0 = off)"})
     timestep_fraction: float = field(default=1.0, metadata={"help": "train the first fraction of stochastic steps (flow_grpo timestep_fraction)"})
@@ -94,12 +96,13 @@ _CHOICES = {
     "method.estimator": ESTIMATORS, "method.returns": RETURNS, "method.baseline": BASELINES,
     "method.adv_norm": ADV_NORMS, "method.surrogate": FORMS, "method.reweight": REWEIGHTS,
     "method.fo_weight": FO_WEIGHTS, "method.fo_gamma": FO_GAMMAS, "task.name": ("toy2d",),
+    "train.lr_schedule": ("constant", "cosine"),
 }
 _POSITIVE = ("task.alpha", "task.num_steps", "task.eval_samples", "policy.hidden", "policy.layers",
              "policy.emb_dim", "method.group_size", "train.epochs", "train.batch_size",
              "train.inner_updates", "train.lr")
 _NONNEG = ("task.eta", "method.adv_clip", "method.clip_eps", "method.kl_coef", "method.trust_c2",
-           "train.weight_decay", "train.max_grad_norm", "train.seed", "train.threads")
+           "train.weight_decay", "train.max_grad_norm", "train.lr_final_frac", "train.seed", "train.threads")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,6 +65,9 @@ class Trainer:
         self.policy = self.task.build_policy(hidden=pc.hidden, layers=pc.layers, emb_dim=pc.emb_dim).to(self.device)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
+        self.sched = None
+        if tc.lr_schedule == "cosine":
+            self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=tc.epochs, eta_min=tc.lr * tc.lr_final_frac)
         self.gen = torch.Generator().manual_seed(tc.seed)
         self.clock = PhaseClock()
         self.nfe = {"rollout": 0, "reference": 0, "train": 0, "eval": 0}
@@ -150,7 +153,10 @@ class Trainer:
             shift = None if mc.estimator == "zo" else self._fo_guidance(rows, c)
             stats = self._optimize(rows, c, shift)
         self.epochs_done += 1
-        return {"reward_mean": float(r.mean()), "reward_std": float(r.std()),
+        lr = self.opt.param_groups[0]["lr"]
+        if self.sched is not None:
+            self.sched.step()
+        return {"lr": lr, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
                 "kl": float(ro.kl.index_select(0, self.train_steps).sum(0).mean()), **stats}
 
     def _optimize(self, rows: Rows, c, shift) -> dict:
@@ -171,7 +177,7 @@ class Trainer:
                 raise NonFiniteError(f"gradient norm became {float(gn)} at epoch {self.epochs_done} (update {u}); weights left unchanged")
             self.opt.step()
             if u == 0:
-                stats["loss"] = float(loss)
+                stats["loss"] = float(loss.detach())
                 stats["grad_norm"] = float(gn)
                 if out is not None:
                     stats["clip_frac"] = float(out.clipped.float().mean())
@@ -198,6 +204,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict() if self.sched is not None else None,
                 "epochs_done": self.epochs_done, "generator": self.gen.get_state(), "config": to_dict(self.cfg)}
 
     def run(self, run_dir: RunDir | None = None, progress: bool = True) -> dict:

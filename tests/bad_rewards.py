@@ -1,0 +1,21 @@
+"""Deliberately broken rewards for the CLI error tests (importable as ``tests.bad_rewards:NAME``)."""
+import torch
+
+
+def nan_reward(x0):
+    r = -0.5 * x0[:, 0]
+    r[::7] = float("nan")
+    return r
+
+
+def wrong_shape_reward(x0):
+    return -0.5 * x0          # [B, 2] instead of [B]
+
+
+def not_a_tensor_reward(x0):
+    return [1.0] * x0.shape[0]
+
+
+def quadratic_reward(x0):
+    """A valid differentiable non-built-in reward (no analytic target)."""
+    return -(x0 ** 2).sum(1) * 0.1 + torch.zeros(())

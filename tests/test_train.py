@@ -1,0 +1,156 @@
+"""The trainer and ``python -m rsm_fast.train``: run directory contract, determinism, bad input,
+NaN safety, and that every preset moves the 2-D task's reward the right way."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rsm_fast.config import build_config
+from rsm_fast.train import main
+from rsm_fast.trainer import NonFiniteError, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY_KEYS = {"task", "preset", "epochs", "reward_mean", "nfe", "seconds", "reward_target", "mode_weights",
+                "mode_weights_target", "distance_to_target", "distance_metric"}
+SMALL = ["train.batch_size=64", "method.group_size=8", "task.eval_samples=512", "policy.hidden=32", "train.threads=1"]
+
+
+def _sets(*exprs):
+    return [a for e in exprs for a in ("--set", e)]
+
+
+def _cli(*args, timeout=120):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "rsm_fast.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_directory_contract(tmp_path):
+    out = tmp_path / "run"
+    rc = main(["--preset", "grpo", "--out", str(out), "--quiet", *_sets(*SMALL, "train.epochs=3")])
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(s)
+    assert s["task"] == "toy2d" and s["preset"] == "grpo" and s["epochs"] == 3
+    assert s["distance_metric"] == "sliced_wasserstein_2"
+    assert {"rollout", "reward", "train", "total"} <= set(s["seconds"])
+    # NFE accounting: 3 epochs x 64 trajectories x 50 steps for rollout and reference, and
+    # 2 inner updates over 49 stochastic steps x 64 rows for training
+    assert s["nfe_by_kind"]["rollout"] == 3 * 64 * 50
+    assert s["nfe_by_kind"]["reference"] == 3 * 64 * 50
+    assert s["nfe_by_kind"]["train"] == 3 * 2 * 49 * 64
+    assert s["nfe"] == sum(s["nfe_by_kind"][k] for k in ("rollout", "reference", "train"))
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1, 2]
+    # the first update of every epoch is on-policy: the recomputed log-ratio is exactly zero
+    assert all(x["onpolicy_logratio_absmax"] == 0.0 for x in lines)
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["epochs_done"] == 3 and "policy" in ck
+    assert (out / "config.yaml").exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_seeded_runs_are_identical(tmp_path):
+    def run(d):
+        assert main(["--preset", "rsm-soft-zo", "--out", str(d), "--quiet", *_sets(*SMALL, "train.epochs=3")]) == 0
+        logs = [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()]
+        for x in logs:
+            x.pop("seconds")
+        return json.loads((d / "summary.json").read_text())["reward_mean"], logs
+
+    assert run(tmp_path / "a") == run(tmp_path / "b")
+
+
+def test_existing_run_is_not_clobbered(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--preset", "reinforce", "--out", str(out), "--quiet", *_sets(*SMALL, "train.epochs=1")]) == 0
+    before = (out / "summary.json").read_text()
+    assert main(["--preset", "reinforce", "--out", str(out), "--quiet", *_sets(*SMALL, "train.epochs=2")]) == 2
+    assert (out / "summary.json").read_text() == before
+    assert main(["--preset", "reinforce", "--out", str(out), "--overwrite", "--quiet",
+                 *_sets(*SMALL, "train.epochs=2")]) == 0
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--preset", "nope"], "nope"),
+    (["--set", "task.num_steps=-5"], "task.num_steps"),
+    (["--config", "/nonexistent/cfg.yaml"], "/nonexistent/cfg.yaml"),
+    (["--set", "task.reward=tests.bad_rewards:nan_reward", "--set", "train.epochs=2"], "tests.bad_rewards:nan_reward"),
+    (["--set", "task.reward=tests.bad_rewards:wrong_shape_reward", "--set", "train.epochs=2"], "shape"),
+    (["--set", "task.reward=tests.bad_rewards:not_a_tensor_reward", "--set", "train.epochs=2"], "list"),
+    (["--set", "task.reward=no_such_module:fn", "--set", "train.epochs=2"], "no_such_module"),
+])
+def test_bad_input_gives_one_line_error(tmp_path, args, needle):
+    out = tmp_path / "run"
+    p = _cli(*args, "--out", str(out), "--quiet")
+    assert p.returncode == 2, p.stderr
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], p.stderr
+    # nothing half-written: a failed run leaves no summary and no checkpoint
+    assert not (out / "summary.json").exists() and not (out / "checkpoint.pt").exists()
+
+
+def test_nan_never_reaches_the_weights(monkeypatch):
+    cfg = build_config("grpo", None, SMALL + ["train.epochs=2"])
+    tr = Trainer(cfg)
+    before = [p.detach().clone() for p in tr.params]
+    real_forward = tr.policy.forward
+
+    def poisoned(x, c, f_ref=None):
+        out = real_forward(x, c, f_ref)
+        return out * float("nan") if tr.policy.training else out
+
+    monkeypatch.setattr(tr.policy, "forward", poisoned)
+    with pytest.raises(NonFiniteError, match="weights left unchanged"):
+        tr.epoch()
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.params))
+
+
+def test_nonfinite_gradient_is_refused(monkeypatch):
+    cfg = build_config("rsm-fo-terminal", None, SMALL + ["train.epochs=2"])
+    tr = Trainer(cfg)
+    before = [p.detach().clone() for p in tr.params]
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
+    with pytest.raises(NonFiniteError):
+        tr.epoch()
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.params))
+
+
+def test_custom_differentiable_reward_runs_first_order(tmp_path):
+    out = tmp_path / "run"
+    rc = main(["--preset", "rsm-fo-terminal", "--out", str(out), "--quiet",
+               *_sets(*SMALL, "train.epochs=2", "task.reward=tests.bad_rewards:quadratic_reward")])
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert "reward_target" not in s and s["epochs"] == 2     # no analytic target for a custom reward
+
+
+@pytest.mark.parametrize("preset", ["grpo", "reinforce", "rsm-fo-terminal", "rsm-soft-zo"])
+def test_every_preset_raises_the_reward(preset):
+    """Short runs: every preset must move the mean reward well above the reference's 3.0."""
+    cfg = build_config(preset, None, ["train.epochs=40", "train.batch_size=256", "task.eval_samples=4096",
+                                      "train.threads=2"])
+    s = Trainer(cfg).run(progress=False)
+    assert s["reward_reference"] == pytest.approx(3.0)
+    assert s["reward_mean"] > 3.4, s
+    assert s["distance_to_target"] >= 0.0
+
+
+@pytest.mark.slow
+def test_soft_zo_reaches_the_tilted_target():
+    """The soft zeroth-order preset's fixed point is p*: mode weights within 0.03, reward within 2%."""
+    cfg = build_config("rsm-soft-zo", None, ["train.threads=2"] + SLOW_OVERRIDES)
+    s = Trainer(cfg).run(progress=False)
+    for got, want in zip(s["mode_weights"], s["mode_weights_target"]):
+        assert abs(got - want) < 0.03, s
+    assert abs(s["reward_mean"] - s["reward_target"]) < 0.02 * s["reward_target"], s
+
+
+SLOW_OVERRIDES: list[str] = []
