@@ -168,7 +168,7 @@ class Trainer:
             loss, out = self._loss(rows, c, f, shift)
             self.nfe["train"] += rows.x.shape[0]
             if not torch.isfinite(loss):
-                raise NonFiniteError(f"loss became {float(loss)} at epoch {self.epochs_done} (update {u}); weights left unchanged")
+                raise NonFiniteError(f"loss became {float(loss.detach())} at epoch {self.epochs_done} (update {u}); weights left unchanged")
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
