@@ -159,3 +159,13 @@ def test_soft_zo_moves_to_the_tilted_target():
     for got, want in zip(s["mode_weights"], s["mode_weights_target"]):
         assert abs(got - want) <= 0.25 * abs(1 / 3 - want), s
     assert abs(s["reward_mean"] - s["reward_target"]) < 0.02 * s["reward_target"], s
+
+
+def test_cosine_schedule_decays_to_its_floor():
+    cfg = build_config("reinforce", None, SMALL + ["train.epochs=4", "train.lr=0.01", "train.lr_schedule=cosine",
+                                                   "train.lr_final_frac=0.2"])
+    tr = Trainer(cfg)
+    lrs = [tr.epoch()["lr"] for _ in range(4)]
+    assert lrs[0] == pytest.approx(0.01)
+    assert lrs[0] > lrs[1] > lrs[2] > lrs[3] > 0.002
+    assert tr.opt.param_groups[0]["lr"] == pytest.approx(0.002)
