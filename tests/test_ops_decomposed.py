@@ -9,11 +9,10 @@ import zlib
 import pytest
 import torch
 
-from rsm_fast import schedules as S
-from rsm_fast import transitions as T
 from rsm_fast.losses import score_regression_loss, zo_row_loss
 from rsm_fast.losses.reference import REWEIGHTS as REF_REWEIGHTS, SURROGATE_FORMS
 from rsm_fast.ops import decomposed as D
+from opcases import decomposed_args, make_zo_case
 
 F64 = torch.float64
 
@@ -21,34 +20,6 @@ F64 = torch.float64
 def test_mode_codes_follow_the_reference_names():
     assert D.FORMS == SURROGATE_FORMS
     assert D.REWEIGHTS == REF_REWEIGHTS
-
-
-def make_zo_case(family: str, seed: int, B: int = 16, latent=(3, 5, 7), ode_frac: float = 0.25, dtype=F64):
-    """Random rows at random steps of a real transition, spanning clipped and unclipped regimes."""
-    g = torch.Generator().manual_seed(seed)
-    if family == "ddim":
-        tr = T.ddim(S.ddpm_linear_alphas_cumprod(), S.ddim_timesteps(1000, 10), eta=1.0)
-    else:
-        tr = T.flow_grpo_sde(S.rf_sigmas(10, 3.0), noise_level=0.7)
-    idx = torch.randint(0, tr.num_steps, (B,), generator=g)
-    stoch = torch.rand(B, generator=g, dtype=F64) >= ode_frac
-    co = tr.coeffs(idx, stoch, dtype=F64)
-    rn = lambda: torch.randn(B, *latent, generator=g, dtype=F64)  # noqa: E731
-    f_old = rn()
-    size = torch.logspace(-4, 0, B, dtype=F64)[torch.randperm(B, generator=g)].reshape(B, 1, 1, 1)
-    f_theta = (f_old + size * rn() / co.omega.clamp_min(1e-3).reshape(B, 1, 1, 1)).to(dtype)
-    adv = torch.randn(B, generator=g, dtype=F64)
-    adv[0] = 0.0
-    return dict(co=co, f_theta=f_theta, f_old=f_old.to(dtype), z=rn().to(dtype), f_ref=(f_old + 0.3 * rn()).to(dtype),
-                adv=adv, row_weight=torch.rand(B, generator=g, dtype=F64) + 0.5,
-                kl_coef=torch.rand(B, generator=g, dtype=F64), omega_train=co.omega * (0.5 + torch.rand(B, generator=g, dtype=F64)))
-
-
-def decomposed_args(c, with_kl: bool, cd=F64):
-    co = c["co"]
-    return (c["f_theta"], c["f_old"], c["z"], c["f_ref"] if with_kl else None, c["adv"].to(cd), co.omega.to(cd),
-            co.sigma.to(cd), co.dt.to(cd), co.stochastic, c["row_weight"].to(cd),
-            c["kl_coef"].to(cd) if with_kl else torch.zeros_like(c["adv"], dtype=cd), c["omega_train"].to(cd))
 
 
 @pytest.mark.parametrize("family", ["ddim", "flow"])
