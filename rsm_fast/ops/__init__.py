@@ -1,3 +1,9 @@
 """Fused RSM ops: the ZO row loss, the score-regression loss and the sampler step.
 
-``decomposed`` states the math every backend implements (Triton on CUDA, C++ on CPU)."""
+``decomposed`` states the math every backend implements (Triton on CUDA, C++ on CPU, plain torch
+as the fallback); ``library`` registers the custom ops with autograd and fake kernels; ``api``
+holds the checked, user-facing functions with the reference losses' signatures.
+"""
+from .api import FusedOpInputError, sampler_step, score_loss, zo_loss
+
+__all__ = ["FusedOpInputError", "sampler_step", "score_loss", "zo_loss"]

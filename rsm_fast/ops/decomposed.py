@@ -111,7 +111,7 @@ def zo_epilogue(S_dz: Tensor, S_dd: Tensor, S_ee: Tensor | None, norm: float, ad
     d_quad = torch.where(st, W * dpol_dL * (-s * c_quad), zero)
     alpha = kl_coef * dt if kl_dt_weight else kl_coef
     if S_ee is None:
-        kl, d_kl = zero, zero
+        kl, d_kl = torch.zeros_like(omega), torch.zeros_like(omega)  # distinct outputs, no aliasing
     else:
         d_kl = W * alpha
         kl = d_kl * 0.5 * omega * omega * S_ee * norm

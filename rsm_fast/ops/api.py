@@ -1,0 +1,134 @@
+"""User-facing fused ops, drop-in replacements for the reference losses.
+
+``zo_loss`` and ``score_loss`` take the same arguments as ``rsm_fast.losses.zo_row_loss`` and
+``score_regression_loss`` and return the same values (``zo_loss`` returns a ``ZOLossOut``);
+``sampler_step`` is ``GaussianTransition`` coefficients' ``step`` + ``log_prob`` in one pass.
+Gradients flow to ``f_theta`` / ``s_theta`` only (and through the ``loss``, ``policy`` and ``kl``
+fields); every other input is rollout data, a frozen model's output or a coefficient.
+
+Inputs are checked before any kernel runs: latent tensors must share shape, dtype and device and
+be contiguous; per-row values must be numbers or ``[B]`` tensors. With ``check=True`` (default)
+the per-row values are also checked for NaN/inf, which costs one device->host sync per call; it
+is skipped inside ``torch.compile`` and can be turned off where a sync matters (CUDA graphs).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..losses.reference import REDUCTIONS, REWEIGHTS, SURROGATE_FORMS, ZOLossOut
+from ..transitions import StepCoeffs
+from . import library as L
+
+
+class FusedOpInputError(ValueError):
+    """An input of a fused op has the wrong shape, dtype, device or layout, or is not finite."""
+
+
+def _latents(**tensors: Tensor | None) -> Tensor:
+    """Check the latent-sized inputs against the first one; return the first."""
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    name0, t0 = items[0]
+    if not isinstance(t0, Tensor) or t0.dim() < 2:
+        raise FusedOpInputError(f"{name0} must be a [B, ...] tensor with latent dims, got {getattr(t0, 'shape', t0)!r}")
+    if t0.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise FusedOpInputError(f"{name0} must be float16, bfloat16, float32 or float64, got {t0.dtype}")
+    for k, v in items:
+        if not isinstance(v, Tensor):
+            raise FusedOpInputError(f"{k} must be a tensor, got {type(v).__name__}")
+        if v.shape != t0.shape:
+            raise FusedOpInputError(f"{k} must have shape {tuple(t0.shape)} like {name0}, got {tuple(v.shape)}")
+        if v.dtype != t0.dtype:
+            raise FusedOpInputError(f"{k} has dtype {v.dtype} but {name0} has {t0.dtype}; cast explicitly")
+        if v.device != t0.device:
+            raise FusedOpInputError(f"{k} is on {v.device} but {name0} is on {t0.device}")
+        if not v.is_contiguous():
+            raise FusedOpInputError(f"{k} must be contiguous (call .contiguous() on it)")
+    return t0
+
+
+def _row(name: str, v, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A number, 0-d tensor or ``[B]`` tensor as a contiguous ``[B]`` tensor on ``like``'s device."""
+    B = like.shape[0]
+    dtype = dtype or (torch.float64 if like.dtype == torch.float64 else torch.float32)
+    if isinstance(v, bool) or not isinstance(v, (int, float, Tensor)):
+        raise FusedOpInputError(f"{name} must be a number or a [B] tensor, got {type(v).__name__}")
+    if not isinstance(v, Tensor):
+        return torch.full((B,), float(v), dtype=dtype, device=like.device)
+    if v.device != like.device:
+        raise FusedOpInputError(f"{name} is on {v.device} but the latents are on {like.device}")
+    if v.dim() == 0:
+        return v.to(dtype).expand(B).contiguous()
+    if tuple(v.shape) != (B,):
+        raise FusedOpInputError(f"{name} must be a number or have shape ({B},), got {tuple(v.shape)}")
+    return v.to(dtype).contiguous()
+
+
+def _check_finite(rows: dict[str, Tensor]) -> None:
+    if torch.compiler.is_compiling():
+        return
+    bad = torch.stack([~torch.isfinite(v).all() for v in rows.values()])
+    if bool(bad.any()):
+        names = [k for k, b in zip(rows, bad.tolist()) if b]
+        raise FusedOpInputError(f"{names[0]} holds NaN or inf (per-row input of a fused op)")
+
+
+def _choice(name: str, v, choices) -> int:
+    if v not in choices:
+        raise FusedOpInputError(f"{name} must be one of {choices}, got {v!r}")
+    return choices.index(v)
+
+
+def zo_loss(f_theta: Tensor, f_old: Tensor, z: Tensor, adv: Tensor, coeffs: StepCoeffs, *, form: str = "hinge",
+            reweight: str = "base", clip_eps: float = 1e-4, f_ref: Tensor | None = None, kl_coef=0.0,
+            kl_dt_weight: bool = False, row_weight=None, omega_train=None, tempflow_scale: float = 2.25,
+            reduce: str = "mean", check: bool = True) -> ZOLossOut:
+    """Fused :func:`rsm_fast.losses.zo_row_loss` (same arguments and outputs)."""
+    fc, rc = _choice("form", form, SURROGATE_FORMS), _choice("reweight", reweight, REWEIGHTS)
+    _choice("reduce", reduce, REDUCTIONS)
+    if form != "pg" and not (isinstance(clip_eps, (int, float)) and clip_eps > 0):
+        raise FusedOpInputError(f"clip_eps must be a number > 0 for form={form!r}, got {clip_eps!r}")
+    if reweight == "pcpo" and omega_train is None:
+        raise FusedOpInputError("omega_train is required for reweight='pcpo' (PCPO's target native weight)")
+    if reweight in ("tempflow", "tempflow_outer") and not (isinstance(tempflow_scale, (int, float)) and tempflow_scale > 0):
+        raise FusedOpInputError(f"tempflow_scale must be a number > 0, got {tempflow_scale!r}")
+    if isinstance(kl_coef, (int, float)) and kl_coef < 0:
+        raise FusedOpInputError(f"kl_coef must be >= 0, got {kl_coef!r}")
+    if f_ref is None and not (isinstance(kl_coef, (int, float)) and kl_coef == 0):
+        raise FusedOpInputError("f_ref is required when kl_coef is non-zero")
+    ft = _latents(f_theta=f_theta, f_old=f_old, z=z, f_ref=f_ref)
+    rows = {"adv": _row("adv", adv, ft), "coeffs.omega": _row("coeffs.omega", coeffs.omega, ft),
+            "coeffs.sigma": _row("coeffs.sigma", coeffs.sigma, ft), "coeffs.dt": _row("coeffs.dt", coeffs.dt, ft),
+            "row_weight": _row("row_weight", 1.0 if row_weight is None else row_weight, ft),
+            "kl_coef": _row("kl_coef", kl_coef, ft),
+            "omega_train": _row("omega_train", 0.0 if omega_train is None else omega_train, ft)}
+    st = _row("coeffs.stochastic", coeffs.stochastic, ft, dtype=torch.bool)
+    if check:
+        _check_finite(rows)
+    r = list(rows.values())
+    out = L.zo_loss(f_theta, f_old, z, f_ref, r[0], r[1], r[2], r[3], st, r[4], r[5], r[6], fc, rc,
+                    float(clip_eps), float(tempflow_scale), bool(kl_dt_weight), reduce == "mean")
+    loss, policy, kl, clipped, log_ratio, lin = out[:6]
+    return ZOLossOut(loss=loss, policy=policy, kl=kl, clipped=clipped, log_ratio=log_ratio, lin=lin)
+
+
+def score_loss(s_theta: Tensor, s_ref: Tensor, s_old: Tensor | None, psi_hat: Tensor, C1, gamma, C2=0.0,
+               reduce: str = "mean", check: bool = True) -> Tensor:
+    """Fused :func:`rsm_fast.losses.score_regression_loss` (same arguments, ``[B]`` output)."""
+    _choice("reduce", reduce, REDUCTIONS)
+    if s_old is None and not (isinstance(C2, (int, float)) and C2 == 0):
+        raise FusedOpInputError("s_old is required when C2 is non-zero")
+    s = _latents(s_theta=s_theta, s_ref=s_ref, psi_hat=psi_hat, s_old=s_old)
+    rows = {"C1": _row("C1", C1, s), "gamma": _row("gamma", gamma, s), "C2": _row("C2", C2, s)}
+    if check:
+        _check_finite(rows)
+    return L.score_loss(s_theta, s_ref, psi_hat, s_old, rows["C1"], rows["gamma"], rows["C2"], reduce == "mean")
+
+
+def sampler_step(coeffs: StepCoeffs, x: Tensor, f: Tensor, z: Tensor, reduce: str = "mean") -> tuple[Tensor, Tensor]:
+    """``(x', log pi(x'|x))`` with ``x' = c_x x + c_f f + sigma z`` (noise dropped on ODE rows)."""
+    _choice("reduce", reduce, REDUCTIONS)
+    xx = _latents(x=x, f=f, z=z)
+    return L.sampler_step(x, f, z, _row("coeffs.c_x", coeffs.c_x, xx), _row("coeffs.c_f", coeffs.c_f, xx),
+                          _row("coeffs.sigma", coeffs.sigma, xx), _row("coeffs.stochastic", coeffs.stochastic, xx, torch.bool),
+                          reduce == "mean")

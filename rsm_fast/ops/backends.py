@@ -1,0 +1,64 @@
+"""Which implementation of the five backend functions (see ``decomposed``) runs for a device.
+
+* CUDA -> the Triton kernels of ``rsm_fast.kernels``.
+* CPU  -> the C++ kernels of ``csrc/`` (JIT-built on first use by ``cpu_ext``); when no compiler
+  is available, ``cpu_ext`` warns once and the plain-torch ``decomposed`` functions run instead.
+
+``RSM_FAST_OPS_BACKEND=decomposed|cpp|triton`` forces one backend for every device (tests use
+``triton`` with ``TRITON_INTERPRET=1`` to run the Triton kernels on CPU tensors).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import SimpleNamespace
+
+import torch
+
+from . import decomposed
+
+BACKENDS = ("decomposed", "cpp", "triton")
+FUNCTIONS = ("zo_fwd", "zo_bwd", "score_fwd", "score_bwd", "step_fwd")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton() -> SimpleNamespace:
+    zo = importlib.import_module("rsm_fast.kernels.zo_loss")
+    sc = importlib.import_module("rsm_fast.kernels.score_loss")
+    st = importlib.import_module("rsm_fast.kernels.sampler_step")
+    return SimpleNamespace(name="triton", zo_fwd=zo.zo_fwd, zo_bwd=zo.zo_bwd, score_fwd=sc.score_fwd,
+                           score_bwd=sc.score_bwd, step_fwd=st.step_fwd)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp() -> SimpleNamespace | None:
+    from . import cpu_ext
+
+    mod = cpu_ext.load()
+    if mod is None:
+        return None
+    return SimpleNamespace(name="cpp", **{f: getattr(mod, f) for f in FUNCTIONS})
+
+
+_DECOMPOSED = SimpleNamespace(name="decomposed", **{f: getattr(decomposed, f) for f in FUNCTIONS})
+
+
+def forced() -> str | None:
+    name = os.environ.get("RSM_FAST_OPS_BACKEND", "").strip() or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"RSM_FAST_OPS_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def for_device(device: torch.device) -> SimpleNamespace:
+    """The backend namespace (``.name`` + the five functions) used for tensors on ``device``."""
+    name = forced()
+    if name is None:
+        name = "triton" if device.type == "cuda" else "cpp"
+    if name == "triton":
+        return _triton()
+    if name == "cpp":
+        mod = _cpp()
+        return mod if mod is not None else _DECOMPOSED
+    return _DECOMPOSED

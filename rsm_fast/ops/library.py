@@ -1,0 +1,145 @@
+"""The fused ops registered with ``torch.library``: one custom op per loss, with autograd.
+
+``rsm_fast::zo_loss`` / ``rsm_fast::zo_loss_backward``, ``rsm_fast::score_loss`` /
+``rsm_fast::score_loss_backward`` and ``rsm_fast::sampler_step``. Each has a CPU kernel (C++ or
+the plain-torch fallback), a CUDA kernel (Triton) and a fake (meta) implementation for tracing, so
+``torch.compile(fullgraph=True)`` sees each as one opaque node. The backward formulas call the
+``*_backward`` ops, so compiled backward graphs stay free of Python too.
+
+These are the raw ops (positional per-row tensors, integer mode codes); ``rsm_fast.ops.api``
+holds the user-facing functions with the reference losses' signatures and the input checks.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .nvtx import annotate
+
+ZOOut = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _cd(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# ZO row loss
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("rsm_fast::zo_loss", mutates_args=())
+def zo_loss(f_theta: Tensor, f_old: Tensor, z: Tensor, f_ref: Optional[Tensor], adv: Tensor, omega: Tensor,
+            sigma: Tensor, dt: Tensor, stochastic: Tensor, row_weight: Tensor, kl_coef: Tensor,
+            omega_train: Tensor, form: int, reweight: int, clip_eps: float, tempflow_scale: float,
+            kl_dt_weight: bool, mean: bool) -> ZOOut:
+    """-> (loss, policy, kl, clipped, log_ratio, lin, d_lin, d_quad, d_kl); see ``decomposed``."""
+    be = backends.for_device(f_theta.device)
+    with annotate("zo_loss", f_theta.device):
+        return tuple(be.zo_fwd(f_theta, f_old, z, f_ref, adv, omega, sigma, dt, stochastic, row_weight, kl_coef,
+                               omega_train, form, reweight, clip_eps, tempflow_scale, kl_dt_weight, mean))
+
+
+@zo_loss.register_fake
+def _(f_theta, f_old, z, f_ref, adv, *rest):
+    B, cd = f_theta.shape[0], _cd(f_theta)
+    new = lambda dtype=cd: f_theta.new_empty((B,), dtype=dtype)  # noqa: E731
+    return new(), new(), new(), new(torch.bool), new(), new(), new(), new(), new()
+
+
+@torch.library.custom_op("rsm_fast::zo_loss_backward", mutates_args=())
+def zo_loss_backward(g_loss: Tensor, g_policy: Tensor, g_kl: Tensor, f_theta: Tensor, f_old: Tensor, z: Tensor,
+                     f_ref: Optional[Tensor], omega: Tensor, d_lin: Tensor, d_quad: Tensor, d_kl: Tensor,
+                     mean: bool) -> Tensor:
+    be = backends.for_device(f_theta.device)
+    with annotate("zo_loss_backward", f_theta.device):
+        return be.zo_bwd(g_loss, g_policy, g_kl, f_theta, f_old, z, f_ref, omega, d_lin, d_quad, d_kl, mean)
+
+
+@zo_loss_backward.register_fake
+def _(g_loss, g_policy, g_kl, f_theta, *rest):
+    return torch.empty_like(f_theta)
+
+
+def _zo_setup(ctx, inputs, output):
+    f_theta, f_old, z, f_ref, _adv, omega = inputs[:6]
+    mean = inputs[-1]
+    d_lin, d_quad, d_kl = output[6:]
+    ctx.has_ref = f_ref is not None
+    ctx.mean = mean
+    ctx.save_for_backward(f_theta, f_old, z, f_ref if f_ref is not None else f_theta, omega, d_lin, d_quad, d_kl)
+    # Only loss, policy and kl are differentiable; the rest are diagnostics / saved coefficients.
+    ctx.mark_non_differentiable(*output[3:])
+
+
+def _zo_backward(ctx, g_loss, g_policy, g_kl, *_unused):
+    f_theta, f_old, z, f_ref, omega, d_lin, d_quad, d_kl = ctx.saved_tensors
+    zeros = lambda g: g if g is not None else torch.zeros_like(d_lin)  # noqa: E731
+    grad = zo_loss_backward(zeros(g_loss), zeros(g_policy), zeros(g_kl), f_theta, f_old, z,
+                            f_ref if ctx.has_ref else None, omega, d_lin, d_quad, d_kl, ctx.mean)
+    return (grad,) + (None,) * 17
+
+
+zo_loss.register_autograd(_zo_backward, setup_context=_zo_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Score regression
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("rsm_fast::score_loss", mutates_args=())
+def score_loss(s: Tensor, s_ref: Tensor, psi: Tensor, s_old: Optional[Tensor], c1: Tensor, gamma: Tensor,
+               c2: Tensor, mean: bool) -> Tensor:
+    be = backends.for_device(s.device)
+    with annotate("score_loss", s.device):
+        return be.score_fwd(s, s_ref, psi, s_old, c1, gamma, c2, mean)
+
+
+@score_loss.register_fake
+def _(s, *rest):
+    return s.new_empty((s.shape[0],), dtype=_cd(s))
+
+
+@torch.library.custom_op("rsm_fast::score_loss_backward", mutates_args=())
+def score_loss_backward(g_loss: Tensor, s: Tensor, s_ref: Tensor, psi: Tensor, s_old: Optional[Tensor],
+                        c1: Tensor, gamma: Tensor, c2: Tensor, mean: bool) -> Tensor:
+    be = backends.for_device(s.device)
+    with annotate("score_loss_backward", s.device):
+        return be.score_bwd(g_loss, s, s_ref, psi, s_old, c1, gamma, c2, mean)
+
+
+@score_loss_backward.register_fake
+def _(g_loss, s, *rest):
+    return torch.empty_like(s)
+
+
+def _score_setup(ctx, inputs, output):
+    s, s_ref, psi, s_old, c1, gamma, c2, mean = inputs
+    ctx.has_old, ctx.mean = s_old is not None, mean
+    ctx.save_for_backward(s, s_ref, psi, s_old if s_old is not None else s, c1, gamma, c2)
+
+
+def _score_backward(ctx, g_loss):
+    s, s_ref, psi, s_old, c1, gamma, c2 = ctx.saved_tensors
+    grad = score_loss_backward(g_loss, s, s_ref, psi, s_old if ctx.has_old else None, c1, gamma, c2, ctx.mean)
+    return (grad,) + (None,) * 7
+
+
+score_loss.register_autograd(_score_backward, setup_context=_score_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler step (inference only: no autograd formula)
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("rsm_fast::sampler_step", mutates_args=())
+def sampler_step(x: Tensor, f: Tensor, z: Tensor, c_x: Tensor, c_f: Tensor, sigma: Tensor, stochastic: Tensor,
+                 mean: bool) -> tuple[Tensor, Tensor]:
+    be = backends.for_device(x.device)
+    with annotate("sampler_step", x.device):
+        x_next, logp = be.step_fwd(x, f, z, c_x, c_f, sigma, stochastic, mean)
+    return x_next, logp
+
+
+@sampler_step.register_fake
+def _(x, *rest):
+    return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=_cd(x))
