@@ -80,6 +80,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed for weights, noise and evaluation"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch default)"})
+    loss_impl: str = field(default="fused", metadata={"help": "'fused' (rsm_fast.ops custom ops) or 'reference' (plain torch oracle)"})
 
 
 @dataclass
@@ -96,7 +97,7 @@ _CHOICES = {
     "method.estimator": ESTIMATORS, "method.returns": RETURNS, "method.baseline": BASELINES,
     "method.adv_norm": ADV_NORMS, "method.surrogate": FORMS, "method.reweight": REWEIGHTS,
     "method.fo_weight": FO_WEIGHTS, "method.fo_gamma": FO_GAMMAS, "task.name": ("toy2d",),
-    "train.lr_schedule": ("constant", "cosine"),
+    "train.lr_schedule": ("constant", "cosine"), "train.loss_impl": ("fused", "reference"),
 }
 _POSITIVE = ("task.alpha", "task.num_steps", "task.eval_samples", "policy.hidden", "policy.layers",
              "policy.emb_dim", "method.group_size", "train.epochs", "train.batch_size",

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/<preset>-<time>)")
     p.add_argument("--overwrite", action="store_true", help="reuse a run directory that already holds a run")
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    p.add_argument("--loss-impl", choices=("fused", "reference"), default=None,
+                   help="loss implementation: fused custom ops (default) or the plain-torch reference")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         preset = args.preset or (None if args.config else DEFAULT_PRESET)
-        cfg = build_config(preset, args.config, args.overrides)
+        overrides = list(args.overrides) + ([f"train.loss_impl={args.loss_impl}"] if args.loss_impl else [])
+        cfg = build_config(preset, args.config, overrides)
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = RunDir(out, overwrite=args.overwrite)
         trainer = Trainer(cfg)

@@ -27,6 +27,7 @@ from . import rollout as RO
 from .advantages import center, group_advantages
 from .config import RunConfig, to_dict
 from .estimators import fo_current_state, soft_returns
+from . import ops
 from .losses import score_regression_loss, zo_row_loss
 from .runlog import PhaseClock, Progress, RunDir
 from .tasks import make_task
@@ -76,6 +77,9 @@ class Trainer:
         self.train_steps = stoch[:n_train].to(self.device)
         self.epochs_done = 0
         self.kl_alpha = mc.kl_coef if mc.kl_coef > 0 else cfg.task.alpha
+        fused = tc.loss_impl == "fused"
+        self.zo_loss = ops.zo_loss if fused else zo_row_loss
+        self.score_loss = ops.score_loss if fused else score_regression_loss
 
     # ------------------------------------------------------------------------------------------
     def _rows(self, ro: RO.Rollout) -> Rows:
@@ -122,12 +126,12 @@ class Trainer:
     def _loss(self, rows: Rows, c, f: Tensor, target_shift: Tensor | None):
         mc = self.cfg.method
         if mc.estimator == "zo":
-            out = zo_row_loss(f, rows.f_old, rows.z, rows.adv, c, form=mc.surrogate, reweight=mc.reweight,
-                              clip_eps=mc.clip_eps, f_ref=rows.f_ref if mc.kl_coef > 0 else None,
-                              kl_coef=mc.kl_coef, kl_dt_weight=mc.kl_dt_weight)
+            out = self.zo_loss(f, rows.f_old, rows.z, rows.adv, c, form=mc.surrogate, reweight=mc.reweight,
+                                clip_eps=mc.clip_eps, f_ref=rows.f_ref if mc.kl_coef > 0 else None,
+                                kl_coef=mc.kl_coef, kl_dt_weight=mc.kl_dt_weight)
             return out.loss.mean(), out
         w = 0.5 * c.omega**2 if mc.fo_weight == "kl" else 0.5 * torch.ones_like(c.omega)
-        loss = score_regression_loss(f, rows.f_ref, rows.f_old, target_shift, C1=w, gamma=1.0, C2=mc.trust_c2)
+        loss = self.score_loss(f, rows.f_ref, rows.f_old, target_shift, C1=w, gamma=1.0, C2=mc.trust_c2)
         return loss.mean(), None
 
     # ------------------------------------------------------------------------------------------
