@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter; the flag must be set before any
+# kernel module is imported (the kernel test files import them at collection time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tensor methods that read device memory back to the host (a CUDA sync). Code that runs inside a
 # sampling / training step must never call them.

@@ -183,7 +183,7 @@ def step_fwd(x: Tensor, f: Tensor, z: Tensor, c_x: Tensor, c_f: Tensor, sigma: T
     """-> ``(x_next [B, ...] in x's dtype, log_prob [B] in the compute dtype)``."""
     cd = compute_dtype(x)
     zr = _rows(z, cd)
-    noise = torch.where(stochastic, sigma, torch.zeros_like(sigma))[:, None] * zr
+    noise = torch.where(stochastic[:, None], sigma[:, None] * zr, torch.zeros_like(zr))  # z unused on ODE rows
     xn = c_x[:, None] * _rows(x, cd) + c_f[:, None] * _rows(f, cd) + noise
     n = zr.shape[1]
     sig = torch.where(stochastic & (sigma > 0), sigma, torch.ones_like(sigma))

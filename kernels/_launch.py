@@ -1,0 +1,156 @@
+"""Launch planning and small shared helpers of the Triton kernels (``rsm_fast.kernels``).
+
+Every fused op streams ``B`` rows of ``n`` latent elements. A row is split into ``n_chunks``
+chunks of ``chunk_len`` elements (a multiple of the tile size ``BLOCK``); the streaming kernels
+run on the grid ``(B, n_chunks)`` and each program loops over the tiles of its chunk: full tiles
+unmasked (so loads vectorise), then one masked tail tile. The row reductions write their partial
+sums to a ``[B, n_chunks, K]`` workspace (no atomics), which :func:`sum_partials` reduces in a
+fixed order inside the per-row epilogue kernel: results are bitwise reproducible.
+Row starts are 16-element aligned (so full tiles use 16-byte loads) when ``n % 16 == 0``, which
+Triton sees through its divisibility specialisation of ``n``; other row lengths are correct but
+load element by element.
+
+``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by the tests) must be set before Triton is
+imported; CPU tensors are accepted only then, with small tiles and few chunks to keep it fast.
+"""
+
+import functools
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+# Tile sizes. On CUDA a 1024-element tile over 4 warps gives every thread 8 contiguous elements
+# (16-byte loads for bf16/fp16, two for fp32); fp64 uses 512 to keep the same bytes per thread.
+CUDA_BLOCK, CUDA_BLOCK_FP64, CUDA_WARPS = 1024, 512, 4
+PROGRAMS_PER_SM = 4          # target B * n_chunks >= PROGRAMS_PER_SM * multiprocessor count
+INTERP_BLOCK, INTERP_PROGRAMS = 64, 12   # interpreter: small tiles, few programs
+EPI_BLOCK_B, EPI_BLOCK_C = 32, 32        # epilogue: rows per program, chunks per partial tile
+
+
+class Plan(NamedTuple):
+    block: int       # tile size (elements), a power of two
+    n_chunks: int    # chunks per row (>= 1)
+    chunk_len: int   # elements per chunk, a multiple of block (the last chunk may be shorter)
+    num_warps: int
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def plan_chunks(B: int, n: int, block: int, target_programs: int) -> tuple[int, int]:
+    """``(n_chunks, chunk_len)`` for rows of ``n`` elements: ``chunk_len`` is a whole number of
+    ``block`` tiles, the chunks cover the row, and ``B * n_chunks >= target_programs`` unless that
+    would need chunks of less than one tile."""
+    tiles = max(1, triton.cdiv(n, block))
+    want = min(tiles, max(1, triton.cdiv(target_programs, max(B, 1))))   # chunks per row wanted
+    chunk_len = (tiles // want) * block                                    # >= want chunks
+    return triton.cdiv(max(n, 1), chunk_len), chunk_len
+
+
+def plan(t: torch.Tensor) -> Plan:
+    """The chunking of the rows of the latent tensor ``t`` (``[B, ...]``) for its device."""
+    B = t.shape[0]
+    n = t.numel() // B if B else 0
+    if t.device.type == "cuda":
+        big = CUDA_BLOCK_FP64 if t.dtype == torch.float64 else CUDA_BLOCK
+        block = min(big, max(128, triton.next_power_of_2(max(n, 1))))   # short rows: smaller tiles
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        target, warps = PROGRAMS_PER_SM * sm_count(index), CUDA_WARPS
+    else:
+        block, target, warps = INTERP_BLOCK, INTERP_PROGRAMS, 1
+    n_chunks, chunk_len = plan_chunks(B, n, block, target)
+    return Plan(block, n_chunks, chunk_len, warps)
+
+
+def acc_type(dtype: torch.dtype):
+    """Triton accumulation / compute type for latents of ``dtype``: fp64 stays fp64, else fp32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_len(t: torch.Tensor) -> int:
+    return t.numel() // t.shape[0] if t.shape[0] else 0
+
+
+def norm_of(n: int, mean: bool) -> float:
+    return 1.0 / n if mean else 1.0
+
+
+def check_latents(first: torch.Tensor, *others: torch.Tensor | None) -> None:
+    """Cheap checks of the backend contract: contiguous ``[B, ...]`` tensors of one shape/dtype on
+    a CUDA device (or on CPU under the interpreter)."""
+    if first.dim() < 1 or first.dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"latents must be [B, ...] fp64/fp32/bf16/fp16 tensors, got {first.dtype} "
+                         f"{tuple(first.shape)}")
+    if first.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("rsm_fast.kernels needs CUDA tensors (or TRITON_INTERPRET=1 set before importing triton)")
+    for t in (first, *others):
+        if t is None:
+            continue
+        if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
+            raise ValueError("latent tensors must share shape, dtype and device")
+        if not t.is_contiguous():
+            raise ValueError("latent tensors must be contiguous")
+
+
+def device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device: switch to ``t``'s device when it differs."""
+    if t.device.type == "cuda" and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device.index)
+    return _NULL
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NULL = _Null()
+
+
+def epilogue_grid(B: int) -> tuple[int]:
+    return (triton.cdiv(B, EPI_BLOCK_B),)
+
+
+@triton.jit
+def sum_partials(ws_ptr, rows, rmask, n_chunks, K: tl.constexpr, k: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row sums of the partials ``ws[rows, :, k]`` of a ``[B, n_chunks, K]`` workspace, for a block
+    of rows: a ``[BLOCK_B, BLOCK_C]`` accumulator swept over the chunks, then one reduction over
+    its columns (a fixed order for a given compiled kernel, hence deterministic)."""
+    cols = tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_B, BLOCK_C], ACC)
+    base = rows.to(tl.int64)[:, None] * n_chunks
+    for c0 in range(0, n_chunks, BLOCK_C):
+        cc = c0 + cols
+        m = rmask[:, None] & (cc < n_chunks)[None, :]
+        acc += tl.load(ws_ptr + (base + cc[None, :]) * K + k, mask=m, other=0.0).to(ACC)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def chunk_bounds(n, chunk_len, BLOCK: tl.constexpr):
+    """For program ``(b, c)`` of a ``(B, n_chunks)`` grid: the int64 offset of its chunk in the
+    flat ``[B * n]`` tensor, the chunk's length ``hi`` and ``n_full`` (its full tiles' extent)."""
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    start = c * chunk_len
+    hi = tl.minimum(n - start, chunk_len)
+    n_full = (hi // BLOCK) * BLOCK
+    return b, b.to(tl.int64) * n + start, hi, n_full
+
