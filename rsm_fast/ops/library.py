@@ -75,7 +75,8 @@ def _zo_setup(ctx, inputs, output):
 
 def _zo_backward(ctx, g_loss, g_policy, g_kl, *_unused):
     f_theta, f_old, z, f_ref, omega, d_lin, d_quad, d_kl = ctx.saved_tensors
-    zeros = lambda g: g if g is not None else torch.zeros_like(d_lin)  # noqa: E731
+    # upstream grads may be expanded (stride 0, e.g. from .sum()): the kernels want contiguous [B]
+    zeros = lambda g: g.to(d_lin.dtype).contiguous() if g is not None else torch.zeros_like(d_lin)  # noqa: E731
     grad = zo_loss_backward(zeros(g_loss), zeros(g_policy), zeros(g_kl), f_theta, f_old, z,
                             f_ref if ctx.has_ref else None, omega, d_lin, d_quad, d_kl, ctx.mean)
     return (grad,) + (None,) * 17
@@ -121,7 +122,7 @@ def _score_setup(ctx, inputs, output):
 
 def _score_backward(ctx, g_loss):
     s, s_ref, psi, s_old, c1, gamma, c2 = ctx.saved_tensors
-    grad = score_loss_backward(g_loss, s, s_ref, psi, s_old if ctx.has_old else None, c1, gamma, c2, ctx.mean)
+    grad = score_loss_backward(g_loss.contiguous(), s, s_ref, psi, s_old if ctx.has_old else None, c1, gamma, c2, ctx.mean)
     return (grad,) + (None,) * 7
 
 
