@@ -1,0 +1,42 @@
+// Declarations of the C++ CPU fused RSM ops (csrc/rsm_ops.cpp). Signatures, argument order and
+// return conventions follow rsm_fast/ops/decomposed.py; optional tensors are c10::optional.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace rsm_ops {
+
+// -> (loss, policy, kl, clipped, log_ratio, lin, d_lin, d_quad, d_kl), each [B]; clipped is bool.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+zo_fwd(const at::Tensor& f_theta, const at::Tensor& f_old, const at::Tensor& z, const c10::optional<at::Tensor>& f_ref,
+       const at::Tensor& adv, const at::Tensor& omega, const at::Tensor& sigma, const at::Tensor& dt,
+       const at::Tensor& stochastic, const at::Tensor& row_weight, const at::Tensor& kl_coef,
+       const at::Tensor& omega_train, int64_t form, int64_t reweight, double clip_eps, double tempflow_scale,
+       bool kl_dt_weight, bool mean);
+
+// Gradient of sum(g_loss loss + g_policy policy + g_kl kl) w.r.t. f_theta, in f_theta's dtype.
+at::Tensor zo_bwd(const at::Tensor& g_loss, const at::Tensor& g_policy, const at::Tensor& g_kl,
+                  const at::Tensor& f_theta, const at::Tensor& f_old, const at::Tensor& z,
+                  const c10::optional<at::Tensor>& f_ref, const at::Tensor& omega, const at::Tensor& d_lin,
+                  const at::Tensor& d_quad, const at::Tensor& d_kl, bool mean);
+
+// Per-row C1 norm (sum t^2 + C2 sum o^2), t = s - s_ref - gamma psi, o = s - s_old.
+at::Tensor score_fwd(const at::Tensor& s, const at::Tensor& s_ref, const at::Tensor& psi,
+                     const c10::optional<at::Tensor>& s_old, const at::Tensor& c1, const at::Tensor& gamma,
+                     const at::Tensor& c2, bool mean);
+
+// 2 g C1 norm (t + C2 o) in s's dtype.
+at::Tensor score_bwd(const at::Tensor& g_loss, const at::Tensor& s, const at::Tensor& s_ref, const at::Tensor& psi,
+                     const c10::optional<at::Tensor>& s_old, const at::Tensor& c1, const at::Tensor& gamma,
+                     const at::Tensor& c2, bool mean);
+
+// -> (x_next in x's dtype, log_prob [B] in the compute dtype).
+std::tuple<at::Tensor, at::Tensor> step_fwd(const at::Tensor& x, const at::Tensor& f, const at::Tensor& z,
+                                            const at::Tensor& c_x, const at::Tensor& c_f, const at::Tensor& sigma,
+                                            const at::Tensor& stochastic, bool mean);
+
+}  // namespace rsm_ops

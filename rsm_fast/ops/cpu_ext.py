@@ -1,0 +1,56 @@
+"""The C++ CPU kernels (``csrc/rsm_ops.cpp``), JIT-built on first use with torch's cpp_extension.
+
+``load()`` returns the compiled module (functions ``zo_fwd``, ``zo_bwd``, ``score_fwd``,
+``score_bwd``, ``step_fwd`` with the signatures of :mod:`rsm_fast.ops.decomposed`) or None, after
+one one-line warning, when no compiler is found, the build fails or ``RSM_FAST_NO_CPP=1``. The build
+lands in torch's extensions folder (``TORCH_EXTENSIONS_DIR`` when set) and is reused across processes.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import os
+import shutil
+import threading
+import warnings
+
+NAME = "rsm_fast_cpu_ops"
+# -fopenmp: at::parallel_for is OpenMP-backed in torch's CPU wheels (the runtime is torch's libgomp).
+# -fno-trapping-math lets the compiler turn the bf16/fp16 conversions' selects into vector code; it
+# changes no result (nothing here reads floating-point exception flags).
+CFLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
+LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_cache: dict = {}
+
+
+def _build():
+    if os.environ.get("RSM_FAST_NO_CPP", "") == "1":
+        raise RuntimeError("RSM_FAST_NO_CPP=1")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx.split()[0]) is None:
+        raise RuntimeError(f"no C++ compiler {cxx!r} found")
+    from torch.utils import cpp_extension
+
+    src = importlib.resources.files("rsm_fast.csrc")
+    return cpp_extension.load(name=NAME, sources=[str(src / "rsm_ops.cpp")], extra_include_paths=[str(src)],
+                              extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=False)
+
+
+def load():
+    """The compiled module, or None (with one warning per process) when it cannot be built."""
+    with _lock:
+        if "mod" not in _cache:
+            try:
+                _cache["mod"] = _build()
+            except Exception as e:  # noqa: BLE001 - any build failure means: use the fallback
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+                # a compiler error reads best as its first "error:" line, not the ninja command line
+                reason = next((ln for ln in lines if "error:" in ln), lines[0])[:200]
+                warnings.warn(f"rsm_fast: C++ CPU ops unavailable ({reason}); using the PyTorch fallback", stacklevel=2)
+                _cache["mod"] = None
+        return _cache["mod"]
+
+
+def available() -> bool:
+    return load() is not None
