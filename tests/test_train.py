@@ -146,19 +146,20 @@ def test_every_preset_raises_the_reward(preset):
 
 @pytest.mark.slow
 def test_soft_zo_moves_to_the_tilted_target():
-    """The soft zeroth-order preset's fixed point is p*. After 1,000 epochs the mean reward must be
-    within 2% of the analytic optimum and every mode weight at least 75% of the way from the
-    reference's 1/3 to the exact tilted weight.
+    """The soft zeroth-order preset's fixed point is p*: after 1,500 epochs every mode weight is
+    within 0.03 of the analytic tilted weight and the mean reward within 2% of the analytic
+    optimum (the foundation issue's acceptance bar).
 
-    Measured on this CPU (seed 0, 700 epochs): weights 0.063 / 0.744 / 0.193 against
-    0.039 / 0.786 / 0.175, reward 4.30 against 4.37. The issue's tighter target, every weight
-    within 0.03, is not reached yet: the soft objective is flat near its optimum (the gap to the
-    oracle is about 0.03 nats), and with K = 1 trajectories the estimator's noise sets the pace.
+    Measured on this CPU (seed 0, 1,500 epochs, plain-torch loss): weights 0.047 / 0.760 / 0.193
+    against 0.039 / 0.786 / 0.175 and reward 4.300 against 4.370. The middle weight's margin is
+    thin (0.026 of 0.03): with one trajectory per state (K = 1) the estimator's noise at the
+    noisiest steps, where mass moves between modes, sets the pace; branching (K > 1 siblings)
+    is the planned remedy.
     """
-    cfg = build_config("rsm-soft-zo", None, ["train.threads=2", "train.epochs=1000"])
+    cfg = build_config("rsm-soft-zo", None, ["train.threads=2", "train.epochs=1500"])
     s = Trainer(cfg).run(progress=False)
     for got, want in zip(s["mode_weights"], s["mode_weights_target"]):
-        assert abs(got - want) <= 0.25 * abs(1 / 3 - want), s
+        assert abs(got - want) <= 0.03, s
     assert abs(s["reward_mean"] - s["reward_target"]) < 0.02 * s["reward_target"], s
 
 
