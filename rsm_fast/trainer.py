@@ -80,6 +80,8 @@ class Trainer:
         fused = tc.loss_impl == "fused"
         self.zo_loss = ops.zo_loss if fused else zo_row_loss
         self.score_loss = ops.score_loss if fused else score_regression_loss
+        if fused:  # build / load the device's kernels now, outside the timed phases
+            ops.backends.for_device(self.device)
 
     # ------------------------------------------------------------------------------------------
     def _rows(self, ro: RO.Rollout) -> Rows:
