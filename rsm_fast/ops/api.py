@@ -106,8 +106,9 @@ def zo_loss(f_theta: Tensor, f_old: Tensor, z: Tensor, adv: Tensor, coeffs: Step
     if check:
         _check_finite(rows)
     r = list(rows.values())
-    out = L.zo_loss(f_theta, f_old, z, f_ref, r[0], r[1], r[2], r[3], st, r[4], r[5], r[6], fc, rc,
-                    float(clip_eps), float(tempflow_scale), bool(kl_dt_weight), reduce == "mean")
+    op = L.zo_loss if torch.compiler.is_compiling() else L.ZOLossFn.apply
+    out = op(f_theta, f_old, z, f_ref, r[0], r[1], r[2], r[3], st, r[4], r[5], r[6], fc, rc,
+             float(clip_eps), float(tempflow_scale), bool(kl_dt_weight), reduce == "mean")
     loss, policy, kl, clipped, log_ratio, lin = out[:6]
     return ZOLossOut(loss=loss, policy=policy, kl=kl, clipped=clipped, log_ratio=log_ratio, lin=lin)
 
@@ -122,7 +123,8 @@ def score_loss(s_theta: Tensor, s_ref: Tensor, s_old: Tensor | None, psi_hat: Te
     rows = {"C1": _row("C1", C1, s), "gamma": _row("gamma", gamma, s), "C2": _row("C2", C2, s)}
     if check:
         _check_finite(rows)
-    return L.score_loss(s_theta, s_ref, psi_hat, s_old, rows["C1"], rows["gamma"], rows["C2"], reduce == "mean")
+    op = L.score_loss if torch.compiler.is_compiling() else L.ScoreLossFn.apply
+    return op(s_theta, s_ref, psi_hat, s_old, rows["C1"], rows["gamma"], rows["C2"], reduce == "mean")
 
 
 def sampler_step(coeffs: StepCoeffs, x: Tensor, f: Tensor, z: Tensor, reduce: str = "mean") -> tuple[Tensor, Tensor]:
