@@ -1,0 +1,1 @@
+"""Rollout engine: plans, counter-based noise and batched sampling of trajectories."""

@@ -1,0 +1,228 @@
+"""Branching plans as data: which rows exist at every step, where they come from, which are trained.
+
+A plan is compiled once on the host from a :class:`PlanSpec` and then lives on the device; the
+rollout engine only gathers by its index tensors, so the step loop never reads anything back.
+
+Execution model. ``R_i`` rows enter step ``i`` (``i = 0..N-1``, 0 = noisiest). The model is
+evaluated once per entering row (NFE ``R_i``, doubled with CFG). The ``R_{i+1}`` rows leaving the
+step are produced from their source rows ``src[i]``::
+
+    x_{i+1}[r] = c_x x_i[src[r]] + c_f f_i[src[r]] + (sigma_i z[r] if noisy[i][r] else 0)
+
+so children of one parent share the parent's latent and model output bit for bit and differ only
+in their noise ``z[r]``, which is a function of ``(seed, key[i][r], i)`` alone (counter-based, see
+``noise.py``). A transition with ``trained[i][r]`` becomes one training record.
+
+Kinds (spec §4.4, §7.1):
+
+* ``sde`` — K = 1 trajectories, ``P * S`` rows at every step; a row is noisy where ``sde_mask``
+  is on (all steps: Flow-GRPO/DDPO/PCPO; a window: MixGRPO) and trained where also ``train_mask``.
+* ``branch`` — an ODE trunk per trajectory; at step i each trunk spawns ``k[i]`` children with one
+  SDE step, each child continues by ODE to the end (TempFlow-GRPO, the RSM profiles such as
+  ``[6, 6, 8, 10, 0, ...]``, SD1.5 sparse branching ``K = 4`` at every 10th step). Only the
+  branching transitions are trained. [DECISION] The trunk is dropped after its last branching
+  step (its own final sample is never scored), which saves ``N - 1 - last`` forwards per trunk.
+* ``tree`` — BranchGRPO-style recursive tree: every live row steps with noise where ``sde_mask``
+  is on and splits into ``k[i]`` children at steps with ``k[i] > 1``; every noisy transition is
+  trained, and shared prefixes are evaluated once.
+
+Row keys are derived from the trajectory id and the path (step and child index of every split),
+never from a row's position, so a permuted or re-chunked execution draws the same noise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+KINDS = ("sde", "branch", "tree")
+_MASK64 = (1 << 64) - 1
+
+
+class PlanError(ValueError):
+    """A branching plan that cannot run; raised before any compute."""
+
+
+def _mix(key: int, step: int, child: int) -> int:
+    """A child's key from its parent's key and the split (step, child): splitmix64 finaliser of a
+    combination, folded into the positive int64 range. Collisions need ~2^31 rows per epoch."""
+    z = (key * 0x9E3779B97F4A7C15 + (step + 1) * 0xBF58476D1CE4E5B9 + (child + 1) * 0x94D049BB133111EB) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """User-facing description of a rollout (configuration data)."""
+
+    kind: str = "sde"
+    num_steps: int = 10
+    groups: int = 1                    # P: prompts / conditioning groups
+    trunks: int = 1                    # S: trajectories per group (sde: the group size)
+    k: tuple[int, ...] = ()            # branch/tree: children per step (len num_steps; the last is ignored)
+    sde_mask: tuple[bool, ...] = ()    # sde/tree: noisy steps (default all)
+    train_mask: tuple[bool, ...] = ()  # sde: trained steps among the noisy ones (default all)
+
+
+@dataclass
+class Plan:
+    """A compiled plan. Per step ``i``: ``src[i], noisy[i], trained[i], key[i]`` are ``[R_{i+1}]``;
+    ``group[i]`` is ``[R_i]`` (``group[N]`` for the final rows); ``record[i]`` maps each leaving row
+    to its record id (-1 if not trained); ``leaf_ancestor`` is ``[N, R_N]``: the record id of each
+    final sample's ancestor transition at every step (-1 where that transition is not a record)."""
+
+    spec: PlanSpec
+    rows: list[int]                    # R_0 .. R_N
+    src: list[Tensor]
+    noisy: list[Tensor]
+    trained: list[Tensor]
+    key: list[Tensor]
+    group: list[Tensor]
+    record: list[Tensor]
+    trunk_rows: list[int]              # rows entering step i that belong to a trunk (branch kind; else 0)
+    leaf_ancestor: Tensor
+    record_step: Tensor                # [M] step index of each record
+    record_group: Tensor               # [M]
+    record_parent: Tensor              # [M] record id of the nearest trained ancestor transition, or -1
+    initial_key: Tensor                # [R_0] keys of the initial rows (the x_T noise)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.src)
+
+    @property
+    def num_records(self) -> int:
+        return int(self.record_step.numel())
+
+    def nfe(self, cfg: bool = False) -> dict[str, int]:
+        """Row-evaluations of the model predicted from the plan: trunk, branch and CFG extras."""
+        total = sum(self.rows[:-1])
+        trunk = sum(self.trunk_rows)
+        g = 2 if cfg else 1
+        return {"trunk": trunk, "branch": total - trunk, "cfg": (g - 1) * total, "total": g * total}
+
+    def epoch_cost(self, f_fwd: float = 1.0, f_train: float = 0.0, f_decode: float = 0.0, f_reward: float = 0.0,
+                   cfg: bool = False) -> dict[str, float]:
+        """The per-epoch cost model of performance.md §3 evaluated on this plan: rollout forwards,
+        decode + reward per final sample, and ``f_train`` per training record."""
+        g = 2.0 if cfg else 1.0
+        out = {"rollout": g * f_fwd * sum(self.rows[:-1]), "decode_reward": (f_decode + f_reward) * self.rows[-1],
+               "train": f_train * self.num_records}
+        out["total"] = sum(out.values())
+        return out
+
+    def to(self, device) -> "Plan":
+        dev = torch.device(device)
+        mv = lambda ts: [t.to(dev) for t in ts]  # noqa: E731
+        return Plan(self.spec, list(self.rows), mv(self.src), mv(self.noisy), mv(self.trained), mv(self.key),
+                    mv(self.group), mv(self.record), list(self.trunk_rows), self.leaf_ancestor.to(dev),
+                    self.record_step.to(dev), self.record_group.to(dev), self.record_parent.to(dev),
+                    self.initial_key.to(dev), dev)
+
+
+# ---------------------------------------------------------------------------------------------
+def _check_spec(spec: PlanSpec) -> tuple[list[int], list[bool], list[bool]]:
+    if spec.kind not in KINDS:
+        raise PlanError(f"plan.kind must be one of {KINDS}, got {spec.kind!r}")
+    N = spec.num_steps
+    for name in ("num_steps", "groups", "trunks"):
+        v = getattr(spec, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise PlanError(f"plan.{name} must be an integer >= 1, got {v!r}")
+    k = list(spec.k)
+    if spec.kind == "sde":
+        if k:
+            raise PlanError("plan.k is only used by 'branch' and 'tree' plans; leave it empty for 'sde'")
+    else:
+        if len(k) not in (N, N - 1):
+            raise PlanError(f"plan.k must list one K per step ({N} or {N - 1} entries), got {len(k)}: a branch at a "
+                            f"step that does not exist")
+        k = k + [0] * (N - len(k))
+        for i, v in enumerate(k):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise PlanError(f"plan.k[{i}] must be an integer >= 0, got {v!r}")
+        if not any(k):
+            raise PlanError("plan.k has no branching step (all zeros): nothing would be trained")
+    sde = list(spec.sde_mask) if spec.sde_mask else [True] * N
+    train = list(spec.train_mask) if spec.train_mask else [True] * N
+    for name, m in (("sde_mask", sde), ("train_mask", train)):
+        if len(m) != N:
+            raise PlanError(f"plan.{name} must have {N} entries (one per step), got {len(m)}")
+    return k, [bool(b) for b in sde], [bool(b) for b in train]
+
+
+def compile_plan(spec: PlanSpec) -> Plan:
+    """Build the per-step index tensors of ``spec`` on the host (validated first)."""
+    k, sde, train = _check_spec(spec)
+    N, T = spec.num_steps, spec.groups * spec.trunks
+    # a live row: (key, group, is_trunk, last record id on its path)
+    live = [(t << 20, t // spec.trunks, spec.kind == "branch", -1) for t in range(T)]
+    initial_key = torch.tensor([r[0] for r in live], dtype=torch.int64)
+    rows, src, noisy, trained, keys, groups, records, trunk_rows = [len(live)], [], [], [], [], [], [], []
+    rec_step, rec_group, rec_parent = [], [], []
+    path_records: list[list[int]] = [[] for _ in live]   # per live row: record id per step so far
+    last_branch = max((i for i, v in enumerate(k) if v > 0), default=-1) if spec.kind == "branch" else -1
+    for i in range(N):
+        groups.append(torch.tensor([r[1] for r in live], dtype=torch.int64))
+        trunk_rows.append(sum(1 for r in live if r[2]))
+        nxt, s_i, n_i, t_i, k_i, rec_i, paths = [], [], [], [], [], [], []
+
+        def emit(j, key, grp, is_trunk, noise, train_it):
+            rid = -1
+            if train_it:
+                rid = len(rec_step)
+                rec_step.append(i)
+                rec_group.append(grp)
+                rec_parent.append(live[j][3])
+            nxt.append((key, grp, is_trunk, rid if rid >= 0 else live[j][3]))
+            s_i.append(j)
+            n_i.append(noise)
+            t_i.append(train_it)
+            k_i.append(key)
+            rec_i.append(rid)
+            paths.append(path_records[j] + [rid])
+
+        for j, (key, grp, is_trunk, _) in enumerate(live):
+            if spec.kind == "sde":
+                emit(j, key, grp, False, sde[i], sde[i] and train[i])
+            elif spec.kind == "branch":
+                if is_trunk:
+                    if i < last_branch:                       # the trunk continues by ODE
+                        emit(j, key, grp, True, False, False)
+                    for c in range(k[i]):                      # one-step SDE children
+                        emit(j, _mix(key, i, c), grp, False, True, True)
+                else:                                          # a child continues by ODE
+                    emit(j, key, grp, False, False, False)
+            else:  # tree
+                width = max(k[i], 1)
+                for c in range(width):
+                    ck = key if width == 1 else _mix(key, i, c)
+                    emit(j, ck, grp, False, sde[i], sde[i])
+        if not nxt:
+            raise PlanError(f"plan leaves no rows after step {i}")
+        live, path_records = nxt, paths
+        rows.append(len(live))
+        src.append(torch.tensor(s_i, dtype=torch.int64))
+        noisy.append(torch.tensor(n_i, dtype=torch.bool))
+        trained.append(torch.tensor(t_i, dtype=torch.bool))
+        keys.append(torch.tensor(k_i, dtype=torch.int64))
+        records.append(torch.tensor(rec_i, dtype=torch.int64))
+    groups.append(torch.tensor([r[1] for r in live], dtype=torch.int64))
+    if not rec_step:
+        raise PlanError("plan trains no transition (check sde_mask / train_mask / k)")
+    leaf_ancestor = torch.tensor(path_records, dtype=torch.int64).T.contiguous() if live else torch.empty(N, 0)
+    return Plan(spec, rows, src, noisy, trained, keys, groups, records, trunk_rows, leaf_ancestor,
+                torch.tensor(rec_step, dtype=torch.int64), torch.tensor(rec_group, dtype=torch.int64),
+                torch.tensor(rec_parent, dtype=torch.int64), initial_key)
+
+
+def check_chunk_size(chunk_size) -> int:
+    """Model calls take ``chunk_size`` rows (the last chunk of a step padded). Every row's result
+    depends only on its own inputs and key, so any size >= 1 is valid; there is no group that a
+    chunk has to hold (advantages are computed from the records after the rollout)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise PlanError(f"rollout.chunk_size must be an integer >= 1, got {chunk_size!r}")
+    return chunk_size

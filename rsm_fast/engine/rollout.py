@@ -1,0 +1,153 @@
+"""The rollout engine: executes a compiled :class:`~rsm_fast.engine.plan.Plan` with static shapes.
+
+Per step ``i``: the ``R_i`` entering rows are evaluated by the model in chunks of ``chunk_size``
+rows (the last chunk padded, so every call has the same shape); the leaving rows gather their
+source row's latent and output (``plan.src``) and take one fused step + log-prob
+(``rsm_fast.ops.sampler_step``) with the transition's SDE or ODE coefficients per row
+(``plan.noisy``). The noise of row ``r`` is ``noise.gaussian(seed, key[r], i)``: it does not
+depend on chunking, row order or process count. Everything the loop indexes with is built on the
+host when the engine is created, so the loop never reads a device value back (no host sync).
+
+Model adapter: ``model(x [C, ...], t [C], cond [C, ...] | None) -> native output [C, ...]`` where
+``t`` is the transition's time value per row (VP: train-timestep index; RF: t in [0, 1]). With
+``cfg_scale`` set, the model is called on ``2C`` rows (cond, then uncond) and combined as
+``f_u + w (f_c - f_u)``; NFE counts both halves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..ops.nvtx import annotate
+from ..transitions import GaussianTransition
+from . import noise as N
+from .plan import Plan, PlanError, check_chunk_size
+
+INITIAL_STEP = (1 << 31) - 1          # noise "step" index of the initial latents x_T
+
+
+@dataclass
+class Records:
+    """What the trainer needs from one rollout. ``M`` training records, ``R_N`` final samples."""
+
+    x: Tensor           # [M, ...] state entering the trained transition
+    step: Tensor        # [M] step index
+    z: Tensor           # [M, ...] sampling noise (x' = mean_old + sigma z)
+    f_old: Tensor       # [M, ...] rollout native output (CFG-combined) at x
+    log_prob: Tensor    # [M] log pi_old(x'|x) (mean over latent dims)
+    group: Tensor       # [M] group (prompt) id
+    parent: Tensor      # [M] record id of the nearest trained ancestor, -1 if none
+    x0: Tensor          # [R_N, ...] final samples
+    x0_group: Tensor    # [R_N]
+    leaf_ancestor: Tensor  # [N, R_N] record id of each sample's ancestor transition per step (-1: none)
+    nfe: dict           # row-evaluations: trunk / branch / cfg / total (+ padding, not counted in total)
+
+
+class RolloutEngine:
+    def __init__(self, model: Callable, transition: GaussianTransition, plan: Plan, *, chunk_size: int | None = None,
+                 seed: int = 0, cfg_scale: float | None = None, device="cpu", dtype=torch.float32):
+        if plan.num_steps != transition.num_steps:
+            raise PlanError(f"plan has {plan.num_steps} steps but the transition has {transition.num_steps}")
+        self.model, self.tr, self.seed, self.cfg_scale = model, transition, int(seed), cfg_scale
+        self.device, self.dtype = torch.device(device), dtype
+        self.plan = plan.to(self.device)
+        self.chunk = check_chunk_size(chunk_size if chunk_size is not None else max(plan.rows))
+        host = plan  # host copies decide shapes and index sets once, here
+        self._noisy_idx = [torch.nonzero(m).flatten().to(self.device) for m in host.noisy]
+        self._train_idx = [torch.nonzero(m).flatten().to(self.device) for m in host.trained]
+        self._n_noisy = [int(m.sum()) for m in host.noisy]
+        self._n_train = [int(m.sum()) for m in host.trained]
+        tr = transition
+        # per step: time value of the entering rows, coefficients of the leaving rows (SDE/ODE per row)
+        self._t = tr.table("t").to(self.device, dtype)
+        self._coeffs = [tr.coeffs(torch.full((plan.rows[i + 1],), i, dtype=torch.long, device=self.device),
+                                  self.plan.noisy[i], dtype=dtype) for i in range(plan.num_steps)]
+        self._row_ids = [torch.full((n,), i, dtype=torch.long, device=self.device) for i, n in enumerate(self._n_train)]
+
+    # ------------------------------------------------------------------------------------------
+    def _evaluate(self, x: Tensor, i: int, cond: Tensor | None, uncond: Tensor | None, nfe: dict) -> Tensor:
+        """Model output for every entering row, in fixed-size chunks."""
+        R, C = x.shape[0], self.chunk
+        outs = []
+        for s in range(0, R, C):
+            xs = x[s:s + C]
+            n = xs.shape[0]
+            cs = None if cond is None else cond[s:s + C]
+            if n < C:  # pad to the static chunk shape (padding rows are discarded)
+                pad = C - n
+                xs = torch.cat([xs, xs.new_zeros((pad, *xs.shape[1:]))])
+                cs = None if cs is None else torch.cat([cs, cs[:1].expand(pad, *cs.shape[1:])])
+                nfe["padding"] += pad * (2 if self.cfg_scale is not None else 1)
+            t = self._t[i].expand(C)
+            if self.cfg_scale is None:
+                f = self.model(xs, t, cs)
+            else:
+                uc = uncond.expand(C, *uncond.shape[1:]) if uncond is not None else None
+                both = self.model(torch.cat([xs, xs]), torch.cat([t, t]),
+                                  None if cs is None else torch.cat([cs, uc]))
+                f_c, f_u = both[:C], both[C:]
+                f = f_u + self.cfg_scale * (f_c - f_u)
+            outs.append(f[:n])
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def initial_latents(self, shape: tuple[int, ...], epoch: int = 0) -> Tensor:
+        """Standard-normal ``x_T`` per initial row from the counter-based generator."""
+        seed = self.epoch_seed(epoch)
+        return N.gaussian(seed, self.plan.initial_key, INITIAL_STEP, shape, dtype=self.dtype, device=self.device)
+
+    def epoch_seed(self, epoch: int) -> int:
+        return (self.seed * 1_000_003 + int(epoch)) & ((1 << 62) - 1)
+
+    @torch.no_grad()
+    def run(self, x_init: Tensor | None = None, cond: Tensor | None = None, uncond: Tensor | None = None, *,
+            latent_shape: tuple[int, ...] | None = None, epoch: int = 0) -> Records:
+        """Roll out the plan. ``cond``: ``[P, ...]`` per group (rows gather by group id); ``uncond``:
+        one ``[1, ...]`` unconditional embedding for CFG. Without ``x_init`` the initial latents are
+        standard normal from the counter-based generator (``latent_shape`` per row)."""
+        plan = self.plan
+        if x_init is None:
+            if latent_shape is None:
+                raise PlanError("run() needs x_init or latent_shape")
+            x = self.initial_latents(tuple(latent_shape), epoch)
+        else:
+            if x_init.shape[0] != plan.rows[0]:
+                raise PlanError(f"x_init has {x_init.shape[0]} rows but the plan starts with {plan.rows[0]}")
+            x = x_init.to(self.device, self.dtype)
+        shape = tuple(x.shape[1:])
+        seed = self.epoch_seed(epoch)
+        nfe = {"trunk": 0, "branch": 0, "cfg": 0, "padding": 0}
+        keep = {k: [] for k in ("x", "step", "z", "f_old", "log_prob", "group", "parent")}
+        for i in range(plan.num_steps):
+            label = "trunk" if plan.trunk_rows[i] == plan.rows[i] else "branch"
+            with annotate(f"rollout/{label} step {i}", self.device):
+                rows_cond = None if cond is None else cond.index_select(0, plan.group[i])
+                f = self._evaluate(x, i, rows_cond, uncond, nfe)
+                nfe["trunk"] += plan.trunk_rows[i]
+                nfe["branch"] += plan.rows[i] - plan.trunk_rows[i]
+                if self.cfg_scale is not None:
+                    nfe["cfg"] += plan.rows[i]
+                src = plan.src[i]
+                xs, fs = x.index_select(0, src), f.index_select(0, src)
+                z = torch.zeros_like(xs)
+                if self._n_noisy[i]:
+                    idx = self._noisy_idx[i]
+                    z.index_copy_(0, idx, N.gaussian(seed, plan.key[i].index_select(0, idx), i, shape,
+                                                     dtype=self.dtype, device=self.device))
+                x_next, logp = ops.sampler_step(self._coeffs[i], xs, fs, z)
+                if self._n_train[i]:
+                    ti = self._train_idx[i]
+                    keep["x"].append(xs.index_select(0, ti))
+                    keep["z"].append(z.index_select(0, ti))
+                    keep["f_old"].append(fs.index_select(0, ti))
+                    keep["log_prob"].append(logp.index_select(0, ti))
+                    keep["step"].append(self._row_ids[i])
+                x = x_next
+        nfe["total"] = nfe["trunk"] + nfe["branch"] + nfe["cfg"]
+        return Records(x=torch.cat(keep["x"]), step=torch.cat(keep["step"]), z=torch.cat(keep["z"]),
+                       f_old=torch.cat(keep["f_old"]), log_prob=torch.cat(keep["log_prob"]),
+                       group=plan.record_group, parent=plan.record_parent, x0=x, x0_group=plan.group[-1],
+                       leaf_ancestor=plan.leaf_ancestor, nfe=nfe)
