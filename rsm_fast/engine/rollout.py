@@ -12,6 +12,10 @@ Model adapter: ``model(x [C, ...], t [C], cond [C, ...] | None) -> native output
 ``t`` is the transition's time value per row (VP: train-timestep index; RF: t in [0, 1]). With
 ``cfg_scale`` set, the model is called on ``2C`` rows (cond, then uncond) and combined as
 ``f_u + w (f_c - f_u)``; NFE counts both halves.
+
+``graphs=True`` on a CUDA device replays the model from CUDA graphs, one per chunk shape
+(:class:`~rsm_fast.engine.graphs.GraphedModel`; see its contract on in-place parameter updates and
+``reset()``); elsewhere the flag is ignored and ``graphs_active`` is False.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from .. import ops
 from ..ops.nvtx import annotate
 from ..transitions import GaussianTransition
 from . import noise as N
+from .graphs import GraphedModel
 from .plan import Plan, PlanError, check_chunk_size
 
 INITIAL_STEP = (1 << 31) - 1          # noise "step" index of the initial latents x_T
@@ -49,11 +54,15 @@ class Records:
 
 class RolloutEngine:
     def __init__(self, model: Callable, transition: GaussianTransition, plan: Plan, *, chunk_size: int | None = None,
-                 seed: int = 0, cfg_scale: float | None = None, device="cpu", dtype=torch.float32):
+                 seed: int = 0, cfg_scale: float | None = None, device="cpu", dtype=torch.float32,
+                 graphs: bool = False):
         if plan.num_steps != transition.num_steps:
             raise PlanError(f"plan has {plan.num_steps} steps but the transition has {transition.num_steps}")
         self.model, self.tr, self.seed, self.cfg_scale = model, transition, int(seed), cfg_scale
         self.device, self.dtype = torch.device(device), dtype
+        self.graphs_active = bool(graphs) and self.device.type == "cuda"
+        if self.graphs_active:
+            self.model = GraphedModel(model)
         self.plan = plan.to(self.device)
         self.chunk = check_chunk_size(chunk_size if chunk_size is not None else max(plan.rows))
         host = plan  # host copies decide shapes and index sets once, here
@@ -91,6 +100,8 @@ class RolloutEngine:
                                   None if cs is None else torch.cat([cs, uc]))
                 f_c, f_u = both[:C], both[C:]
                 f = f_u + self.cfg_scale * (f_c - f_u)
+            if self.graphs_active and self.cfg_scale is None and R > C:
+                f = f.clone()  # a graph's output buffer is overwritten by the next chunk's replay
             outs.append(f[:n])
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
