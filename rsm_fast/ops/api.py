@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..losses.reference import REDUCTIONS, REWEIGHTS, SURROGATE_FORMS, ZOLossOut
+from ..losses.reference import REDUCTIONS, REWEIGHTS, SURROGATE_FORMS, ZOLossOut, _check_choice, _check_common
 from ..transitions import StepCoeffs
 from . import backends
 from . import library as L
@@ -75,10 +75,9 @@ def _check_finite(rows: dict[str, Tensor]) -> None:
         raise FusedOpInputError(f"{names[0]} holds NaN or inf (per-row input of a fused op)")
 
 
-def _choice(name: str, v, choices) -> int:
+def _choice(name: str, v, choices) -> None:
     if v not in choices:
         raise FusedOpInputError(f"{name} must be one of {choices}, got {v!r}")
-    return choices.index(v)
 
 
 def zo_loss(f_theta: Tensor, f_old: Tensor, z: Tensor, adv: Tensor, coeffs: StepCoeffs, *, form: str = "hinge",
@@ -86,16 +85,11 @@ def zo_loss(f_theta: Tensor, f_old: Tensor, z: Tensor, adv: Tensor, coeffs: Step
             kl_dt_weight: bool = False, row_weight=None, omega_train=None, tempflow_scale: float = 2.25,
             reduce: str = "mean", check: bool = True) -> ZOLossOut:
     """Fused :func:`rsm_fast.losses.zo_row_loss` (same arguments and outputs)."""
-    fc, rc = _choice("form", form, SURROGATE_FORMS), _choice("reweight", reweight, REWEIGHTS)
-    _choice("reduce", reduce, REDUCTIONS)
-    if form != "pg" and not (isinstance(clip_eps, (int, float)) and clip_eps > 0):
-        raise FusedOpInputError(f"clip_eps must be a number > 0 for form={form!r}, got {clip_eps!r}")
-    if reweight == "pcpo" and omega_train is None:
-        raise FusedOpInputError("omega_train is required for reweight='pcpo' (PCPO's target native weight)")
-    if reweight in ("tempflow", "tempflow_outer") and not (isinstance(tempflow_scale, (int, float)) and tempflow_scale > 0):
-        raise FusedOpInputError(f"tempflow_scale must be a number > 0, got {tempflow_scale!r}")
-    if isinstance(kl_coef, (int, float)) and kl_coef < 0:
-        raise FusedOpInputError(f"kl_coef must be >= 0, got {kl_coef!r}")
+    try:  # the reference's own option checks (same messages), raised as this module's error
+        _check_common(form, reweight, clip_eps, omega_train, tempflow_scale, kl_coef)
+        _check_choice("reduce", reduce, REDUCTIONS)
+    except ValueError as e:
+        raise FusedOpInputError(str(e)) from None
     if f_ref is None and not (isinstance(kl_coef, (int, float)) and kl_coef == 0):
         raise FusedOpInputError("f_ref is required when kl_coef is non-zero")
     ft = _latents(f_theta=f_theta, f_old=f_old, z=z, f_ref=f_ref)
@@ -109,7 +103,8 @@ def zo_loss(f_theta: Tensor, f_old: Tensor, z: Tensor, adv: Tensor, coeffs: Step
         _check_finite(rows)
     r = list(rows.values())
     op = L.zo_loss if torch.compiler.is_compiling() else L.ZOLossFn.apply
-    out = op(f_theta, f_old, z, f_ref, r[0], r[1], r[2], r[3], st, r[4], r[5], r[6], fc, rc,
+    out = op(f_theta, f_old, z, f_ref, r[0], r[1], r[2], r[3], st, r[4], r[5], r[6],
+             SURROGATE_FORMS.index(form), REWEIGHTS.index(reweight),
              float(clip_eps), float(tempflow_scale), bool(kl_dt_weight), reduce == "mean")
     loss, policy, kl, clipped, log_ratio, lin = out[:6]
     return ZOLossOut(loss=loss, policy=policy, kl=kl, clipped=clipped, log_ratio=log_ratio, lin=lin)

@@ -32,6 +32,12 @@ def _cd(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _contig(g: Tensor | None, like: Tensor) -> Tensor:
+    """An upstream per-row gradient as the contiguous ``[B]`` tensor the kernels read (autograd
+    hands back expanded stride-0 grads, e.g. from ``.sum()``; an unused output's grad is None)."""
+    return g.to(like.dtype).contiguous() if g is not None else torch.zeros_like(like)
+
+
 # ---------------------------------------------------------------------------------------------
 # ZO row loss
 # ---------------------------------------------------------------------------------------------
@@ -81,9 +87,7 @@ def _zo_setup(ctx, inputs, output):
 
 def _zo_backward(ctx, g_loss, g_policy, g_kl, *_unused):
     f_theta, f_old, z, f_ref, omega, d_lin, d_quad, d_kl = ctx.saved_tensors
-    # upstream grads may be expanded (stride 0, e.g. from .sum()): the kernels want contiguous [B]
-    zeros = lambda g: g.to(d_lin.dtype).contiguous() if g is not None else torch.zeros_like(d_lin)  # noqa: E731
-    grad = zo_loss_backward(zeros(g_loss), zeros(g_policy), zeros(g_kl), f_theta, f_old, z,
+    grad = zo_loss_backward(_contig(g_loss, d_lin), _contig(g_policy, d_lin), _contig(g_kl, d_lin), f_theta, f_old, z,
                             f_ref if ctx.has_ref else None, omega, d_lin, d_quad, d_kl, ctx.mean)
     return (grad,) + (None,) * 17
 
@@ -128,7 +132,8 @@ def _score_setup(ctx, inputs, output):
 
 def _score_backward(ctx, g_loss):
     s, s_ref, psi, s_old, c1, gamma, c2 = ctx.saved_tensors
-    grad = score_loss_backward(g_loss.contiguous(), s, s_ref, psi, s_old if ctx.has_old else None, c1, gamma, c2, ctx.mean)
+    grad = score_loss_backward(_contig(g_loss, c1), s, s_ref, psi, s_old if ctx.has_old else None, c1, gamma, c2,
+                               ctx.mean)
     return (grad,) + (None,) * 7
 
 
@@ -138,10 +143,6 @@ score_loss.register_autograd(_score_backward, setup_context=_score_setup)
 # ---------------------------------------------------------------------------------------------
 # Eager fast path: the same backends and formulas without the torch.library autograd wrapper
 # ---------------------------------------------------------------------------------------------
-def _contig(g: Tensor | None, like: Tensor) -> Tensor:
-    return g.to(like.dtype).contiguous() if g is not None else torch.zeros_like(like)
-
-
 class ZOLossFn(torch.autograd.Function):
     """``ZOLossFn.apply(*zo_loss args)``: eager twin of ``rsm_fast::zo_loss`` (same outputs)."""
 
