@@ -5,6 +5,7 @@ import torch
 
 from rsm_fast import schedules as S
 from rsm_fast import transitions as T
+from rsm_fast.losses import zo_row_loss
 
 F64 = torch.float64
 
@@ -36,3 +37,18 @@ def decomposed_args(c, with_kl: bool, cd=F64):
     return (c["f_theta"], c["f_old"], c["z"], c["f_ref"] if with_kl else None, c["adv"].to(cd), co.omega.to(cd),
             co.sigma.to(cd), co.dt.to(cd), co.stochastic, c["row_weight"].to(cd),
             c["kl_coef"].to(cd) if with_kl else torch.zeros_like(c["adv"], dtype=cd), c["omega_train"].to(cd))
+
+
+def zo_reference(c, form: str, reweight: str, eps: float, with_kl: bool, kl_dt: bool, mean: bool, seed: int):
+    """The float64 oracle on case ``c``: ``zo_row_loss`` and the autograd gradient w.r.t. f_theta of
+    ``sum(g_loss loss + g_policy policy + g_kl kl)`` with random per-row grads (seeded ``seed + 1``).
+    -> ``(ref, (g_loss, g_policy, g_kl), grad)``."""
+    f = c["f_theta"].clone().requires_grad_(True)
+    ref = zo_row_loss(f, c["f_old"], c["z"], c["adv"], c["co"], form=form, reweight=reweight, clip_eps=eps,
+                      f_ref=c["f_ref"] if with_kl else None, kl_coef=c["kl_coef"] if with_kl else 0.0,
+                      kl_dt_weight=kl_dt, row_weight=c["row_weight"], omega_train=c["omega_train"],
+                      tempflow_scale=2.25, reduce="mean" if mean else "sum")
+    g = torch.Generator().manual_seed(seed + 1)
+    grads = tuple(torch.randn(f.shape[0], generator=g, dtype=F64) for _ in range(3))
+    want = torch.autograd.grad((grads[0] * ref.loss + grads[1] * ref.policy + grads[2] * ref.kl).sum(), f)[0]
+    return ref, grads, want

@@ -17,10 +17,10 @@ import zlib
 import pytest
 import torch
 
-from rsm_fast.losses import score_regression_loss, zo_row_loss
+from rsm_fast.losses import score_regression_loss
 from rsm_fast.ops import cpu_ext
 from rsm_fast.ops import decomposed as D
-from opcases import decomposed_args, make_zo_case
+from opcases import decomposed_args, make_zo_case, zo_reference
 
 F64, F32 = torch.float64, torch.float32
 LOWP = {F32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}  # relative tolerances vs float64
@@ -72,15 +72,7 @@ def test_zo_fp64_matches_reference(ext, form, reweight, with_kl, kl_dt, mean):
     family = "ddim" if seed % 2 else "flow"
     c = make_zo_case(family, seed, B=16, latent=(3, 5, 7))
     eps = 0.02 if form == "ratio" else 1e-3
-    f = c["f_theta"].clone().requires_grad_(True)
-    ref = zo_row_loss(f, c["f_old"], c["z"], c["adv"], c["co"], form=form, reweight=reweight, clip_eps=eps,
-                      f_ref=c["f_ref"] if with_kl else None, kl_coef=c["kl_coef"] if with_kl else 0.0,
-                      kl_dt_weight=kl_dt, row_weight=c["row_weight"], omega_train=c["omega_train"],
-                      tempflow_scale=2.25, reduce="mean" if mean else "sum")
-    g = torch.Generator().manual_seed(seed + 1)
-    grads = tuple(torch.randn(16, generator=g, dtype=F64) for _ in range(3))
-    want = torch.autograd.grad((grads[0] * ref.loss + grads[1] * ref.policy + grads[2] * ref.kl).sum(), f)[0]
-
+    ref, grads, want = zo_reference(c, form, reweight, eps, with_kl, kl_dt, mean, seed)
     args = decomposed_args(c, with_kl)
     fi, ri = D.FORMS.index(form), D.REWEIGHTS.index(reweight)
     out = _zo_call(ext.zo_fwd, args, fi, ri, eps, kl_dt, mean)

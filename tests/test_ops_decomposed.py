@@ -9,10 +9,10 @@ import zlib
 import pytest
 import torch
 
-from rsm_fast.losses import score_regression_loss, zo_row_loss
+from rsm_fast.losses import score_regression_loss
 from rsm_fast.losses.reference import REWEIGHTS as REF_REWEIGHTS, SURROGATE_FORMS
 from rsm_fast.ops import decomposed as D
-from opcases import decomposed_args, make_zo_case
+from opcases import decomposed_args, make_zo_case, zo_reference
 
 F64 = torch.float64
 
@@ -29,14 +29,7 @@ def test_zo_fwd_bwd_match_reference(family, form, reweight, with_kl, kl_dt, mean
     seed = zlib.crc32(repr((family, form, reweight, with_kl, kl_dt, mean)).encode())
     c = make_zo_case(family, seed)
     eps = 0.02 if form == "ratio" else 1e-3
-    f = c["f_theta"].clone().requires_grad_(True)
-    ref = zo_row_loss(f, c["f_old"], c["z"], c["adv"], c["co"], form=form, reweight=reweight, clip_eps=eps,
-                      f_ref=c["f_ref"] if with_kl else None, kl_coef=c["kl_coef"] if with_kl else 0.0,
-                      kl_dt_weight=kl_dt, row_weight=c["row_weight"], omega_train=c["omega_train"],
-                      tempflow_scale=2.25, reduce="mean" if mean else "sum")
-    g = torch.Generator().manual_seed(seed + 1)
-    gl, gp, gk = (torch.randn(f.shape[0], generator=g, dtype=F64) for _ in range(3))
-    want = torch.autograd.grad((gl * ref.loss + gp * ref.policy + gk * ref.kl).sum(), f)[0]
+    ref, (gl, gp, gk), want = zo_reference(c, form, reweight, eps, with_kl, kl_dt, mean, seed)
     args = decomposed_args(c, with_kl)
     out = D.zo_fwd(*args, D.FORMS.index(form), D.REWEIGHTS.index(reweight), eps, 2.25, kl_dt, mean)
     loss, policy, kl, clipped, log_ratio, lin, d_lin, d_quad, d_kl = out
