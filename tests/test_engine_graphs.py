@@ -18,7 +18,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 class Net(nn.Module):
-    """TinyModel-like, device-agnostic (no tensors created inside forward)."""
+    """Like TinyModel but built on GEMMs (what a real model replays inside a graph, and what TF32
+    would change) and device-agnostic (no tensors created inside forward)."""
 
     def __init__(self, d=18, c=4):
         super().__init__()

@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (csrc/rsm_ops.cpp via rsm_fast.ops.cpu_ext) against the float64 reference
+"""The C++ CPU kernels (csrc/ via rsm_fast.ops.cpu_ext) against the float64 reference
 losses and the plain-torch decomposition (rsm_fast.ops.decomposed): every form x reweight, with
 and without the KL term, mean and sum, all latent dtypes, odd and multi-chunk row lengths, B = 1;
 backward against autograd; bitwise determinism across thread counts; argument checks; the
@@ -24,7 +24,7 @@ from opcases import decomposed_args, make_zo_case, zo_reference
 
 F64, F32 = torch.float64, torch.float32
 LOWP = {F32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}  # relative tolerances vs float64
-CHUNK = 8192  # kChunk of rsm_ops.cpp: rows longer than this are split across work items
+CHUNK = 8192  # kChunk of rsm_ops_detail.h: rows longer than this are split across work items
 LONG = (3, 61, 97)  # 17751 elements: three chunks, the last one odd-sized
 
 

@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (``csrc/rsm_ops.cpp``), JIT-built on first use with torch's cpp_extension.
+"""The C++ CPU kernels (``csrc/``), JIT-built on first use with torch's cpp_extension.
 
 ``load()`` returns the compiled module (functions ``zo_fwd``, ``zo_bwd``, ``score_fwd``,
 ``score_bwd``, ``step_fwd`` with the signatures of :mod:`rsm_fast.ops.decomposed`) or None, after
@@ -7,6 +7,7 @@ lands in torch's extensions folder (``TORCH_EXTENSIONS_DIR`` when set) and is re
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import os
 import shutil
@@ -15,6 +16,8 @@ import threading
 import warnings
 
 NAME = "rsm_fast_cpu_ops"
+SOURCES = ("rsm_ops.cpp", "rsm_zo.cpp")
+HEADERS = ("rsm_ops.h", "rsm_ops_detail.h")
 # -fopenmp: at::parallel_for is OpenMP-backed in torch's CPU wheels (the runtime is torch's libgomp).
 # -fno-trapping-math lets the compiler turn the bf16/fp16 conversions' selects into vector code; it
 # changes no result (nothing here reads floating-point exception flags).
@@ -40,8 +43,12 @@ def _build():
         built = None
     if built is not None and not os.path.exists(built):  # a cold build takes about a minute on 2 cores: say so, once
         print("rsm_fast: compiling the C++ CPU ops (first use only; cached afterwards) ...", file=sys.stderr, flush=True)
-    return cpp_extension.load(name=NAME, sources=[str(src / "rsm_ops.cpp")], extra_include_paths=[str(src)],
-                              extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=False)
+    # torch re-builds a cached extension when its sources or flags change, not its headers; the
+    # headers' hash as a define makes a header-only edit re-build too
+    digest = hashlib.sha1(b"".join((src / h).read_bytes() for h in HEADERS)).hexdigest()[:16]
+    return cpp_extension.load(name=NAME, sources=[str(src / f) for f in SOURCES], extra_include_paths=[str(src)],
+                              extra_cflags=CFLAGS + [f"-DRSM_OPS_HEADERS_SHA={digest}"], extra_ldflags=LDFLAGS,
+                              verbose=False)
 
 
 def load():
