@@ -58,24 +58,23 @@ class RolloutEngine:
                  graphs: bool = False):
         if plan.num_steps != transition.num_steps:
             raise PlanError(f"plan has {plan.num_steps} steps but the transition has {transition.num_steps}")
-        self.model, self.tr, self.seed, self.cfg_scale = model, transition, int(seed), cfg_scale
+        self.model, self.seed, self.cfg_scale = model, int(seed), cfg_scale
         self.device, self.dtype = torch.device(device), dtype
         self.graphs_active = bool(graphs) and self.device.type == "cuda"
         if self.graphs_active:
             self.model = GraphedModel(model)
         self.plan = plan.to(self.device)
         self.chunk = check_chunk_size(chunk_size if chunk_size is not None else max(plan.rows))
-        host = plan  # host copies decide shapes and index sets once, here
-        self._noisy_idx = [torch.nonzero(m).flatten().to(self.device) for m in host.noisy]
-        self._train_idx = [torch.nonzero(m).flatten().to(self.device) for m in host.trained]
-        self._n_noisy = [int(m.sum()) for m in host.noisy]
-        self._n_train = [int(m.sum()) for m in host.trained]
+        # index sets from the host copy, once, here (their sizes are host metadata in the loop)
+        self._noisy_idx = [torch.nonzero(m).flatten().to(self.device) for m in plan.noisy]
+        self._train_idx = [torch.nonzero(m).flatten().to(self.device) for m in plan.trained]
         tr = transition
         # per step: time value of the entering rows, coefficients of the leaving rows (SDE/ODE per row)
         self._t = tr.table("t").to(self.device, dtype)
         self._coeffs = [tr.coeffs(torch.full((plan.rows[i + 1],), i, dtype=torch.long, device=self.device),
                                   self.plan.noisy[i], dtype=dtype) for i in range(plan.num_steps)]
-        self._row_ids = [torch.full((n,), i, dtype=torch.long, device=self.device) for i, n in enumerate(self._n_train)]
+        self._row_ids = [torch.full((t.numel(),), i, dtype=torch.long, device=self.device)
+                         for i, t in enumerate(self._train_idx)]
 
     # ------------------------------------------------------------------------------------------
     def _evaluate(self, x: Tensor, i: int, cond: Tensor | None, uncond: Tensor | None, nfe: dict) -> Tensor:
@@ -144,12 +143,12 @@ class RolloutEngine:
                 src = plan.src[i]
                 xs, fs = x.index_select(0, src), f.index_select(0, src)
                 z = torch.zeros_like(xs)
-                if self._n_noisy[i]:
+                if self._noisy_idx[i].numel():
                     idx = self._noisy_idx[i]
                     z.index_copy_(0, idx, N.gaussian(seed, plan.key[i].index_select(0, idx), i, shape,
                                                      dtype=self.dtype, device=self.device))
                 x_next, logp = ops.sampler_step(self._coeffs[i], xs, fs, z)
-                if self._n_train[i]:
+                if self._train_idx[i].numel():
                     ti = self._train_idx[i]
                     keep["x"].append(xs.index_select(0, ti))
                     keep["z"].append(z.index_select(0, ti))
