@@ -95,3 +95,51 @@ def group_advantages(rewards: Tensor, *, baseline: str = "mean", normalize: str 
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     return adv
+
+
+def set_advantages(values: Tensor, set_id: Tensor, set_sizes: list[int], *, baseline: str = "mean",
+                   normalize: str = "group", eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+    """:func:`group_advantages` for ragged sets: ``values`` ``[M]``, ``set_id`` ``[M]`` in
+    ``[0, S)`` with ``set_sizes`` (host ints, ``S`` entries) the number of records per set.
+
+    The same arithmetic per set (baseline, population std of the raw values, all-equal sets -> 0,
+    clip); ``"global"`` divides by the std over all ``M`` values. Index ops only, no host read, so
+    it runs on any device without a synchronisation. Used for the rollout engine's records, whose
+    baseline sets are the siblings of one branching parent or one group at one step.
+    """
+    _check_choice("baseline", baseline, BASELINES)
+    _check_choice("normalize", normalize, NORMALIZATIONS)
+    if values.dim() != 1 or set_id.shape != values.shape:
+        raise ValueError(f"values and set_id must both be [M]; got {tuple(values.shape)} and {tuple(set_id.shape)}")
+    if sum(set_sizes) != values.shape[0] or any(n < 1 for n in set_sizes):
+        raise ValueError(f"set_sizes must be positive and sum to M={values.shape[0]}, got {sum(set_sizes)}")
+    if baseline == "loo" and set_sizes and min(set_sizes) < 2:
+        raise ValueError(f"baseline='loo' needs at least 2 records per baseline set, a set has {min(set_sizes)}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be positive or None, got {clip}")
+    v = _float(values)
+    if v.numel() == 0:
+        return v.clone()
+    S = len(set_sizes)
+    n = torch.tensor(set_sizes, dtype=v.dtype, device=v.device)
+    total = v.new_zeros(S).index_add_(0, set_id, v)
+    mean = (total / n).index_select(0, set_id)
+    if baseline == "mean":
+        adv = v - mean
+    elif baseline == "loo":
+        adv = v - (total.index_select(0, set_id) - v) / (n.index_select(0, set_id) - 1)
+    else:
+        adv = v.clone()
+    if normalize == "group":
+        var = v.new_zeros(S).index_add_(0, set_id, (v - mean) ** 2) / n
+        hi = v.new_full((S,), -float("inf")).scatter_reduce_(0, set_id, v, "amax")
+        lo = v.new_full((S,), float("inf")).scatter_reduce_(0, set_id, v, "amin")
+        std, same = var.sqrt().index_select(0, set_id), (hi == lo).index_select(0, set_id)
+        adv = torch.where(same, torch.zeros_like(adv), adv / (std + eps))
+    elif normalize == "global":
+        adv = torch.where(_all_equal(v, None), torch.zeros_like(adv), adv / (v.std(correction=0) + eps))
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    return adv

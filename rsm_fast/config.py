@@ -54,7 +54,7 @@ class MethodConfig:
     baseline: str = field(default="mean", metadata={"help": f"reward centering {BASELINES}"})
     adv_norm: str = field(default="group", metadata={"help": f"advantage scaling {ADV_NORMS}"})
     adv_clip: float = field(default=5.0, metadata={"help": "clip advantages to ±this (0 = off); flow_grpo adv_clip_max=5"})
-    group_size: int = field(default=16, metadata={"help": "trajectories per advantage group"})
+    group_size: int = field(default=16, metadata={"help": "trajectories per advantage group (0 = the whole batch is one group)"})
     surrogate: str = field(default="hinge", metadata={"help": f"zo surrogate form {FORMS}"})
     reweight: str = field(default="base", metadata={"help": f"timestep reweighting {REWEIGHTS}"})
     clip_eps: float = field(default=1e-4, metadata={"help": "trust-region clip (ratio form: 1±eps; hinge: eps|A|)"})
@@ -64,6 +64,14 @@ class MethodConfig:
     fo_gamma: str = field(default="one", metadata={"help": f"fo temporal weight gamma(t) {FO_GAMMAS}"})
     fo_reward_scale: float = field(default=1.0, metadata={"help": "K in Psi = K (Sigma/b) grad r; K = 1/alpha of RSM"})
     trust_c2: float = field(default=0.0, metadata={"help": "fo trust region C2 (relative, spec §3.2)"})
+
+
+@dataclass
+class RolloutConfig:
+    plan: str = field(default="sde", metadata={"help": "rollout plan: 'sde' (K = 1 trajectories), 'branch' (ODE trunk + one-step SDE children), 'tree' (recursive SDE tree)"})
+    k: list = field(default_factory=list, metadata={"help": "branch/tree: children per step, one int per step, e.g. [4,4,0,...]"})
+    chunk_size: int = field(default=0, metadata={"help": "rows per model call (0 = all rows of a step in one call)"})
+    graphs: bool = field(default=False, metadata={"help": "replay the model from CUDA graphs (CUDA only; off until verified on a GPU)"})
 
 
 @dataclass
@@ -90,6 +98,7 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -98,12 +107,14 @@ _CHOICES = {
     "method.adv_norm": ADV_NORMS, "method.surrogate": FORMS, "method.reweight": REWEIGHTS,
     "method.fo_weight": FO_WEIGHTS, "method.fo_gamma": FO_GAMMAS, "task.name": ("toy2d",),
     "train.lr_schedule": ("constant", "cosine"), "train.loss_impl": ("fused", "reference"),
+    "rollout.plan": ("sde", "branch", "tree"),
 }
 _POSITIVE = ("task.alpha", "task.num_steps", "task.eval_samples", "policy.hidden", "policy.layers",
-             "policy.emb_dim", "method.group_size", "train.epochs", "train.batch_size",
+             "policy.emb_dim", "train.epochs", "train.batch_size",
              "train.inner_updates", "train.lr")
-_NONNEG = ("task.eta", "method.adv_clip", "method.clip_eps", "method.kl_coef", "method.trust_c2",
-           "train.weight_decay", "train.max_grad_norm", "train.lr_final_frac", "train.seed", "train.threads")
+_NONNEG = ("task.eta", "method.group_size", "method.adv_clip", "method.clip_eps", "method.kl_coef", "method.trust_c2",
+           "train.weight_decay", "train.max_grad_norm", "train.lr_final_frac", "train.seed", "train.threads",
+           "rollout.chunk_size")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,6 +136,10 @@ def _coerce(path: str, value: Any, typ: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config field '{path}' must be a number, got {value!r}")
         return float(value)
+    if typ is list:  # lists of non-negative ints (branching profiles)
+        if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise ConfigError(f"config field '{path}' must be a list of integers, e.g. [4, 4, 0], got {value!r}")
+        return [int(v) for v in value]
     if typ is str:
         if not isinstance(value, str):
             raise ConfigError(f"config field '{path}' must be a string, got {value!r}")
@@ -251,13 +266,28 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("config field 'method.clip_eps' must be positive for the ratio/hinge surrogates")
     if m.reweight == "pcpo":
         raise ConfigError("config field 'method.reweight': 'pcpo' needs a per-step omega' schedule, not available on toy2d")
-    if m.baseline == "loo" and m.returns == "hard" and m.group_size < 2:
+    if m.estimator == "zo" and m.baseline == "loo" and m.group_size == 1:
         raise ConfigError("config field 'method.group_size' must be >= 2 for the leave-one-out baseline")
-    if m.estimator == "zo" and m.returns == "hard" and cfg.train.batch_size % m.group_size:
+    if m.estimator == "zo" and m.group_size and cfg.train.batch_size % m.group_size:
         raise ConfigError(f"config field 'train.batch_size' ({cfg.train.batch_size}) must be a multiple of "
                           f"'method.group_size' ({m.group_size})")
     if m.estimator == "zo" and m.returns == "soft" and cfg.train.batch_size < 2:
         raise ConfigError("config field 'train.batch_size' must be >= 2 for the soft return baseline")
+    if m.estimator == "zo" and m.returns == "soft" and cfg.train.timestep_fraction < 1:
+        raise ConfigError("config field 'train.timestep_fraction' must be 1 with method.returns=soft (the soft "
+                          "return counts the KL of every noisy step, and only trained steps are recorded)")
+    ro = cfg.rollout
+    if ro.plan == "sde" and ro.k:
+        raise ConfigError("config field 'rollout.k' is only used by the 'branch' and 'tree' plans")
+    if ro.plan != "sde":
+        if len(ro.k) not in (cfg.task.num_steps, cfg.task.num_steps - 1):
+            raise ConfigError(f"config field 'rollout.k' must list one K per step ({cfg.task.num_steps} entries) "
+                              f"for rollout.plan={ro.plan}, got {len(ro.k)}")
+        if any(v < 0 for v in ro.k) or not any(ro.k):
+            raise ConfigError(f"config field 'rollout.k' must be >= 0 with at least one branching step, got {ro.k}")
+        if cfg.train.timestep_fraction < 1:
+            raise ConfigError("config field 'train.timestep_fraction' applies to rollout.plan=sde only; "
+                              "a branching plan trains its branching steps")
 
 
 def to_dict(cfg: Any) -> dict:

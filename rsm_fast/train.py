@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     p.add_argument("--loss-impl", choices=("fused", "reference"), default=None,
                    help="loss implementation: fused custom ops (default) or the plain-torch reference")
+    p.add_argument("--graphs", choices=("on", "off"), default=None,
+                   help="replay the rollout's model calls from CUDA graphs (CUDA only; default off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preset = args.preset or (None if args.config else DEFAULT_PRESET)
         overrides = list(args.overrides) + ([f"train.loss_impl={args.loss_impl}"] if args.loss_impl else [])
+        overrides += [f"rollout.graphs={'true' if args.graphs == 'on' else 'false'}"] if args.graphs else []
         cfg = build_config(preset, args.config, overrides)
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = RunDir(out, overwrite=args.overwrite)

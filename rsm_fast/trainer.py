@@ -1,17 +1,22 @@
 """The one training engine: rollout -> reward -> estimator/advantages -> loss -> optimizer.
 
-A preset only chooses data (estimator, returns, baseline, surrogate form, reweighting, trust
-region, KL); this loop never branches on a method *name*. Per epoch:
+A preset only chooses data (rollout plan, estimator, returns, baseline, surrogate form,
+reweighting, trust region, KL); this loop never branches on a method *name*. Per epoch:
 
-1. **rollout** — ``batch_size`` trajectories of the current policy; per step the state, noise,
-   rollout output ``f_old`` and reference output ``f_ref`` are stored (spec §14).
-2. **reward** — one checked float per trajectory (NaN / wrong shape stop the run here).
-3. **estimator** — zeroth order: advantages from the hard reward (group baseline) or from the
-   soft, entropy-augmented return ``R_i = r - alpha sum_{j>i} KL_j``; first order: the guidance
-   ``Psi = K (Sigma/b) grad r(x0)`` (terminal, spec §9.3) or ``K grad r(x0_hat)`` (current state).
-4. **loss** — the reference RSM losses (native-output space) averaged over trained rows.
-5. **optimizer** — ``inner_updates`` AdamW steps; a non-finite gradient stops the run before
-   the step, so a NaN never reaches the weights.
+1. **rollout** — the :class:`~rsm_fast.engine.rollout.RolloutEngine` executes the configured
+   plan (``rollout.plan``: K = 1 SDE trajectories, one-step branching from an ODE trunk, or a
+   recursive tree) with counter-based noise; every trained transition becomes a record (state,
+   step, noise, rollout output ``f_old``, old log-prob, group, ancestry). The frozen reference is
+   then evaluated once at every record (``f_ref``: KL, soft returns, first-order targets).
+2. **reward** — one checked float per final sample (NaN / wrong shape stop the run here).
+3. **estimator** — zeroth order: a record's value is the mean return of the final samples that
+   descend from it (hard reward, or the soft return ``r - alpha sum_{j>i} KL_j``), centred within
+   its baseline set (the siblings of one branching parent, else its group at that step; see
+   ``engine.plan.compile_plan``); first order: ``Psi = K (Sigma/b) grad r(x0)`` averaged over the
+   descendants (terminal, spec §9.3) or ``K grad r(x0_hat)`` (current state).
+4. **loss** — the RSM losses (native-output space) averaged over records (fused ops by default).
+5. **optimizer** — ``inner_updates`` AdamW steps; a non-finite loss or gradient stops the run
+   before the step, so a NaN never reaches the weights.
 """
 from __future__ import annotations
 
@@ -23,11 +28,13 @@ import torch
 from torch import Tensor
 
 from . import rewards as R
-from . import rollout as RO
-from .advantages import center, group_advantages
-from .config import RunConfig, to_dict
-from .estimators import fo_current_state, soft_returns
 from . import ops
+from .advantages import set_advantages
+from .config import ConfigError, RunConfig, to_dict
+from .engine.credit import Credit
+from .engine.plan import PlanSpec, compile_plan
+from .engine.rollout import Records, RolloutEngine
+from .estimators import fo_current_state
 from .losses import score_regression_loss, zo_row_loss
 from .runlog import PhaseClock, Progress, RunDir
 from .tasks import make_task
@@ -40,15 +47,32 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class Rows:
-    """Flattened training rows (step-major): every tensor has leading dim ``S*B``."""
+    """The epoch's training rows: one per record (every tensor has leading dim ``M``)."""
 
-    idx: Tensor
+    idx: Tensor                   # step index
+    t: Tensor                     # model time value at that step
     x: Tensor
     z: Tensor
     f_old: Tensor
     f_ref: Tensor
     adv: Tensor | None = None     # zeroth order
     g: Tensor | None = None       # first order: reward gradient per row
+
+
+def plan_spec(cfg: RunConfig, num_steps: int, sde_mask: Tensor) -> PlanSpec:
+    """The training rollout's plan from the config: ``batch_size`` trunks in groups of
+    ``group_size`` (zeroth order; 0, and first order, one group of the whole batch). For ``sde`` plans the trained steps
+    are the first ``timestep_fraction`` of the noisy ones (flow_grpo ``timestep_fraction``)."""
+    tc, mc, ro = cfg.train, cfg.method, cfg.rollout
+    G = mc.group_size if mc.estimator == "zo" and mc.group_size else tc.batch_size
+    noisy = [bool(v) for v in sde_mask]
+    if ro.plan == "sde":
+        stoch = [i for i, v in enumerate(noisy) if v]
+        keep = set(stoch[:max(1, math.ceil(tc.timestep_fraction * len(stoch)))])
+        return PlanSpec("sde", num_steps, tc.batch_size // G, G, sde_mask=tuple(noisy),
+                        train_mask=tuple(i in keep for i in range(num_steps)))
+    return PlanSpec(ro.plan, num_steps, tc.batch_size // G, G, k=tuple(ro.k),
+                    sde_mask=tuple(noisy) if ro.plan == "tree" else ())
 
 
 class Trainer:
@@ -72,42 +96,51 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(tc.seed)
         self.clock = PhaseClock()
         self.nfe = {"rollout": 0, "reference": 0, "train": 0, "eval": 0}
-        stoch = torch.nonzero(self.task.transition.sde_mask).flatten()
-        n_train = max(1, math.ceil(tc.timestep_fraction * stoch.numel()))
-        self.train_steps = stoch[:n_train].to(self.device)
         self.epochs_done = 0
         self.kl_alpha = mc.kl_coef if mc.kl_coef > 0 else cfg.task.alpha
+        tr = self.task.transition
+        plan = compile_plan(plan_spec(cfg, tr.num_steps, tr.sde_mask))
+        if mc.estimator == "zo" and mc.baseline == "loo" and min(plan.set_sizes) < 2:
+            raise ConfigError(f"method.baseline 'loo' needs >= 2 records per baseline set; rollout.plan "
+                              f"{cfg.rollout.plan} with method.group_size {mc.group_size} makes a set of "
+                              f"{min(plan.set_sizes)}")
+        self.engine = RolloutEngine(self._model, tr, plan, chunk_size=cfg.rollout.chunk_size or None,
+                                    seed=tc.seed, device=self.device, graphs=cfg.rollout.graphs)
+        self.credit = Credit(self.engine.plan)
+        self._t_table = tr.table("t").to(self.device, torch.float32)
         fused = tc.loss_impl == "fused"
         self.zo_loss = ops.zo_loss if fused else zo_row_loss
         self.score_loss = ops.score_loss if fused else score_regression_loss
         if fused:  # build / load the device's kernels now, outside the timed phases
             ops.backends.for_device(self.device)
 
-    # ------------------------------------------------------------------------------------------
-    def _rows(self, ro: RO.Rollout) -> Rows:
-        st = self.train_steps
-        B = ro.x0.shape[0]
-        flat = lambda t: t.index_select(0, st).flatten(0, 1)  # noqa: E731
-        return Rows(idx=st.repeat_interleave(B), x=flat(ro.x), z=flat(ro.z), f_old=flat(ro.f_old), f_ref=flat(ro.f_ref))
+    # -- model adapters (engine convention: model(x, t, cond) -> native output) -------------------
+    def _model(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
+        return self.policy(x, t)
 
-    def _advantages(self, ro: RO.Rollout, r: Tensor) -> Tensor:
-        """Per-row advantages ``[S*B]`` for the zeroth-order estimator."""
+    def _reference(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
+        return self.task.reference_eps(x, t)
+
+    # ------------------------------------------------------------------------------------------
+    def _rollout(self) -> tuple[Records, Tensor]:
+        plan = self.engine.plan
+        x_init = self.task.sample_initial(plan.rows[0], self.gen).to(self.device)
+        rec = self.engine.run(x_init, epoch=self.epochs_done)
+        f_ref, n_ref = self.engine.evaluate_records(self._reference, rec)
+        self.nfe["rollout"] += rec.nfe["total"]
+        self.nfe["reference"] += n_ref
+        return rec, f_ref
+
+    def _advantages(self, r: Tensor, record_kl: Tensor) -> Tensor:
+        """Per-record advantages ``[M]`` for the zeroth-order estimator."""
         mc = self.cfg.method
-        clip = mc.adv_clip if mc.adv_clip > 0 else None
-        S, B = self.train_steps.numel(), r.shape[0]
         if mc.returns == "hard":
-            a = group_advantages(r.view(-1, mc.group_size), baseline=mc.baseline, normalize=mc.adv_norm, clip=clip)
-            return a.reshape(1, B).expand(S, B).reshape(-1)
-        # soft: entropy-augmented return per step, centred across the batch at each step
-        ret = soft_returns(r, ro.kl, self.kl_alpha).index_select(0, self.train_steps)   # [S, B]
-        a = center(ret, dim=1, baseline=mc.baseline)
-        if mc.adv_norm == "group":
-            a = a / (a.std(dim=1, keepdim=True) + 1e-4)
-        elif mc.adv_norm == "global":
-            a = a / (a.std() + 1e-4)
-        if clip is not None:
-            a = a.clamp(-clip, clip)
-        return a.reshape(-1)
+            values = self.credit.mean_over_leaves(r)
+        else:
+            values = self.credit.soft_values(r, record_kl, self.kl_alpha)
+        plan = self.engine.plan
+        return set_advantages(values, plan.record_set, plan.set_sizes, baseline=mc.baseline, normalize=mc.adv_norm,
+                              clip=mc.adv_clip if mc.adv_clip > 0 else None)
 
     def _fo_guidance(self, rows: Rows, c) -> Tensor:
         """Target shift in native space ``gamma Psi / lambda`` for the first-order estimators."""
@@ -138,39 +171,41 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def epoch(self) -> dict:
-        tc, mc = self.cfg.train, self.cfg.method
+        mc = self.cfg.method
         self.policy.eval()
         with self.clock("rollout"):
-            ro = RO.sample(self.policy, self.task, tc.batch_size, self.gen, self.device)
-        self.nfe["rollout"] += ro.nfe_policy
-        self.nfe["reference"] += ro.nfe_ref
+            rec, f_ref = self._rollout()
+        tr = self.task.transition
+        c = tr.coeffs(rec.step, torch.ones_like(rec.step, dtype=torch.bool))   # every record is a noisy step
+        record_kl = c.kl(rec.f_old, f_ref, reduce="sum")
         with self.clock("reward"):
-            r = R.checked(self.reward_fn, self.reward_name, ro.x0)
+            r = R.checked(self.reward_fn, self.reward_name, rec.x0)
             g = None
             if mc.estimator == "fo_terminal":
-                g = self.task.reward_grad(ro.x0) if self.builtin_reward else R.reward_grad(self.reward_fn, self.reward_name, ro.x0)
+                g = self.task.reward_grad(rec.x0) if self.builtin_reward else R.reward_grad(self.reward_fn, self.reward_name, rec.x0)
         with self.clock("train"):
-            rows = self._rows(ro)
+            rows = Rows(idx=rec.step, t=self._t_table.index_select(0, rec.step), x=rec.x, z=rec.z,
+                        f_old=rec.f_old, f_ref=f_ref)
             if mc.estimator == "zo":
-                rows.adv = self._advantages(ro, r)
+                rows.adv = self._advantages(r, record_kl)
             elif g is not None:
-                rows.g = g.unsqueeze(0).expand(self.train_steps.numel(), *g.shape).reshape(-1, *g.shape[1:])
-            c = self.task.transition.coeffs(rows.idx)
+                rows.g = self.credit.mean_over_leaves(g)
             shift = None if mc.estimator == "zo" else self._fo_guidance(rows, c)
             stats = self._optimize(rows, c, shift)
         self.epochs_done += 1
         lr = self.opt.param_groups[0]["lr"]
         if self.sched is not None:
             self.sched.step()
+        path_kl = self.credit.path_kl(record_kl).sum(0)          # KL along each final sample's path
         return {"lr": lr, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
-                "kl": float(ro.kl.index_select(0, self.train_steps).sum(0).mean()), **stats}
+                "kl": float(path_kl.mean()), "records": int(rec.x.shape[0]), **stats}
 
     def _optimize(self, rows: Rows, c, shift) -> dict:
         tc = self.cfg.train
         self.policy.train()
         stats: dict = {}
         for u in range(tc.inner_updates):
-            f = self.policy(rows.x, c, rows.f_ref)
+            f = self.policy(rows.x, rows.t, rows.f_ref)
             loss, out = self._loss(rows, c, f, shift)
             self.nfe["train"] += rows.x.shape[0]
             if not torch.isfinite(loss):
@@ -196,16 +231,23 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, n: int | None = None) -> dict:
+        """Fresh samples of the current policy (full SDE, no records) scored against the task."""
         n = n or self.cfg.task.eval_samples
-        gen = torch.Generator().manual_seed(self.cfg.train.seed + 1_000_003)
+        seed = self.cfg.train.seed + 1_000_003
+        tr = self.task.transition
+        spec = PlanSpec("sde", tr.num_steps, 1, n, sde_mask=tuple(bool(v) for v in tr.sde_mask),
+                        train_mask=(False,) * tr.num_steps)
+        engine = RolloutEngine(self._model, tr, compile_plan(spec, require_records=False), seed=seed,
+                               device=self.device)
         self.policy.eval()
         with self.clock("eval"):
-            x0 = RO.sample(self.policy, self.task, n, gen, self.device, record=False)
-            r = R.checked(self.reward_fn, self.reward_name, x0)
+            x_init = self.task.sample_initial(n, torch.Generator().manual_seed(seed)).to(self.device)
+            rec = engine.run(x_init)
+            r = R.checked(self.reward_fn, self.reward_name, rec.x0)
             out = {"reward_mean": float(r.mean()), "reward_std": float(r.std())}
             if self.builtin_reward:
-                out.update(self.task.evaluate(x0.cpu(), seed=self.cfg.train.seed))
-        self.nfe["eval"] += n * self.task.transition.num_steps
+                out.update(self.task.evaluate(rec.x0.cpu(), seed=self.cfg.train.seed))
+        self.nfe["eval"] += rec.nfe["total"]
         return out
 
     def state_dict(self) -> dict:

@@ -204,3 +204,35 @@ def test_noise_has_the_right_scale():
     rec = _engine(spec).run(latent_shape=LATENT)
     z = rec.z
     assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1.0) < 0.02
+
+
+@pytest.mark.parametrize("cfg", [None, 2.5])
+def test_evaluate_records_gives_another_models_output_at_every_record(cfg):
+    """The reference (any second model) at the records' states, times and groups, with the
+    rollout's CFG; counted once per record (twice with CFG)."""
+    spec = PLANS["branch"]
+    eng = _engine(spec, chunk=5, cfg=cfg)
+    cond, unc = _cond(spec), torch.zeros(1, 4)
+    rec = eng.run(latent_shape=LATENT, cond=cond, uncond=unc)
+    ref = TinyModel()
+    with torch.no_grad():
+        ref.w2.mul_(-0.5)
+    out, n = eng.evaluate_records(ref, rec, cond, unc)
+    t = eng._t.index_select(0, rec.step)
+    with torch.no_grad():
+        fc = ref(rec.x, t, cond.index_select(0, rec.group))
+        want = fc if cfg is None else ref(rec.x, t, unc.expand(rec.x.shape[0], 4)) + cfg * (
+            fc - ref(rec.x, t, unc.expand(rec.x.shape[0], 4)))
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    assert n == rec.x.shape[0] * (1 if cfg is None else 2)
+
+
+def test_an_evaluation_plan_needs_no_records():
+    spec = PlanSpec(kind="sde", num_steps=10, groups=1, trunks=6, train_mask=(False,) * 10)
+    with pytest.raises(PlanError, match="trains no transition"):
+        compile_plan(spec)
+    eng = RolloutEngine(TinyModel(), flow(), compile_plan(spec, require_records=False), seed=3)
+    rec = eng.run(latent_shape=LATENT)
+    assert rec.x0.shape == (6, *LATENT) and rec.x.shape == (0, *LATENT) and rec.log_prob.shape == (0,)
+    out, n = eng.evaluate_records(TinyModel(), rec)
+    assert out.shape == (0, *LATENT) and n == 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from rsm_fast.config import build_config
+from rsm_fast.config import ConfigError, build_config
 from rsm_fast.train import main
 from rsm_fast.trainer import NonFiniteError, Trainer
 
@@ -41,10 +41,11 @@ def test_run_directory_contract(tmp_path):
     assert s["task"] == "toy2d" and s["preset"] == "grpo" and s["epochs"] == 3
     assert s["distance_metric"] == "sliced_wasserstein_2"
     assert {"rollout", "reward", "train", "total"} <= set(s["seconds"])
-    # NFE accounting: 3 epochs x 64 trajectories x 50 steps for rollout and reference, and
-    # 2 inner updates over 49 stochastic steps x 64 rows for training
+    # NFE accounting: 3 epochs x 64 trajectories x 50 steps for the rollout; the reference is
+    # evaluated once per record (64 rows x 49 stochastic steps), and training runs 2 inner
+    # updates over the same records
     assert s["nfe_by_kind"]["rollout"] == 3 * 64 * 50
-    assert s["nfe_by_kind"]["reference"] == 3 * 64 * 50
+    assert s["nfe_by_kind"]["reference"] == 3 * 64 * 49
     assert s["nfe_by_kind"]["train"] == 3 * 2 * 49 * 64
     assert s["nfe"] == sum(s["nfe_by_kind"][k] for k in ("rollout", "reference", "train"))
     lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
@@ -104,8 +105,8 @@ def test_nan_never_reaches_the_weights(monkeypatch):
     before = [p.detach().clone() for p in tr.params]
     real_forward = tr.policy.forward
 
-    def poisoned(x, c, f_ref=None):
-        out = real_forward(x, c, f_ref)
+    def poisoned(x, t, f_ref=None):
+        out = real_forward(x, t, f_ref)
         return out * float("nan") if tr.policy.training else out
 
     monkeypatch.setattr(tr.policy, "forward", poisoned)
@@ -189,9 +190,41 @@ def test_fused_and_reference_losses_train_alike(preset):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
 
 
-def test_loss_impl_flag_reaches_the_config(tmp_path):
-    p = _cli("--preset", "grpo", "--loss-impl", "reference", "--out", str(tmp_path / "r"), "--quiet",
+def test_loss_impl_and_graphs_flags_reach_the_config(tmp_path):
+    p = _cli("--preset", "grpo", "--loss-impl", "reference", "--graphs", "on", "--out", str(tmp_path / "r"), "--quiet",
              *_sets(*SMALL, "train.epochs=1"))
     assert p.returncode == 0, p.stderr
     cfg = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
-    assert cfg["train"]["loss_impl"] == "reference"
+    assert cfg["train"]["loss_impl"] == "reference" and cfg["rollout"]["graphs"] is True
+
+
+@pytest.mark.parametrize("plan, k", [("branch", [4, 4, 3, 3, 2] + [0] * 45), ("tree", [2, 0, 0, 2] + [0] * 46)])
+def test_branching_plans_train_on_policy(plan, k):
+    """The trainer runs any plan of the engine: records only at the plan's trained transitions,
+    baseline sets of siblings, the first update exactly on-policy, the reward moving up."""
+    cfg = build_config("grpo", None, ["train.batch_size=32", "method.group_size=8", "task.eval_samples=2048",
+                                      "policy.hidden=64", "train.threads=2", "train.epochs=25",
+                                      f"rollout.plan={plan}", f"rollout.k={k}", "rollout.chunk_size=48"])
+    tr = Trainer(cfg)
+    plan_ = tr.engine.plan
+    st = tr.epoch()
+    assert st["records"] == plan_.num_records and st["onpolicy_logratio_absmax"] == 0.0
+    if plan == "branch":
+        assert plan_.num_records == 32 * 16 and max(plan_.set_sizes) == 4   # K_i children of one trunk
+    assert tr.nfe["rollout"] == plan_.nfe()["total"]
+    s = tr.run(progress=False)
+    assert s["reward_mean"] > 3.25, s
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["rollout.k=[2, 2]"], "rollout.k"),
+    (["rollout.plan=branch", "rollout.k=[2, 2]"], "rollout.k"),
+    (["rollout.plan=branch", "rollout.k=[0, 0]"], "rollout.k"),
+    (["rollout.plan=tree", "rollout.k=oops"], "rollout.k"),
+    (["rollout.plan=fan"], "rollout.plan"),
+    (["rollout.chunk_size=-1"], "rollout.chunk_size"),
+    (["method.returns=soft", "train.timestep_fraction=0.5"], "timestep_fraction"),
+])
+def test_bad_rollout_config_names_the_field(sets, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", "\\.")):
+        build_config("grpo", None, SMALL + sets)

@@ -87,6 +87,8 @@ class Plan:
     record_group: Tensor               # [M]
     record_parent: Tensor              # [M] record id of the nearest trained ancestor transition, or -1
     initial_key: Tensor                # [R_0] keys of the initial rows (the x_T noise)
+    record_set: Tensor = None          # [M] baseline set of each record (see compile_plan)
+    set_sizes: list[int] = field(default_factory=list)  # records per baseline set (host)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
@@ -120,7 +122,7 @@ class Plan:
         return Plan(self.spec, list(self.rows), mv(self.src), mv(self.noisy), mv(self.trained), mv(self.key),
                     mv(self.group), mv(self.record), list(self.trunk_rows), self.leaf_ancestor.to(dev),
                     self.record_step.to(dev), self.record_group.to(dev), self.record_parent.to(dev),
-                    self.initial_key.to(dev), dev)
+                    self.initial_key.to(dev), self.record_set.to(dev), list(self.set_sizes), dev)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,15 +156,24 @@ def _check_spec(spec: PlanSpec) -> tuple[list[int], list[bool], list[bool]]:
     return k, [bool(b) for b in sde], [bool(b) for b in train]
 
 
-def compile_plan(spec: PlanSpec) -> Plan:
-    """Build the per-step index tensors of ``spec`` on the host (validated first)."""
+def compile_plan(spec: PlanSpec, require_records: bool = True) -> Plan:
+    """Build the per-step index tensors of ``spec`` on the host (validated first).
+
+    Baseline sets (``record_set``). The records that share a baseline are the transitions that
+    leave the same parent row at the same step when there are several of them (the ``K_i``
+    siblings of a branching point: their common parent makes the sibling mean an estimate of the
+    parent's value), otherwise every record of the same group at the same step (K = 1
+    trajectories: the group of one prompt, as in GRPO). ``sde`` plans therefore get one set per
+    (step, group), ``branch`` plans one per (step, trunk) and ``tree`` plans one per split point
+    plus one per (step, group) at non-splitting steps. ``require_records=False`` allows a plan
+    that trains nothing (evaluation rollouts)."""
     k, sde, train = _check_spec(spec)
     N, T = spec.num_steps, spec.groups * spec.trunks
     # a live row: (key, group, is_trunk, last record id on its path)
     live = [(t << 20, t // spec.trunks, spec.kind == "branch", -1) for t in range(T)]
     initial_key = torch.tensor([r[0] for r in live], dtype=torch.int64)
     rows, src, noisy, trained, keys, groups, records, trunk_rows = [len(live)], [], [], [], [], [], [], []
-    rec_step, rec_group, rec_parent = [], [], []
+    rec_step, rec_group, rec_parent, rec_src = [], [], [], []
     path_records: list[list[int]] = [[] for _ in live]   # per live row: record id per step so far
     last_branch = max((i for i, v in enumerate(k) if v > 0), default=-1) if spec.kind == "branch" else -1
     for i in range(N):
@@ -177,6 +188,7 @@ def compile_plan(spec: PlanSpec) -> Plan:
                 rec_step.append(i)
                 rec_group.append(grp)
                 rec_parent.append(live[j][3])
+                rec_src.append(j)
             nxt.append((key, grp, is_trunk, rid if rid >= 0 else live[j][3]))
             s_i.append(j)
             n_i.append(noise)
@@ -211,12 +223,33 @@ def compile_plan(spec: PlanSpec) -> Plan:
         keys.append(torch.tensor(k_i, dtype=torch.int64))
         records.append(torch.tensor(rec_i, dtype=torch.int64))
     groups.append(torch.tensor([r[1] for r in live], dtype=torch.int64))
-    if not rec_step:
+    if not rec_step and require_records:
         raise PlanError("plan trains no transition (check sde_mask / train_mask / k)")
-    leaf_ancestor = torch.tensor(path_records, dtype=torch.int64).T.contiguous() if live else torch.empty(N, 0)
+    leaf_ancestor = (torch.tensor(path_records, dtype=torch.int64).reshape(len(live), N).T.contiguous()
+                     if live else torch.empty(N, 0, dtype=torch.int64))
+    record_set, set_sizes = _baseline_sets(rec_step, rec_group, rec_src)
     return Plan(spec, rows, src, noisy, trained, keys, groups, records, trunk_rows, leaf_ancestor,
                 torch.tensor(rec_step, dtype=torch.int64), torch.tensor(rec_group, dtype=torch.int64),
-                torch.tensor(rec_parent, dtype=torch.int64), initial_key)
+                torch.tensor(rec_parent, dtype=torch.int64), initial_key, record_set, set_sizes)
+
+
+def _baseline_sets(step: list[int], group: list[int], src: list[int]) -> tuple[Tensor, list[int]]:
+    """Set id per record (first-seen order): (step, parent row) when the parent has several
+    trained children at that step, else (step, group). See :func:`compile_plan`."""
+    per_parent: dict[tuple[int, int], int] = {}
+    for i, j in zip(step, src):
+        per_parent[(i, j)] = per_parent.get((i, j), 0) + 1
+    ids: dict[tuple, int] = {}
+    sizes: list[int] = []
+    out = []
+    for i, g, j in zip(step, group, src):
+        key = ("parent", i, j) if per_parent[(i, j)] > 1 else ("group", i, g)
+        if key not in ids:
+            ids[key] = len(sizes)
+            sizes.append(0)
+        sizes[ids[key]] += 1
+        out.append(ids[key])
+    return torch.tensor(out, dtype=torch.int64), sizes
 
 
 def check_chunk_size(chunk_size) -> int:

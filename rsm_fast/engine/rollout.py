@@ -77,9 +77,13 @@ class RolloutEngine:
                          for i, t in enumerate(self._train_idx)]
 
     # ------------------------------------------------------------------------------------------
-    def _evaluate(self, x: Tensor, i: int, cond: Tensor | None, uncond: Tensor | None, nfe: dict) -> Tensor:
-        """Model output for every entering row, in fixed-size chunks."""
-        R, C = x.shape[0], self.chunk
+    def _evaluate(self, x: Tensor, t_rows: Tensor, cond: Tensor | None, uncond: Tensor | None, nfe: dict,
+                  model: Callable | None = None, chunk: int | None = None) -> Tensor:
+        """Model output for every row (``t_rows``: ``[1]`` shared or ``[R]`` per row), in
+        fixed-size chunks."""
+        R, C = x.shape[0], chunk or self.chunk
+        model = self.model if model is None else model
+        graphed = self.graphs_active and model is self.model
         outs = []
         for s in range(0, R, C):
             xs = x[s:s + C]
@@ -90,16 +94,18 @@ class RolloutEngine:
                 xs = torch.cat([xs, xs.new_zeros((pad, *xs.shape[1:]))])
                 cs = None if cs is None else torch.cat([cs, cs[:1].expand(pad, *cs.shape[1:])])
                 nfe["padding"] += pad * (2 if self.cfg_scale is not None else 1)
-            t = self._t[i].expand(C)
+            t = t_rows.expand(C) if t_rows.numel() == 1 else t_rows[s:s + C]
+            if t.shape[0] < C:
+                t = torch.cat([t, t[:1].expand(C - t.shape[0])])
             if self.cfg_scale is None:
-                f = self.model(xs, t, cs)
+                f = model(xs, t, cs)
             else:
                 uc = uncond.expand(C, *uncond.shape[1:]) if uncond is not None else None
-                both = self.model(torch.cat([xs, xs]), torch.cat([t, t]),
+                both = model(torch.cat([xs, xs]), torch.cat([t, t]),
                                   None if cs is None else torch.cat([cs, uc]))
                 f_c, f_u = both[:C], both[C:]
                 f = f_u + self.cfg_scale * (f_c - f_u)
-            if self.graphs_active and self.cfg_scale is None and R > C:
+            if graphed and self.cfg_scale is None and R > C:
                 f = f.clone()  # a graph's output buffer is overwritten by the next chunk's replay
             outs.append(f[:n])
         return torch.cat(outs) if len(outs) > 1 else outs[0]
@@ -135,7 +141,7 @@ class RolloutEngine:
             label = "trunk" if plan.trunk_rows[i] == plan.rows[i] else "branch"
             with annotate(f"rollout/{label} step {i}", self.device):
                 rows_cond = None if cond is None else cond.index_select(0, plan.group[i])
-                f = self._evaluate(x, i, rows_cond, uncond, nfe)
+                f = self._evaluate(x, self._t[i:i + 1], rows_cond, uncond, nfe)
                 nfe["trunk"] += plan.trunk_rows[i]
                 nfe["branch"] += plan.rows[i] - plan.trunk_rows[i]
                 if self.cfg_scale is not None:
@@ -157,7 +163,26 @@ class RolloutEngine:
                     keep["step"].append(self._row_ids[i])
                 x = x_next
         nfe["total"] = nfe["trunk"] + nfe["branch"] + nfe["cfg"]
+        if not keep["x"]:  # an evaluation plan: no records
+            empty = x.new_empty((0, *shape))
+            keep = {"x": [empty], "z": [empty], "f_old": [empty], "log_prob": [x.new_empty(0, dtype=torch.float32)],
+                    "step": [plan.record_step]}
         return Records(x=torch.cat(keep["x"]), step=torch.cat(keep["step"]), z=torch.cat(keep["z"]),
                        f_old=torch.cat(keep["f_old"]), log_prob=torch.cat(keep["log_prob"]),
                        group=plan.record_group, parent=plan.record_parent, x0=x, x0_group=plan.group[-1],
                        leaf_ancestor=plan.leaf_ancestor, nfe=nfe)
+
+    @torch.no_grad()
+    def evaluate_records(self, model: Callable, records: Records, cond: Tensor | None = None,
+                         uncond: Tensor | None = None, chunk_size: int | None = None) -> tuple[Tensor, int]:
+        """Another model's output (e.g. the frozen reference) at every record's state and time, with
+        the rollout's CFG and chunking (``chunk_size`` defaults to the rollout's). Returns the outputs
+        ``[M, ...]`` and the row-evaluations spent (CFG doubles them, padding excluded)."""
+        M = records.x.shape[0]
+        if M == 0:
+            return records.x.new_empty(records.x.shape), 0
+        nfe = {"padding": 0}
+        t = self._t.index_select(0, records.step)
+        rows_cond = None if cond is None else cond.index_select(0, records.group)
+        out = self._evaluate(records.x, t, rows_cond, uncond, nfe, model=model, chunk=chunk_size)
+        return out, M * (2 if self.cfg_scale is not None else 1)

@@ -105,6 +105,7 @@ class Toy2D:
         self.transition: GaussianTransition = ddim(self.alphas_cumprod, self.timesteps, eta=cfg.eta,
                                                    final_alpha_cumprod=1.0)
         self.target_means, self.target_weights = tilt(REF_MEANS, REF_WEIGHTS, REWARD_W, cfg.alpha)
+        self._ab_cache: dict = {}
 
     # -- analytic quantities ------------------------------------------------------------------
     def _scale(self, x: Tensor, alpha_bar: Tensor | float) -> Tensor:
@@ -141,6 +142,16 @@ class Toy2D:
         """Exact reference epsilon ``-sigma_t s_ref`` at each row's time."""
         ab = c.alpha**2
         return -rowwise(c.sigma_t, x).to(x) * self.ref_score(x, ab.to(x))
+
+    def reference_eps(self, x: Tensor, t: Tensor) -> Tensor:
+        """Exact reference epsilon at train timesteps ``t`` ``[B]`` (integer-valued; the engine's
+        model-adapter signature). Equals :meth:`reference_output` up to float rounding."""
+        key = (x.device, x.dtype)
+        ab_table = self._ab_cache.get(key)
+        if ab_table is None:
+            ab_table = self._ab_cache[key] = self.alphas_cumprod.to(device=x.device, dtype=x.dtype)
+        ab = ab_table.index_select(0, t.to(torch.long))
+        return -torch.sqrt(1.0 - ab)[:, None] * self.ref_score(x, ab)
 
     def target_output(self, x: Tensor, c: StepCoeffs) -> Tensor:
         """Exact epsilon of the tilted (optimal) process, for tests and diagnostics."""
@@ -182,8 +193,9 @@ class Toy2D:
 
 
 class ResidualEpsPolicy(nn.Module):
-    """epsilon_theta = epsilon_ref (exact, frozen) + MLP(x, t); the MLP's last layer starts at zero,
-    so the policy starts exactly at the reference."""
+    """epsilon_theta(x, t) = epsilon_ref(x, t) (exact, frozen) + MLP(x, t); the MLP's last layer
+    starts at zero, so the policy starts exactly at the reference. ``t`` is the train-timestep
+    value per row (the transition's ``t`` table), the rollout engine's model-adapter convention."""
 
     def __init__(self, task: Toy2D, hidden: int = 128, layers: int = 2, emb_dim: int = 32):
         super().__init__()
@@ -197,12 +209,12 @@ class ResidualEpsPolicy(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def correction(self, x: Tensor, c: StepCoeffs) -> Tensor:
-        t = c.t / self.task.cfg.num_train_timesteps * 1000.0
+    def correction(self, x: Tensor, t: Tensor) -> Tensor:
+        t = t.to(torch.float32) / self.task.cfg.num_train_timesteps * 1000.0
         h = torch.cat([x, S.timestep_embedding(t, self.emb_dim).to(x)], dim=-1)
         return self.head(self.body(h))
 
-    def forward(self, x: Tensor, c: StepCoeffs, f_ref: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, f_ref: Tensor | None = None) -> Tensor:
         if f_ref is None:
-            f_ref = self.task.reference_output(x, c)
-        return f_ref + self.correction(x, c)
+            f_ref = self.task.reference_eps(x, t)
+        return f_ref + self.correction(x, t)
