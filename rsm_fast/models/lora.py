@@ -1,0 +1,168 @@
+"""LoRA on the denoiser through peft, with a reference path that is a tensor value, not a branch.
+
+Injection: peft's ``inject_adapter_in_model`` (the same call as diffusers'
+``ModelMixin.add_adapter``) with a ``LoraConfig`` (rank, alpha, target modules; defaults
+``to_q, to_k, to_v, to_out.0`` and alpha = rank, as diffusers' LoRA training scripts). Only the
+LoRA matrices require grad.
+
+The frozen reference (design choice). peft's ``disable_adapter()`` flips a Python flag read by
+every LoRA layer's ``forward`` (``if self.disable_adapters: ...``): under ``torch.compile`` that
+is a guarded constant (a switch means a recompile or a second graph), and a captured CUDA graph
+replays whichever branch was recorded, so the flag is silently ignored on replay. Here every
+LoRA ``B`` projection is a :class:`GatedLinear` whose output is multiplied by one shared 0-d
+buffer (:class:`LoraGate`): ``y = W x + (B A x) * scaling * gate``. The policy runs with
+``gate = 1``; the reference is the same modules with ``gate = 0``, set by an in-place
+``fill_`` on a buffer at a fixed address. A compiled graph takes the buffer as an input (values
+are not guarded: no recompile) and a CUDA graph reads it from memory on every replay, so both the
+policy and the reference can be compiled / captured and switched at run time. With ``gate = 0``
+the LoRA term is an exact zero (finite activations), so the reference equals the base model bit
+for bit. The price is the LoRA matmuls still running on reference calls (rank-r, a few percent
+of an attention projection) — a second frozen copy of the base weights would cost a full model's
+memory instead. Full fine-tuning has no such trick: there the adapter keeps a frozen deep copy.
+
+The gate module is shared by all ``GatedLinear`` modules (a shared child module), so
+``module.to(device/dtype)`` moves it once for everyone; its buffer is non-persistent (never in a
+state dict), so the LoRA state dict and its export are peft's own.
+
+Export: ``get_peft_model_state_dict`` + diffusers' ``save_lora_weights`` conventions (SD1.5:
+``StableDiffusionPipeline.save_lora_weights(unet_lora_layers=convert_state_dict_to_diffusers(...))``
+as in diffusers' ``train_dreambooth_lora.py``; SD3: ``StableDiffusion3Pipeline.save_lora_weights
+(transformer_lora_layers=...)`` as in ``train_dreambooth_lora_sd3.py``), with the LoraConfig as
+adapter metadata so ``pipe.load_lora_weights(dir)`` restores alpha as well as rank.
+
+Precision: the LoRA matrices are float32 whatever the base dtype (peft casts the layer input to
+the LoRA weights' dtype and the sum back to the base output dtype), so the optimiser updates
+float32 master weights.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ADAPTER = "default"
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class LoraGate(nn.Module):
+    """One 0-d buffer ``value`` (1: policy, 0: reference) shared by every gated LoRA layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("value", torch.ones(()), persistent=False)
+
+
+class GatedLinear(nn.Linear):
+    """A LoRA ``B`` projection whose output is multiplied by the shared gate.
+
+    Under grad the product uses a copy of the gate: autograd saves the multiplier for the
+    backward, and the buffer itself is rewritten in place by every reference call, which would
+    invalidate a pending policy backward ("modified by an inplace operation")."""
+
+    def forward(self, x):
+        g = self.gate.value
+        if torch.is_grad_enabled():
+            g = g.clone()
+        return F.linear(x, self.weight, self.bias) * g
+
+
+def add_lora(module: nn.Module, rank: int = 8, alpha: float | None = None, target_modules=DEFAULT_TARGETS,
+             dropout: float = 0.0) -> LoraGate:
+    """Inject peft LoRA into ``module`` (in place), freeze everything else, gate every ``B``.
+
+    Returns the shared :class:`LoraGate`. ``alpha`` defaults to ``rank`` (scaling 1)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
+    if getattr(module, "peft_config", None):
+        raise RuntimeError("the model already has a LoRA adapter")
+    targets = list(target_modules)
+    cfg = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha), target_modules=targets,
+                     lora_dropout=dropout, init_lora_weights=True)
+    module.requires_grad_(False)
+    if hasattr(module, "add_adapter"):        # a diffusers model: records peft_config itself
+        module.add_adapter(cfg, adapter_name=ADAPTER)
+    else:
+        inject_adapter_in_model(cfg, module, ADAPTER)
+        module.peft_config = {ADAPTER: cfg}
+    gate = LoraGate().to(next(module.parameters()).device)
+    n = 0
+    for layer in module.modules():
+        if not isinstance(layer, LoraLayer) or ADAPTER not in layer.lora_B:
+            continue
+        old = layer.lora_B[ADAPTER]
+        if type(old) is not nn.Linear:
+            raise NotImplementedError(f"LoRA gate supports Linear targets only, got {type(old).__name__}")
+        new = GatedLinear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
+        new.weight = old.weight
+        if old.bias is not None:
+            new.bias = old.bias
+        new.gate = gate
+        layer.lora_B[ADAPTER] = new
+        n += 1
+    if n == 0:
+        raise ValueError(f"no module matched the LoRA target_modules {targets}")
+    for name, p in module.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(torch.float32)   # fp32 master weights even on a bf16/fp16 base
+        p.requires_grad_("lora_" in name)
+    return gate
+
+
+def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in module.named_parameters() if "lora_" in n]
+
+
+@contextlib.contextmanager
+def gated(gate: LoraGate, value: float):
+    """Run a block with the LoRA gate at ``value`` (0: reference), restoring it after."""
+    old = gate.value.clone()
+    gate.value.fill_(value)
+    try:
+        yield
+    finally:
+        gate.value.copy_(old)
+
+
+def lora_state_dict(module: nn.Module) -> dict:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(module, adapter_name=ADAPTER)
+
+
+def export_lora(module: nn.Module, family: str, directory) -> Path:
+    """Write ``directory/pytorch_lora_weights.safetensors`` loadable by ``pipe.load_lora_weights``."""
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(module).items()}
+    if not sd:
+        raise RuntimeError("the model has no LoRA weights to export")
+    meta = module.peft_config[ADAPTER].to_dict()
+    out = Path(directory)
+    if family == "sd15":
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(sd),
+                                                  unet_lora_adapter_metadata=meta)
+    elif family == "sd3":
+        from diffusers import StableDiffusion3Pipeline
+
+        StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=sd,
+                                                   transformer_lora_adapter_metadata=meta)
+    else:
+        raise ValueError(f"unknown model family {family!r}")
+    return out
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A detached deep copy for the full-fine-tuning reference (eval mode, no grads)."""
+    import copy
+
+    ref = copy.deepcopy(module)
+    ref.requires_grad_(False)
+    ref.eval()
+    return ref
