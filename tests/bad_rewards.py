@@ -19,3 +19,19 @@ def not_a_tensor_reward(x0):
 def quadratic_reward(x0):
     """A valid differentiable non-built-in reward (no analytic target)."""
     return -(x0 ** 2).sum(1) * 0.1 + torch.zeros(())
+
+
+def raising_reward(x0):
+    """Fails inside the reward with a two-line message (the error must still be one line)."""
+    raise RuntimeError("reward backend crashed\nsecond line of the traceback text")
+
+
+def inf_reward(x0):
+    r = x0.reshape(x0.shape[0], -1).mean(1)
+    r[0] = float("inf")
+    return r
+
+
+def prompt_length_reward(images, prompts, metadata):
+    """A valid three-argument reward: the prompt's length plus metadata['bonus']."""
+    return torch.tensor([len(p) + m.get("bonus", 0.0) for p, m in zip(prompts, metadata)])
