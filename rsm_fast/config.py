@@ -88,6 +88,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed for weights, noise and evaluation"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch default)"})
+    reward_faults: str = field(default="error", metadata={"help": "a reward fault (NaN, wrong shape, exception, server timeout): 'error' stops the run, 'skip' drops the epoch's update"})
     loss_impl: str = field(default="fused", metadata={"help": "'fused' (rsm_fast.ops custom ops) or 'reference' (plain torch oracle)"})
 
 
@@ -107,7 +108,7 @@ _CHOICES = {
     "method.adv_norm": ADV_NORMS, "method.surrogate": FORMS, "method.reweight": REWEIGHTS,
     "method.fo_weight": FO_WEIGHTS, "method.fo_gamma": FO_GAMMAS, "task.name": ("toy2d",),
     "train.lr_schedule": ("constant", "cosine"), "train.loss_impl": ("fused", "reference"),
-    "rollout.plan": ("sde", "branch", "tree"),
+    "rollout.plan": ("sde", "branch", "tree"), "train.reward_faults": ("error", "skip"),
 }
 _POSITIVE = ("task.alpha", "task.num_steps", "task.eval_samples", "policy.hidden", "policy.layers",
              "policy.emb_dim", "train.epochs", "train.batch_size",

@@ -38,6 +38,7 @@ from .estimators import fo_current_state
 from .losses import score_regression_loss, zo_row_loss
 from .runlog import PhaseClock, Progress, RunDir
 from .tasks import make_task
+from .tasks.base import Conditioning
 from .transitions import rowwise
 
 
@@ -85,9 +86,12 @@ class Trainer:
         self.task = make_task(cfg.task)
         self.reward_fn, self.builtin_reward = R.resolve(cfg.task.reward, self.task)
         self.reward_name = cfg.task.reward
+        if mc.estimator != "zo" and not (self.builtin_reward or getattr(self.reward_fn, "differentiable", False)):
+            raise ConfigError(f"config field 'task.reward': {cfg.task.reward!r} is not differentiable, but "
+                              f"method.estimator {mc.estimator!r} needs its gradient")
         torch.manual_seed(tc.seed)
-        pc = cfg.policy
-        self.policy = self.task.build_policy(hidden=pc.hidden, layers=pc.layers, emb_dim=pc.emb_dim).to(self.device)
+        self.handle = self.task.make_policy(cfg.policy)
+        self.policy = self.handle.module.to(self.device)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
         self.sched = None
@@ -97,6 +101,7 @@ class Trainer:
         self.clock = PhaseClock()
         self.nfe = {"rollout": 0, "reference": 0, "train": 0, "eval": 0}
         self.epochs_done = 0
+        self.skipped = 0
         self.kl_alpha = mc.kl_coef if mc.kl_coef > 0 else cfg.task.alpha
         tr = self.task.transition
         plan = compile_plan(plan_spec(cfg, tr.num_steps, tr.sde_mask))
@@ -104,8 +109,9 @@ class Trainer:
             raise ConfigError(f"method.baseline 'loo' needs >= 2 records per baseline set; rollout.plan "
                               f"{cfg.rollout.plan} with method.group_size {mc.group_size} makes a set of "
                               f"{min(plan.set_sizes)}")
-        self.engine = RolloutEngine(self._model, tr, plan, chunk_size=cfg.rollout.chunk_size or None,
-                                    seed=tc.seed, device=self.device, graphs=cfg.rollout.graphs)
+        self.engine = RolloutEngine(self.handle.model, tr, plan, chunk_size=cfg.rollout.chunk_size or None,
+                                    seed=tc.seed, cfg_scale=self.task.cfg_scale, device=self.device,
+                                    graphs=cfg.rollout.graphs)
         self.credit = Credit(self.engine.plan)
         self._t_table = tr.table("t").to(self.device, torch.float32)
         fused = tc.loss_impl == "fused"
@@ -114,22 +120,39 @@ class Trainer:
         if fused:  # build / load the device's kernels now, outside the timed phases
             ops.backends.for_device(self.device)
 
-    # -- model adapters (engine convention: model(x, t, cond) -> native output) -------------------
-    def _model(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
-        return self.policy(x, t)
-
-    def _reference(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
-        return self.task.reference_eps(x, t)
-
     # ------------------------------------------------------------------------------------------
-    def _rollout(self) -> tuple[Records, Tensor]:
-        plan = self.engine.plan
-        x_init = self.task.sample_initial(plan.rows[0], self.gen).to(self.device)
-        rec = self.engine.run(x_init, epoch=self.epochs_done)
-        f_ref, n_ref = self.engine.evaluate_records(self._reference, rec)
-        self.nfe["rollout"] += rec.nfe["total"]
-        self.nfe["reference"] += n_ref
-        return rec, f_ref
+    def _rollout(self, engine: RolloutEngine, cond: Conditioning, gen: torch.Generator, epoch: int) -> tuple[Records, Tensor]:
+        """Roll out ``engine``'s plan, then the frozen reference at every record."""
+        plan = engine.plan
+        x_init = self.task.initial_latents(plan.rows[0], gen)
+        c, u = cond.cond, cond.uncond
+        c = None if c is None else c.to(self.device)
+        u = None if u is None else u.to(self.device)
+        if x_init is None:
+            rec = engine.run(None, c, u, latent_shape=tuple(self.task.latent_shape), epoch=epoch)
+        else:
+            rec = engine.run(x_init.to(self.device), c, u, epoch=epoch)
+        f_ref, n_ref = engine.evaluate_records(self.handle.reference, rec, c, u)
+        return rec, f_ref, n_ref
+
+    def _score(self, x0: Tensor, group: Tensor, conds: Conditioning | None = None) -> Tensor:
+        """Reward of final samples (or of Tweedie estimates) ``x0`` whose groups are ``group``."""
+        images = self.task.decode(x0)
+        if self.builtin_reward:
+            return R.checked(self.reward_fn, self.reward_name, images)
+        prompts, meta = (conds or self.conds).rows(group)
+        return R.evaluate_rewards(self.reward_fn, images, prompts, meta, policy=self.cfg.train.reward_faults).unwrap()
+
+    def _reward_grad(self, x0: Tensor, group: Tensor) -> Tensor:
+        if self.builtin_reward:
+            return self.task.reward_grad(x0)
+        with torch.enable_grad():
+            x = x0.detach().requires_grad_(True)
+            r = self._score(x, group)
+            (g,) = torch.autograd.grad(r.sum(), x)
+        if not torch.isfinite(g).all():
+            raise R.RewardError(f"reward '{self.reward_name}' returned a non-finite gradient")
+        return g
 
     def _advantages(self, r: Tensor, record_kl: Tensor) -> Tensor:
         """Per-record advantages ``[M]`` for the zeroth-order estimator."""
@@ -155,8 +178,20 @@ class Trainer:
         gamma = {"one": torch.ones_like(c.alpha), "alpha_bar": c.alpha**2, "sqrt_alpha_bar": c.alpha}[mc.fo_gamma]
         return rowwise(gamma / c.lam, psi) * psi
 
+    def _policy_out(self, x: Tensor, t: Tensor, group: Tensor) -> Tensor:
+        """The policy's native output as the rollout saw it (CFG-combined when the task uses CFG)."""
+        c = self.conds.cond
+        c = None if c is None else c.to(self.device).index_select(0, group)
+        w = self.task.cfg_scale
+        if w is None:
+            return self.handle.model(x, t, c)
+        u = self.conds.uncond.to(self.device).expand(x.shape[0], *self.conds.uncond.shape[1:])
+        both = self.handle.model(torch.cat([x, x]), torch.cat([t, t]), None if c is None else torch.cat([c, u]))
+        f_c, f_u = both[:x.shape[0]], both[x.shape[0]:]
+        return f_u + w * (f_c - f_u)
+
     def _reward_for_grad(self, x: Tensor) -> Tensor:
-        return R.checked(self.reward_fn, self.reward_name, x)
+        return self._score(x, self._groups)
 
     def _loss(self, rows: Rows, c, f: Tensor, target_shift: Tensor | None):
         mc = self.cfg.method
@@ -174,15 +209,22 @@ class Trainer:
         mc = self.cfg.method
         self.policy.eval()
         with self.clock("rollout"):
-            rec, f_ref = self._rollout()
+            self.conds = self.task.conditions(self.engine.plan.spec.groups, self.gen)
+            rec, f_ref, n_ref = self._rollout(self.engine, self.conds, self.gen, self.epochs_done)
+        self.nfe["rollout"] += rec.nfe["total"]
+        self.nfe["reference"] += n_ref
+        self._groups = rec.group
         tr = self.task.transition
         c = tr.coeffs(rec.step, torch.ones_like(rec.step, dtype=torch.bool))   # every record is a noisy step
         record_kl = c.kl(rec.f_old, f_ref, reduce="sum")
         with self.clock("reward"):
-            r = R.checked(self.reward_fn, self.reward_name, rec.x0)
-            g = None
-            if mc.estimator == "fo_terminal":
-                g = self.task.reward_grad(rec.x0) if self.builtin_reward else R.reward_grad(self.reward_fn, self.reward_name, rec.x0)
+            try:
+                r = self._score(rec.x0, rec.x0_group)
+                g = self._reward_grad(rec.x0, rec.x0_group) if mc.estimator == "fo_terminal" else None
+            except R.RewardSkipped as e:           # policy "skip": this epoch makes no update
+                self.epochs_done += 1
+                self.skipped += 1
+                return {"skipped": str(e), "lr": self.opt.param_groups[0]["lr"]}
         with self.clock("train"):
             rows = Rows(idx=rec.step, t=self._t_table.index_select(0, rec.step), x=rec.x, z=rec.z,
                         f_old=rec.f_old, f_ref=f_ref)
@@ -191,7 +233,7 @@ class Trainer:
             elif g is not None:
                 rows.g = self.credit.mean_over_leaves(g)
             shift = None if mc.estimator == "zo" else self._fo_guidance(rows, c)
-            stats = self._optimize(rows, c, shift)
+            stats = self._optimize(rows, c, shift, rec.group)
         self.epochs_done += 1
         lr = self.opt.param_groups[0]["lr"]
         if self.sched is not None:
@@ -200,14 +242,14 @@ class Trainer:
         return {"lr": lr, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
                 "kl": float(path_kl.mean()), "records": int(rec.x.shape[0]), **stats}
 
-    def _optimize(self, rows: Rows, c, shift) -> dict:
+    def _optimize(self, rows: Rows, c, shift, group: Tensor) -> dict:
         tc = self.cfg.train
         self.policy.train()
         stats: dict = {}
         for u in range(tc.inner_updates):
-            f = self.policy(rows.x, rows.t, rows.f_ref)
+            f = self._policy_out(rows.x, rows.t, group)
             loss, out = self._loss(rows, c, f, shift)
-            self.nfe["train"] += rows.x.shape[0]
+            self.nfe["train"] += rows.x.shape[0] * (1 if self.task.cfg_scale is None else 2)
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"loss became {float(loss.detach())} at epoch {self.epochs_done} (update {u}); weights left unchanged")
             self.opt.zero_grad(set_to_none=True)
@@ -231,23 +273,26 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, n: int | None = None) -> dict:
-        """Fresh samples of the current policy (full SDE, no records) scored against the task."""
+        """``n`` fresh samples of the current policy (full SDE, one group each, held-out seed):
+        reward, KL to the reference along the samples' paths, and the task's own metrics."""
         n = n or self.cfg.task.eval_samples
         seed = self.cfg.train.seed + 1_000_003
         tr = self.task.transition
-        spec = PlanSpec("sde", tr.num_steps, 1, n, sde_mask=tuple(bool(v) for v in tr.sde_mask),
-                        train_mask=(False,) * tr.num_steps)
-        engine = RolloutEngine(self._model, tr, compile_plan(spec, require_records=False), seed=seed,
-                               device=self.device)
+        spec = PlanSpec("sde", tr.num_steps, n, 1, sde_mask=tuple(bool(v) for v in tr.sde_mask))
+        engine = RolloutEngine(self.handle.model, tr, compile_plan(spec), seed=seed, cfg_scale=self.task.cfg_scale,
+                               chunk_size=self.cfg.rollout.chunk_size or None, device=self.device)
         self.policy.eval()
         with self.clock("eval"):
-            x_init = self.task.sample_initial(n, torch.Generator().manual_seed(seed)).to(self.device)
-            rec = engine.run(x_init)
-            r = R.checked(self.reward_fn, self.reward_name, rec.x0)
-            out = {"reward_mean": float(r.mean()), "reward_std": float(r.std())}
-            if self.builtin_reward:
+            gen = torch.Generator().manual_seed(seed)
+            conds = self.task.conditions(n, gen)
+            rec, f_ref, n_ref = self._rollout(engine, conds, gen, 0)
+            c = tr.coeffs(rec.step, torch.ones_like(rec.step, dtype=torch.bool))
+            kl = Credit(engine.plan).path_kl(c.kl(rec.f_old, f_ref, reduce="sum")).sum(0)
+            r = self._score(rec.x0, rec.x0_group, conds)
+            out = {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "kl_to_reference": float(kl.mean())}
+            if self.builtin_reward and hasattr(self.task, "evaluate"):
                 out.update(self.task.evaluate(rec.x0.cpu(), seed=self.cfg.train.seed))
-        self.nfe["eval"] += rec.nfe["total"]
+        self.nfe["eval"] += rec.nfe["total"] + n_ref
         return out
 
     def state_dict(self) -> dict:
@@ -267,7 +312,8 @@ class Trainer:
                 rec = {"epoch": e, **stats, "nfe": self.nfe_total(), "seconds": self.clock.snapshot()}
                 if run_dir is not None:
                     run_dir.log(rec)
-                bar.update(e + 1, f"reward {stats['reward_mean']:.3f} kl {stats['kl']:.3f}")
+                bar.update(e + 1, f"skipped: {stats['skipped']}" if "skipped" in stats else
+                           f"reward {stats['reward_mean']:.3f} kl {stats['kl']:.3f}")
             final = self.evaluate()
             summary = self.summary(final, time.perf_counter() - t_start)
             if run_dir is not None:
@@ -289,6 +335,7 @@ class Trainer:
             **final,
             "nfe": self.nfe_total(),
             "nfe_by_kind": dict(self.nfe),
+            "skipped_epochs": self.skipped,
             "seconds": secs,
             "seed": self.cfg.train.seed,
             "torch": torch.__version__,

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .. import schedules as S
 from ..transitions import GaussianTransition, StepCoeffs, ddim, rowwise
+from .base import Conditioning, PolicyHandle
 
 SQ3 = math.sqrt(3.0)
 REF_MEANS = torch.tensor([[3.0, -SQ3], [-3.0, -SQ3], [0.0, 2.0 * SQ3]], dtype=torch.float64)
@@ -168,6 +169,23 @@ class Toy2D:
 
     def build_policy(self, hidden: int = 128, layers: int = 2, emb_dim: int = 32) -> "ResidualEpsPolicy":
         return ResidualEpsPolicy(self, hidden=hidden, layers=layers, emb_dim=emb_dim)
+
+    # -- the trainer's task contract (tasks/base.py) ----------------------------------------------
+    cfg_scale = None
+
+    def make_policy(self, pc) -> PolicyHandle:
+        net = self.build_policy(hidden=pc.hidden, layers=pc.layers, emb_dim=pc.emb_dim)
+        return PolicyHandle(module=net, model=lambda x, t, cond=None: net(x, t),
+                            reference=lambda x, t, cond=None: self.reference_eps(x, t))
+
+    def conditions(self, groups: int, gen: torch.Generator) -> Conditioning:
+        return Conditioning()                  # unconditional
+
+    def initial_latents(self, n: int, gen: torch.Generator) -> Tensor:
+        return self.sample_initial(n, gen)
+
+    def decode(self, x0: Tensor) -> Tensor:
+        return x0                              # the reward reads the 2-D point itself
 
     # -- evaluation -------------------------------------------------------------------------------
     def mode_weights(self, x0: Tensor) -> Tensor:
