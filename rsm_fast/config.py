@@ -32,11 +32,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class TaskConfig:
-    name: str = field(default="toy2d", metadata={"help": "task: toy2d (the analytic 2-D task)"})
+    name: str = field(default="toy2d", metadata={"help": "task: toy2d (the analytic 2-D task), digits-ddim, digits-flow, diffusers (task.model)"})
+    model: str = field(default="sd15-tiny", metadata={"help": "diffusers task: local diffusers folder or named config (sd15-tiny, sd3-tiny, sd15-full, sd35m-full)"})
+    prompts: str = field(default="", metadata={"help": "diffusers task: prompt file (.txt one per line, or .jsonl with 'prompt' + metadata); empty = a built-in list"})
+    resolution: int = field(default=0, metadata={"help": "diffusers task: image size in pixels (0 = the model's default)"})
+    cfg_scale: float = field(default=-1.0, metadata={"help": "classifier-free guidance scale (-1 = the task's default, 0 = off)"})
+    noise_level: float = field(default=0.7, metadata={"help": "flow models: Flow-GRPO SDE noise level a (flow_grpo default 0.7)"})
     alpha: float = field(default=1.0, metadata={"help": "KL weight of the soft objective; p* ∝ p_ref exp(r/alpha)"})
     num_steps: int = field(default=50, metadata={"help": "sampling steps (toy: DDIM over 500 train steps)"})
     eta: float = field(default=1.0, metadata={"help": "DDIM eta (1 = DDPM posterior noise)"})
-    reward: str = field(default="linear", metadata={"help": "'linear' (r = -x1/2 + 3) or 'module:function' mapping x0 [B,d] -> [B]"})
+    reward: str = field(default="", metadata={"help": "reward spec (see rsm_fast.rewards): '' = the task's default (toy2d: linear, digits: digit log-prob, diffusers: jpeg)"})
     eval_samples: int = field(default=8192, metadata={"help": "fresh samples for the final evaluation"})
 
 
@@ -45,6 +50,9 @@ class PolicyConfig:
     hidden: int = field(default=128, metadata={"help": "width of the residual MLP"})
     layers: int = field(default=2, metadata={"help": "hidden layers of the residual MLP"})
     emb_dim: int = field(default=32, metadata={"help": "time-embedding width"})
+    lora_rank: int = field(default=8, metadata={"help": "image models: LoRA rank (0 = full fine-tuning)"})
+    lora_alpha: float = field(default=0.0, metadata={"help": "image models: LoRA alpha (0 = rank, scale 1)"})
+    lora_targets: str = field(default="to_q,to_k,to_v,to_out.0", metadata={"help": "image models: LoRA target modules (comma-separated)"})
 
 
 @dataclass
@@ -106,14 +114,16 @@ class RunConfig:
 _CHOICES = {
     "method.estimator": ESTIMATORS, "method.returns": RETURNS, "method.baseline": BASELINES,
     "method.adv_norm": ADV_NORMS, "method.surrogate": FORMS, "method.reweight": REWEIGHTS,
-    "method.fo_weight": FO_WEIGHTS, "method.fo_gamma": FO_GAMMAS, "task.name": ("toy2d",),
+    "method.fo_weight": FO_WEIGHTS, "method.fo_gamma": FO_GAMMAS,
+    "task.name": ("toy2d", "digits-ddim", "digits-flow", "diffusers"),
     "train.lr_schedule": ("constant", "cosine"), "train.loss_impl": ("fused", "reference"),
     "rollout.plan": ("sde", "branch", "tree"), "train.reward_faults": ("error", "skip"),
 }
 _POSITIVE = ("task.alpha", "task.num_steps", "task.eval_samples", "policy.hidden", "policy.layers",
              "policy.emb_dim", "train.epochs", "train.batch_size",
              "train.inner_updates", "train.lr")
-_NONNEG = ("task.eta", "method.group_size", "method.adv_clip", "method.clip_eps", "method.kl_coef", "method.trust_c2",
+_NONNEG = ("task.eta", "task.noise_level", "task.resolution", "policy.lora_rank", "policy.lora_alpha",
+           "method.group_size", "method.adv_clip", "method.clip_eps", "method.kl_coef", "method.trust_c2",
            "train.weight_decay", "train.max_grad_norm", "train.lr_final_frac", "train.seed", "train.threads",
            "rollout.chunk_size")
 
@@ -258,6 +268,8 @@ def validate(cfg: RunConfig) -> None:
         v = _get(cfg, path)
         if v < 0:
             raise ConfigError(f"config field '{path}' must be >= 0, got {v!r}")
+    if cfg.task.cfg_scale < 0 and cfg.task.cfg_scale != -1:
+        raise ConfigError(f"config field 'task.cfg_scale' must be -1 (task default), 0 (off) or positive, got {cfg.task.cfg_scale}")
     if cfg.task.name == "toy2d" and cfg.task.num_steps > 500:
         raise ConfigError(f"config field 'task.num_steps' must be <= 500 (the toy's train steps), got {cfg.task.num_steps}")
     if not 0 < cfg.train.timestep_fraction <= 1:

@@ -36,6 +36,7 @@ from .engine.plan import PlanSpec, compile_plan
 from .engine.rollout import Records, RolloutEngine
 from .estimators import fo_current_state
 from .losses import score_regression_loss, zo_row_loss
+from .models.runtime import peak_memory
 from .runlog import PhaseClock, Progress, RunDir
 from .tasks import make_task
 from .tasks.base import Conditioning
@@ -83,11 +84,14 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.device = torch.device(tc.device)
-        self.task = make_task(cfg.task)
-        self.reward_fn, self.builtin_reward = R.resolve(cfg.task.reward, self.task)
-        self.reward_name = cfg.task.reward
+        try:
+            self.task = make_task(cfg.task, self.device)
+        except ValueError as e:     # bad model folder / prompt file / resolution: one line, nothing written
+            raise ConfigError(str(e).splitlines()[0]) from None
+        self.reward_name = cfg.task.reward or self.task.default_reward
+        self.reward_fn, self.builtin_reward = R.resolve(self.reward_name, self.task)
         if mc.estimator != "zo" and not (self.builtin_reward or getattr(self.reward_fn, "differentiable", False)):
-            raise ConfigError(f"config field 'task.reward': {cfg.task.reward!r} is not differentiable, but "
+            raise ConfigError(f"config field 'task.reward': {self.reward_name!r} is not differentiable, but "
                               f"method.estimator {mc.estimator!r} needs its gradient")
         torch.manual_seed(tc.seed)
         self.handle = self.task.make_policy(cfg.policy)
@@ -166,17 +170,23 @@ class Trainer:
                               clip=mc.adv_clip if mc.adv_clip > 0 else None)
 
     def _fo_guidance(self, rows: Rows, c) -> Tensor:
-        """Target shift in native space ``gamma Psi / lambda`` for the first-order estimators."""
+        """Target shift in native space for the first-order estimators.
+
+        A score-space guidance ``gamma Psi`` moves the transition mean by ``b gamma Psi``; in native
+        space (``mean = c_x x + c_f f``) that is a shift of ``b gamma Psi / c_f``. Where ``c_f = b
+        lambda`` this is the textbook ``gamma Psi / lambda``; unlike it, it stays finite at the flow
+        models' t = 1, where lambda = 0 but the sampler's ``c_f`` is not (spec §2.3)."""
         mc = self.cfg.method
         K = mc.fo_reward_scale
         if mc.estimator == "fo_terminal":
-            psi = K * rowwise(c.Sigma / c.b, rows.g) * rows.g          # lookahead scale (Sigma/b) g
+            b_psi = K * rowwise(c.Sigma, rows.g) * rows.g              # b Psi, Psi = K (Sigma/b) g
         else:
             x0_hat = c.x0_hat(rows.f_old, rows.x).detach()
             psi = fo_current_state(rows.x, lambda _x: x0_hat, self._reward_for_grad, alpha=1.0 / K,
                                    identity_jacobian=True)
+            b_psi = rowwise(c.b, psi) * psi
         gamma = {"one": torch.ones_like(c.alpha), "alpha_bar": c.alpha**2, "sqrt_alpha_bar": c.alpha}[mc.fo_gamma]
-        return rowwise(gamma / c.lam, psi) * psi
+        return rowwise(gamma / c.c_f, b_psi) * b_psi
 
     def _policy_out(self, x: Tensor, t: Tensor, group: Tensor) -> Tensor:
         """The policy's native output as the rollout saw it (CFG-combined when the task uses CFG)."""
@@ -240,7 +250,8 @@ class Trainer:
             self.sched.step()
         path_kl = self.credit.path_kl(record_kl).sum(0)          # KL along each final sample's path
         return {"lr": lr, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
-                "kl": float(path_kl.mean()), "records": int(rec.x.shape[0]), **stats}
+                "kl": float(path_kl.mean()), "records": int(rec.x.shape[0]),
+                "peak_memory_mb": round(peak_memory(self.device) / 2**20, 1), **stats}
 
     def _optimize(self, rows: Rows, c, shift, group: Tensor) -> dict:
         tc = self.cfg.train
@@ -296,7 +307,9 @@ class Trainer:
         return out
 
     def state_dict(self) -> dict:
-        return {"policy": self.policy.state_dict(), "optimizer": self.opt.state_dict(),
+        """Only the trained parameters (the LoRA of an image model, all of the 2-D task's MLP)."""
+        trained = {n: p.detach().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
+        return {"policy": trained, "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict() if self.sched is not None else None,
                 "epochs_done": self.epochs_done, "generator": self.gen.get_state(), "config": to_dict(self.cfg)}
 
@@ -318,6 +331,10 @@ class Trainer:
             summary = self.summary(final, time.perf_counter() - t_start)
             if run_dir is not None:
                 run_dir.save_checkpoint(self.state_dict())
+                if hasattr(self.task, "export"):
+                    exported = self.task.export(run_dir.path / "lora")
+                    if exported is not None:
+                        summary["lora"] = str(exported)
                 run_dir.write_summary(summary)
         finally:
             if run_dir is not None:

@@ -172,6 +172,7 @@ class Toy2D:
 
     # -- the trainer's task contract (tasks/base.py) ----------------------------------------------
     cfg_scale = None
+    default_reward = "linear"
 
     def make_policy(self, pc) -> PolicyHandle:
         net = self.build_policy(hidden=pc.hidden, layers=pc.layers, emb_dim=pc.emb_dim)
