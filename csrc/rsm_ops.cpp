@@ -205,4 +205,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("mean"));
   m.def("step_fwd", &rsm_ops::step_fwd, "sampler step -> (x_next, log_prob)", py::arg("x"), py::arg("f"),
         py::arg("z"), py::arg("c_x"), py::arg("c_f"), py::arg("sigma"), py::arg("stochastic"), py::arg("mean"));
+  m.def("philox_normal", &rsm_ops::philox_normal, "Philox-4x32-10 Box-Muller normals [R, numel] (rsm_noise.cpp)",
+        py::arg("row_keys"), py::arg("steps"), py::arg("step"), py::arg("seed"), py::arg("block0"), py::arg("numel"),
+        py::arg("dtype"));
+  m.def("philox_words", &rsm_ops::philox_words, "Philox-4x32-10 raw uint32 words as int64 [R, numel]",
+        py::arg("row_keys"), py::arg("steps"), py::arg("step"), py::arg("seed"), py::arg("block0"), py::arg("numel"));
 }

@@ -1,4 +1,4 @@
-// Declarations of the C++ CPU fused RSM ops (csrc/rsm_ops.cpp). Signatures, argument order and
+// Declarations of the C++ CPU fused RSM ops (csrc/rsm_ops.cpp, rsm_zo.cpp, rsm_noise.cpp). Signatures, argument order and
 // return conventions follow rsm_fast/ops/decomposed.py; optional tensors are c10::optional.
 #pragma once
 
@@ -38,5 +38,16 @@ at::Tensor score_bwd(const at::Tensor& g_loss, const at::Tensor& s, const at::Te
 std::tuple<at::Tensor, at::Tensor> step_fwd(const at::Tensor& x, const at::Tensor& f, const at::Tensor& z,
                                             const at::Tensor& c_x, const at::Tensor& c_f, const at::Tensor& sigma,
                                             const at::Tensor& stochastic, bool mean);
+
+// Counter-based Gaussian noise (csrc/rsm_noise.cpp; contract in rsm_fast/ops/philox.py): elements
+// [4 block0, 4 block0 + numel) of each row's Philox-4x32-10 stream, counter (block, row key lo32,
+// row key hi32, step), key = seed's words; steps [R] int64 (used mod 2^32) or None -> `step` for
+// every row. -> [R, numel] normals of `dtype` (fp16/bf16/fp32 computed in float, fp64 in double).
+at::Tensor philox_normal(const at::Tensor& row_keys, const c10::optional<at::Tensor>& steps, int64_t step,
+                         uint64_t seed, int64_t block0, int64_t numel, at::ScalarType dtype);
+
+// The raw uint32 words of the same window as int64 [R, numel] (element e = word e % 4 of its block).
+at::Tensor philox_words(const at::Tensor& row_keys, const c10::optional<at::Tensor>& steps, int64_t step,
+                        uint64_t seed, int64_t block0, int64_t numel);
 
 }  // namespace rsm_ops

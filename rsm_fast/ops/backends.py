@@ -1,4 +1,6 @@
-"""Which implementation of the five backend functions (see ``decomposed``) runs for a device.
+"""Which implementation of the backend functions runs for a device: the five fused-op functions
+(see ``decomposed``) and the two counter-based noise functions ``noise`` / ``noise_words`` (see
+``philox``; called by ``rsm_fast.engine.noise.gaussian``).
 
 * CUDA -> the Triton kernels of ``rsm_fast.kernels``.
 * CPU  -> the C++ kernels of ``csrc/`` (JIT-built on first use by ``cpu_ext``); when no compiler
@@ -16,10 +18,11 @@ from types import SimpleNamespace
 
 import torch
 
-from . import decomposed
+from . import decomposed, philox
 
 BACKENDS = ("decomposed", "cpp", "triton")
 FUNCTIONS = ("zo_fwd", "zo_bwd", "score_fwd", "score_bwd", "step_fwd")
+NOISE_FUNCTIONS = ("noise", "noise_words")
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,8 +30,9 @@ def _triton() -> SimpleNamespace:
     zo = importlib.import_module("rsm_fast.kernels.zo_loss")
     sc = importlib.import_module("rsm_fast.kernels.score_loss")
     st = importlib.import_module("rsm_fast.kernels.sampler_step")
+    pn = importlib.import_module("rsm_fast.kernels.philox_noise")
     return SimpleNamespace(name="triton", zo_fwd=zo.zo_fwd, zo_bwd=zo.zo_bwd, score_fwd=sc.score_fwd,
-                           score_bwd=sc.score_bwd, step_fwd=st.step_fwd)
+                           score_bwd=sc.score_bwd, step_fwd=st.step_fwd, noise=pn.noise, noise_words=pn.noise_words)
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,10 +42,12 @@ def _cpp() -> SimpleNamespace | None:
     mod = cpu_ext.load()
     if mod is None:
         return None
-    return SimpleNamespace(name="cpp", **{f: getattr(mod, f) for f in FUNCTIONS})
+    return SimpleNamespace(name="cpp", **{f: getattr(mod, f) for f in FUNCTIONS},
+                           noise=mod.philox_normal, noise_words=mod.philox_words)
 
 
-_DECOMPOSED = SimpleNamespace(name="decomposed", **{f: getattr(decomposed, f) for f in FUNCTIONS})
+_DECOMPOSED = SimpleNamespace(name="decomposed", **{f: getattr(decomposed, f) for f in FUNCTIONS},
+                              **{f: getattr(philox, f) for f in NOISE_FUNCTIONS})
 
 
 def forced() -> str | None:
@@ -52,7 +58,7 @@ def forced() -> str | None:
 
 
 def for_device(device: torch.device) -> SimpleNamespace:
-    """The backend namespace (``.name`` + the five functions) used for tensors on ``device``."""
+    """The backend namespace (``.name`` + the seven functions) used for tensors on ``device``."""
     name = forced()
     if name is None:
         name = "triton" if device.type == "cuda" else "cpp"

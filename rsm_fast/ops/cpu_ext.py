@@ -1,7 +1,8 @@
 """The C++ CPU kernels (``csrc/``), JIT-built on first use with torch's cpp_extension.
 
 ``load()`` returns the compiled module (functions ``zo_fwd``, ``zo_bwd``, ``score_fwd``,
-``score_bwd``, ``step_fwd`` with the signatures of :mod:`rsm_fast.ops.decomposed`) or None, after
+``score_bwd``, ``step_fwd`` with the signatures of :mod:`rsm_fast.ops.decomposed`, and the noise
+kernels ``philox_normal`` / ``philox_words`` of :mod:`rsm_fast.ops.philox`) or None, after
 one one-line warning, when no compiler is found, the build fails or ``RSM_FAST_NO_CPP=1``. The build
 lands in torch's extensions folder (``TORCH_EXTENSIONS_DIR`` when set) and is reused across processes.
 """
@@ -16,7 +17,7 @@ import threading
 import warnings
 
 NAME = "rsm_fast_cpu_ops"
-SOURCES = ("rsm_ops.cpp", "rsm_zo.cpp")
+SOURCES = ("rsm_ops.cpp", "rsm_zo.cpp", "rsm_noise.cpp")
 HEADERS = ("rsm_ops.h", "rsm_ops_detail.h")
 # -fopenmp: at::parallel_for is OpenMP-backed in torch's CPU wheels (the runtime is torch's libgomp).
 # -fno-trapping-math lets the compiler turn the bf16/fp16 conversions' selects into vector code; it
