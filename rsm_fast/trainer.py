@@ -136,7 +136,9 @@ class Trainer:
             rec = engine.run(None, c, u, latent_shape=tuple(self.task.latent_shape), epoch=epoch)
         else:
             rec = engine.run(x_init.to(self.device), c, u, epoch=epoch)
-        f_ref, n_ref = engine.evaluate_records(self.handle.reference, rec, c, u)
+        # rollout.chunk_size 0 means "all rows in one call": for the records too
+        f_ref, n_ref = engine.evaluate_records(self.handle.reference, rec, c, u,
+                                               chunk_size=self.cfg.rollout.chunk_size or max(1, rec.x.shape[0]))
         return rec, f_ref, n_ref
 
     def _score(self, x0: Tensor, group: Tensor, conds: Conditioning | None = None) -> Tensor:
