@@ -37,6 +37,7 @@ class TaskConfig:
     prompts: str = field(default="", metadata={"help": "diffusers task: prompt file (.txt one per line, or .jsonl with 'prompt' + metadata); empty = a built-in list"})
     resolution: int = field(default=0, metadata={"help": "diffusers task: image size in pixels (0 = the model's default)"})
     cfg_scale: float = field(default=-1.0, metadata={"help": "classifier-free guidance scale (-1 = the task's default, 0 = off)"})
+    condition: str = field(default="label", metadata={"help": "digits: 'label' (class-conditional, CFG) or 'none' (the null label, unconditional)"})
     noise_level: float = field(default=0.7, metadata={"help": "flow models: Flow-GRPO SDE noise level a (flow_grpo default 0.7)"})
     alpha: float = field(default=1.0, metadata={"help": "KL weight of the soft objective; p* ∝ p_ref exp(r/alpha)"})
     num_steps: int = field(default=50, metadata={"help": "sampling steps (toy: DDIM over 500 train steps)"})
@@ -96,6 +97,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed for weights, noise and evaluation"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch default)"})
+    eval_before: bool = field(default=False, metadata={"help": "also evaluate the policy before training (summary: 'before')"})
     reward_faults: str = field(default="error", metadata={"help": "a reward fault (NaN, wrong shape, exception, server timeout): 'error' stops the run, 'skip' drops the epoch's update"})
     loss_impl: str = field(default="fused", metadata={"help": "'fused' (rsm_fast.ops custom ops) or 'reference' (plain torch oracle)"})
 
@@ -118,6 +120,7 @@ _CHOICES = {
     "task.name": ("toy2d", "digits-ddim", "digits-flow", "diffusers"),
     "train.lr_schedule": ("constant", "cosine"), "train.loss_impl": ("fused", "reference"),
     "rollout.plan": ("sde", "branch", "tree"), "train.reward_faults": ("error", "skip"),
+    "task.condition": ("label", "none"),
 }
 _POSITIVE = ("task.alpha", "task.num_steps", "task.eval_samples", "policy.hidden", "policy.layers",
              "policy.emb_dim", "train.epochs", "train.batch_size",

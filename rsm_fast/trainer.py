@@ -322,6 +322,7 @@ class Trainer:
             run_dir.open(to_dict(self.cfg))
         t_start = time.perf_counter()
         try:
+            before = self.evaluate() if tc.eval_before else None
             for e in range(tc.epochs):
                 stats = self.epoch()
                 rec = {"epoch": e, **stats, "nfe": self.nfe_total(), "seconds": self.clock.snapshot()}
@@ -331,6 +332,8 @@ class Trainer:
                            f"reward {stats['reward_mean']:.3f} kl {stats['kl']:.3f}")
             final = self.evaluate()
             summary = self.summary(final, time.perf_counter() - t_start)
+            if before is not None:
+                summary["before"] = before
             if run_dir is not None:
                 run_dir.save_checkpoint(self.state_dict())
                 if hasattr(self.task, "export"):
