@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     p.add_argument("--loss-impl", choices=("fused", "reference"), default=None,
                    help="loss implementation: fused custom ops (default) or the plain-torch reference")
+    p.add_argument("--task", default=None, help="task.name: toy2d (default), digits-ddim, digits-flow, diffusers")
+    p.add_argument("--model", default=None, metavar="PATH|NAME",
+                   help="a local diffusers folder or named config (implies --task diffusers)")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="task.prompts: .txt or .jsonl prompt file")
+    p.add_argument("--reward", default=None, metavar="SPEC", help="task.reward, e.g. jpeg, aesthetic:/dir, digit_logprob:3")
     p.add_argument("--graphs", choices=("on", "off"), default=None,
                    help="replay the rollout's model calls from CUDA graphs (CUDA only; default off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -70,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         preset = args.preset or (None if args.config else DEFAULT_PRESET)
         overrides = list(args.overrides) + ([f"train.loss_impl={args.loss_impl}"] if args.loss_impl else [])
         overrides += [f"rollout.graphs={'true' if args.graphs == 'on' else 'false'}"] if args.graphs else []
+        if args.model is not None:
+            overrides += ["task.name=diffusers", f"task.model={args.model}"]
+        for flag, key in ((args.task, "task.name"), (args.prompts, "task.prompts"), (args.reward, "task.reward")):
+            if flag is not None:
+                overrides.append(f"{key}={flag}")
+        # CLI flags go first so an explicit --set still wins
+        overrides = overrides[len(args.overrides):] + list(args.overrides)
         cfg = build_config(preset, args.config, overrides)
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = RunDir(out, overwrite=args.overwrite)
