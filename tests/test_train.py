@@ -228,3 +228,18 @@ def test_branching_plans_train_on_policy(plan, k):
 def test_bad_rollout_config_names_the_field(sets, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", "\\.")):
         build_config("grpo", None, SMALL + sets)
+
+
+def test_reward_fault_skip_policy_drops_the_update_and_keeps_the_weights():
+    """train.reward_faults=skip: a NaN batch is logged as skipped and never reaches the weights;
+    the default policy stops the run with a one-line RewardError."""
+    from rsm_fast.rewards import RewardError
+
+    sets = SMALL + ["train.epochs=2", "task.reward=tests.bad_rewards:nan_reward"]
+    tr = Trainer(build_config("grpo", None, sets + ["train.reward_faults=skip"]))
+    before = [p.detach().clone() for p in tr.params]
+    st = tr.epoch()
+    assert "skipped" in st and "nan" in st["skipped"].lower()
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.params)) and tr.skipped == 1
+    with pytest.raises(RewardError, match="nan_reward"):
+        Trainer(build_config("grpo", None, sets)).epoch()
