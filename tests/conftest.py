@@ -44,3 +44,14 @@ def no_host_sync():
             yield
 
     return guard
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests (OpenMP threads on a loaded 2-core
+    machine spin for milliseconds per op); restored afterwards. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,13 +19,7 @@ from rsm_fast.models import lora as L  # noqa: E402
 PROMPTS = ["a red cat", "two blue dogs"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (OpenMP threads on a loaded 2-core machine spin for ms per op)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models, one intra-op thread
 
 
 def _perturbed(name, rank=4, alpha=8.0):

@@ -14,13 +14,7 @@ from rsm_fast.models.text import (CacheMiss, EmbeddingCache, encoder_identity, t
                                   tiny_t5_tokenizer)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (OpenMP threads on a loaded 2-core machine spin for ms per op)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models, one intra-op thread
 
 
 def test_prompt_files(tmp_path):

@@ -21,12 +21,7 @@ TINY = ["task.name=diffusers", "task.num_steps=4", "train.batch_size=4", "method
         "task.eval_samples=2", "train.threads=1", "train.epochs=2", "train.lr=0.01", "policy.lora_rank=4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models, one intra-op thread
 
 
 @pytest.mark.parametrize("model", ["sd15-tiny", "sd3-tiny"])

@@ -19,12 +19,7 @@ BASE = ["task.condition=none", "task.reward=digit_logprob:3", "task.num_steps=10
         "train.lr=0.003"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models, one intra-op thread
 
 
 @pytest.mark.parametrize("preset", ["grpo", "rsm-fo-terminal"])
