@@ -67,6 +67,16 @@ def _all_equal(r: Tensor, dim: int | None) -> Tensor:
     return r.amax(dim, keepdim=True) == r.amin(dim, keepdim=True)
 
 
+def _check_options(baseline: str, normalize: str, eps: float, clip: float | None) -> None:
+    """The options shared by :func:`group_advantages` and :func:`set_advantages`."""
+    _check_choice("baseline", baseline, BASELINES)
+    _check_choice("normalize", normalize, NORMALIZATIONS)
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be positive or None, got {clip}")
+
+
 def group_advantages(rewards: Tensor, *, baseline: str = "mean", normalize: str = "group",
                      eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
     """GRPO-style advantages of ``rewards`` ``[G, K]`` (G groups of K siblings) -> ``[G, K]``.
@@ -76,14 +86,9 @@ def group_advantages(rewards: Tensor, *, baseline: str = "mean", normalize: str 
     ``"global"``) whose rewards are all identical get ``A = 0`` when normalising. Then
     ``A`` is clipped to ``[-clip, clip]`` unless ``clip`` is None.
     """
-    _check_choice("baseline", baseline, BASELINES)
-    _check_choice("normalize", normalize, NORMALIZATIONS)
+    _check_options(baseline, normalize, eps, clip)
     if rewards.dim() != 2:
         raise ValueError(f"rewards must have shape [G, K], got {tuple(rewards.shape)}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if clip is not None and not clip > 0:
-        raise ValueError(f"clip must be positive or None, got {clip}")
     r = _float(rewards)
     adv = center(r, dim=1, baseline=baseline)
     if r.numel() == 0:
@@ -107,18 +112,13 @@ def set_advantages(values: Tensor, set_id: Tensor, set_sizes: list[int], *, base
     it runs on any device without a synchronisation. Used for the rollout engine's records, whose
     baseline sets are the siblings of one branching parent or one group at one step.
     """
-    _check_choice("baseline", baseline, BASELINES)
-    _check_choice("normalize", normalize, NORMALIZATIONS)
+    _check_options(baseline, normalize, eps, clip)
     if values.dim() != 1 or set_id.shape != values.shape:
         raise ValueError(f"values and set_id must both be [M]; got {tuple(values.shape)} and {tuple(set_id.shape)}")
     if sum(set_sizes) != values.shape[0] or any(n < 1 for n in set_sizes):
         raise ValueError(f"set_sizes must be positive and sum to M={values.shape[0]}, got {sum(set_sizes)}")
     if baseline == "loo" and set_sizes and min(set_sizes) < 2:
         raise ValueError(f"baseline='loo' needs at least 2 records per baseline set, a set has {min(set_sizes)}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if clip is not None and not clip > 0:
-        raise ValueError(f"clip must be positive or None, got {clip}")
     v = _float(values)
     if v.numel() == 0:
         return v.clone()

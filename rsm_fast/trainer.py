@@ -141,6 +141,11 @@ class Trainer:
                                                chunk_size=self.cfg.rollout.chunk_size or max(1, rec.x.shape[0]))
         return rec, f_ref, n_ref
 
+    def _record_kl(self, rec: Records, f_ref: Tensor):
+        """Per-record coefficients (every record is a noisy step) and KL(pi_old || pi_ref) in nats."""
+        c = self.task.transition.coeffs(rec.step, torch.ones_like(rec.step, dtype=torch.bool))
+        return c, c.kl(rec.f_old, f_ref, reduce="sum")
+
     def _score(self, x0: Tensor, group: Tensor, conds: Conditioning | None = None) -> Tensor:
         """Reward of final samples (or of Tweedie estimates) ``x0`` whose groups are ``group``."""
         images = self.task.decode(x0)
@@ -226,9 +231,7 @@ class Trainer:
         self.nfe["rollout"] += rec.nfe["total"]
         self.nfe["reference"] += n_ref
         self._groups = rec.group
-        tr = self.task.transition
-        c = tr.coeffs(rec.step, torch.ones_like(rec.step, dtype=torch.bool))   # every record is a noisy step
-        record_kl = c.kl(rec.f_old, f_ref, reduce="sum")
+        c, record_kl = self._record_kl(rec, f_ref)
         with self.clock("reward"):
             try:
                 r = self._score(rec.x0, rec.x0_group)
@@ -299,8 +302,7 @@ class Trainer:
             gen = torch.Generator().manual_seed(seed)
             conds = self.task.conditions(n, gen)
             rec, f_ref, n_ref = self._rollout(engine, conds, gen, 0)
-            c = tr.coeffs(rec.step, torch.ones_like(rec.step, dtype=torch.bool))
-            kl = Credit(engine.plan).path_kl(c.kl(rec.f_old, f_ref, reduce="sum")).sum(0)
+            kl = Credit(engine.plan).path_kl(self._record_kl(rec, f_ref)[1]).sum(0)
             r = self._score(rec.x0, rec.x0_group, conds)
             out = {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "kl_to_reference": float(kl.mean())}
             if self.builtin_reward and hasattr(self.task, "evaluate"):

@@ -44,3 +44,8 @@ class PolicyHandle:
     module: nn.Module                         # owns the trainable parameters
     model: Callable[..., Tensor]              # (x, t, cond) -> native output of the policy
     reference: Callable[..., Tensor]          # (x, t, cond) -> native output of the frozen reference
+
+
+def lora_targets(policy_cfg) -> tuple[str, ...]:
+    """``policy.lora_targets`` ("to_q,to_k,...") as the module names peft targets."""
+    return tuple(s.strip() for s in policy_cfg.lora_targets.split(",") if s.strip())

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .base import Conditioning, PolicyHandle
+from .base import Conditioning, PolicyHandle, lora_targets
 
 # Used when no prompt file is given (tiny-model smoke runs, timing).
 DEFAULT_PROMPTS = ("a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake at dawn")
@@ -80,7 +80,7 @@ class DiffusersTask:
     def make_policy(self, pc) -> PolicyHandle:
         a = self.adapter
         if pc.lora_rank > 0:
-            targets = tuple(s.strip() for s in pc.lora_targets.split(",") if s.strip())
+            targets = lora_targets(pc)
             a.add_lora(rank=pc.lora_rank, alpha=pc.lora_alpha or None, target_modules=targets)
         else:
             a.enable_full_finetune()

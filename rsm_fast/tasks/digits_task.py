@@ -27,7 +27,7 @@ from .. import rewards as R
 from ..models import lora as L
 from . import digits as D
 from . import digits_reward as DR
-from .base import Conditioning, PolicyHandle
+from .base import Conditioning, PolicyHandle, lora_targets
 
 DEFAULT_CFG = 3.0          # the shipped models' measured class agreement uses CFG 3 (assets/digits/README.md)
 
@@ -53,7 +53,7 @@ class DigitsTask:
         unet = self.digits.build_model(self.device)
         fn = self.digits.model_fn(unet)
         if pc.lora_rank > 0:
-            targets = tuple(s.strip() for s in pc.lora_targets.split(",") if s.strip())
+            targets = lora_targets(pc)
             gate = L.add_lora(unet, pc.lora_rank, pc.lora_alpha or None, targets)
 
             @torch.no_grad()
