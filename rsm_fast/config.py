@@ -81,6 +81,7 @@ class RolloutConfig:
     k: list = field(default_factory=list, metadata={"help": "branch/tree: children per step, one int per step, e.g. [4,4,0,...]"})
     chunk_size: int = field(default=0, metadata={"help": "rows per model call (0 = all rows of a step in one call)"})
     graphs: bool = field(default=False, metadata={"help": "replay the model from CUDA graphs (CUDA only; off until verified on a GPU)"})
+    waves: int = field(default=1, metadata={"help": "split each epoch's groups into this many sequential rollouts; a wave's reward is scored on a worker thread while the next wave samples (1 = no overlap)"})
 
 
 @dataclass
@@ -124,7 +125,7 @@ _CHOICES = {
 }
 _POSITIVE = ("task.alpha", "task.num_steps", "task.eval_samples", "policy.hidden", "policy.layers",
              "policy.emb_dim", "train.epochs", "train.batch_size",
-             "train.inner_updates", "train.lr")
+             "train.inner_updates", "train.lr", "rollout.waves")
 _NONNEG = ("task.eta", "task.noise_level", "task.resolution", "policy.lora_rank", "policy.lora_alpha",
            "method.group_size", "method.adv_clip", "method.clip_eps", "method.kl_coef", "method.trust_c2",
            "train.weight_decay", "train.max_grad_norm", "train.lr_final_frac", "train.seed", "train.threads",

@@ -32,8 +32,9 @@ from . import ops
 from .advantages import set_advantages
 from .config import ConfigError, RunConfig, to_dict
 from .engine.credit import Credit
-from .engine.plan import PlanSpec, compile_plan
+from .engine.plan import PlanError, PlanSpec, compile_plan
 from .engine.rollout import Records, RolloutEngine
+from .engine.waves import merge_plans, merge_records, wave_plans
 from .estimators import fo_current_state
 from .losses import score_regression_loss, zo_row_loss
 from .models.runtime import peak_memory
@@ -108,15 +109,30 @@ class Trainer:
         self.skipped = 0
         self.kl_alpha = mc.kl_coef if mc.kl_coef > 0 else cfg.task.alpha
         tr = self.task.transition
-        plan = compile_plan(plan_spec(cfg, tr.num_steps, tr.sde_mask))
-        if mc.estimator == "zo" and mc.baseline == "loo" and min(plan.set_sizes) < 2:
+        try:
+            plans = wave_plans(plan_spec(cfg, tr.num_steps, tr.sde_mask), cfg.rollout.waves)
+        except PlanError as e:
+            raise ConfigError(f"config field 'rollout.waves': {e}") from None
+        model = self.handle.model
+        self.engines = []
+        for p in plans:   # one engine per wave; with graphs they share the first one's GraphedModel
+            self.engines.append(RolloutEngine(model, tr, p, chunk_size=cfg.rollout.chunk_size or None, seed=tc.seed,
+                                              cfg_scale=self.task.cfg_scale, device=self.device,
+                                              graphs=cfg.rollout.graphs))
+            model = self.engines[0].model
+        self.engine = self.engines[0]
+        self.plan = merge_plans([e.plan for e in self.engines])   # the whole epoch, wave-major
+        if mc.estimator == "zo" and mc.baseline == "loo" and min(self.plan.set_sizes) < 2:
             raise ConfigError(f"method.baseline 'loo' needs >= 2 records per baseline set; rollout.plan "
                               f"{cfg.rollout.plan} with method.group_size {mc.group_size} makes a set of "
-                              f"{min(plan.set_sizes)}")
-        self.engine = RolloutEngine(self.handle.model, tr, plan, chunk_size=cfg.rollout.chunk_size or None,
-                                    seed=tc.seed, cfg_scale=self.task.cfg_scale, device=self.device,
-                                    graphs=cfg.rollout.graphs)
-        self.credit = Credit(self.engine.plan)
+                              f"{min(self.plan.set_sizes)}")
+        self.credit = Credit(self.plan)
+        # Zeroth order with a reward model/server and several waves: score wave w on a worker thread
+        # while wave w + 1 samples. First-order estimators need the reward's autograd graph, and the
+        # built-in analytic rewards cost nothing, so both are scored after the rollout.
+        self.async_reward = None
+        if len(self.engines) > 1 and mc.estimator == "zo" and not self.builtin_reward:
+            self.async_reward = R.AsyncReward(self.reward_fn, policy=tc.reward_faults, name=self.reward_name)
         self._t_table = tr.table("t").to(self.device, torch.float32)
         fused = tc.loss_impl == "fused"
         self.zo_loss = ops.zo_loss if fused else zo_row_loss
@@ -125,20 +141,29 @@ class Trainer:
             ops.backends.for_device(self.device)
 
     # ------------------------------------------------------------------------------------------
-    def _rollout(self, engine: RolloutEngine, cond: Conditioning, gen: torch.Generator, epoch: int) -> tuple[Records, Tensor]:
-        """Roll out ``engine``'s plan, then the frozen reference at every record."""
-        plan = engine.plan
+    def _rollout(self, engines: list[RolloutEngine], plan, cond: Conditioning, gen: torch.Generator, epoch: int,
+                 on_wave=None) -> tuple[Records, Tensor, int]:
+        """Roll out the waves ``engines`` (whose merged plan is ``plan``) one after the other, calling
+        ``on_wave(records)`` after each (the reward overlap), then the frozen reference at every record."""
         x_init = self.task.initial_latents(plan.rows[0], gen)
         c, u = cond.cond, cond.uncond
         c = None if c is None else c.to(self.device)
         u = None if u is None else u.to(self.device)
-        if x_init is None:
-            rec = engine.run(None, c, u, latent_shape=tuple(self.task.latent_shape), epoch=epoch)
-        else:
-            rec = engine.run(x_init.to(self.device), c, u, epoch=epoch)
+        recs, r0 = [], 0
+        for engine in engines:
+            if x_init is None:
+                rec = engine.run(None, c, u, latent_shape=tuple(self.task.latent_shape), epoch=epoch)
+            else:
+                n = engine.plan.rows[0]
+                rec = engine.run(x_init[r0:r0 + n].to(self.device), c, u, epoch=epoch)
+                r0 += n
+            if on_wave is not None:
+                on_wave(rec)
+            recs.append(rec)
+        rec = merge_records(recs, plan)
         # rollout.chunk_size 0 means "all rows in one call": for the records too
-        f_ref, n_ref = engine.evaluate_records(self.handle.reference, rec, c, u,
-                                               chunk_size=self.cfg.rollout.chunk_size or max(1, rec.x.shape[0]))
+        f_ref, n_ref = engines[0].evaluate_records(self.handle.reference, rec, c, u,
+                                                   chunk_size=self.cfg.rollout.chunk_size or max(1, rec.x.shape[0]))
         return rec, f_ref, n_ref
 
     def _record_kl(self, rec: Records, f_ref: Tensor):
@@ -172,7 +197,7 @@ class Trainer:
             values = self.credit.mean_over_leaves(r)
         else:
             values = self.credit.soft_values(r, record_kl, self.kl_alpha)
-        plan = self.engine.plan
+        plan = self.plan
         return set_advantages(values, plan.record_set, plan.set_sizes, baseline=mc.baseline, normalize=mc.adv_norm,
                               clip=mc.adv_clip if mc.adv_clip > 0 else None)
 
@@ -225,16 +250,24 @@ class Trainer:
     def epoch(self) -> dict:
         mc = self.cfg.method
         self.policy.eval()
+        pending = []
         with self.clock("rollout"):
-            self.conds = self.task.conditions(self.engine.plan.spec.groups, self.gen)
-            rec, f_ref, n_ref = self._rollout(self.engine, self.conds, self.gen, self.epochs_done)
+            self.conds = self.task.conditions(self.plan.spec.groups, self.gen)
+            submit = None
+            if self.async_reward is not None:
+                def submit(w: Records):   # decode here, score on the worker while the next wave samples
+                    pending.append(self.async_reward.submit(self.task.decode(w.x0), *self.conds.rows(w.x0_group)))
+            rec, f_ref, n_ref = self._rollout(self.engines, self.plan, self.conds, self.gen, self.epochs_done, submit)
         self.nfe["rollout"] += rec.nfe["total"]
         self.nfe["reference"] += n_ref
         self._groups = rec.group
         c, record_kl = self._record_kl(rec, f_ref)
-        with self.clock("reward"):
+        with self.clock("reward"):   # with waves: only the wait for scores not yet finished
             try:
-                r = self._score(rec.x0, rec.x0_group)
+                if pending:
+                    r = torch.cat([f.result().unwrap() for f in pending]).to(self.device)
+                else:
+                    r = self._score(rec.x0, rec.x0_group)
                 g = self._reward_grad(rec.x0, rec.x0_group) if mc.estimator == "fo_terminal" else None
             except R.RewardSkipped as e:           # policy "skip": this epoch makes no update
                 self.epochs_done += 1
@@ -301,7 +334,7 @@ class Trainer:
         with self.clock("eval"):
             gen = torch.Generator().manual_seed(seed)
             conds = self.task.conditions(n, gen)
-            rec, f_ref, n_ref = self._rollout(engine, conds, gen, 0)
+            rec, f_ref, n_ref = self._rollout([engine], engine.plan, conds, gen, 0)
             kl = Credit(engine.plan).path_kl(self._record_kl(rec, f_ref)[1]).sum(0)
             r = self._score(rec.x0, rec.x0_group, conds)
             out = {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "kl_to_reference": float(kl.mean())}
@@ -344,9 +377,16 @@ class Trainer:
                         summary["lora"] = str(exported)
                 run_dir.write_summary(summary)
         finally:
+            self.close()
             if run_dir is not None:
                 run_dir.close()
         return summary
+
+    def close(self) -> None:
+        """Stop the reward worker thread (if any); the trainer can still evaluate afterwards."""
+        if self.async_reward is not None:
+            self.async_reward.close()
+            self.async_reward = None
 
     def nfe_total(self) -> int:
         return self.nfe["rollout"] + self.nfe["reference"] + self.nfe["train"]

@@ -35,3 +35,14 @@ def inf_reward(x0):
 def prompt_length_reward(images, prompts, metadata):
     """A valid three-argument reward: the prompt's length plus metadata['bonus']."""
     return torch.tensor([len(p) + m.get("bonus", 0.0) for p, m in zip(prompts, metadata)])
+
+
+THREADS: list[str] = []
+
+
+def thread_logging_linear(x0):
+    """The 2-D task's linear reward as a non-built-in reward that records the thread it ran on."""
+    import threading
+
+    THREADS.append(threading.current_thread().name)
+    return -0.5 * x0[:, 0] + 3.0

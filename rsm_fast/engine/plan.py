@@ -64,6 +64,7 @@ class PlanSpec:
     k: tuple[int, ...] = ()            # branch/tree: children per step (len num_steps; the last is ignored)
     sde_mask: tuple[bool, ...] = ()    # sde/tree: noisy steps (default all)
     train_mask: tuple[bool, ...] = ()  # sde: trained steps among the noisy ones (default all)
+    group_offset: int = 0              # first group id (a wave of a larger plan: keys and group ids stay global)
 
 
 @dataclass
@@ -134,6 +135,9 @@ def _check_spec(spec: PlanSpec) -> tuple[list[int], list[bool], list[bool]]:
         v = getattr(spec, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise PlanError(f"plan.{name} must be an integer >= 1, got {v!r}")
+    v = spec.group_offset
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise PlanError(f"plan.group_offset must be an integer >= 0, got {v!r}")
     k = list(spec.k)
     if spec.kind == "sde":
         if k:
@@ -169,8 +173,9 @@ def compile_plan(spec: PlanSpec, require_records: bool = True) -> Plan:
     that trains nothing (evaluation rollouts)."""
     k, sde, train = _check_spec(spec)
     N, T = spec.num_steps, spec.groups * spec.trunks
+    t0 = spec.group_offset * spec.trunks       # global id of the first trajectory
     # a live row: (key, group, is_trunk, last record id on its path)
-    live = [(t << 20, t // spec.trunks, spec.kind == "branch", -1) for t in range(T)]
+    live = [(t << 20, t // spec.trunks, spec.kind == "branch", -1) for t in range(t0, t0 + T)]
     initial_key = torch.tensor([r[0] for r in live], dtype=torch.int64)
     rows, src, noisy, trained, keys, groups, records, trunk_rows = [len(live)], [], [], [], [], [], [], []
     rec_step, rec_group, rec_parent, rec_src = [], [], [], []

@@ -61,8 +61,8 @@ class RolloutEngine:
         self.model, self.seed, self.cfg_scale = model, int(seed), cfg_scale
         self.device, self.dtype = torch.device(device), dtype
         self.graphs_active = bool(graphs) and self.device.type == "cuda"
-        if self.graphs_active:
-            self.model = GraphedModel(model)
+        if self.graphs_active:  # engines of one epoch's waves share one set of graphs
+            self.model = model if isinstance(model, GraphedModel) else GraphedModel(model)
         self.plan = plan.to(self.device)
         self.chunk = check_chunk_size(chunk_size if chunk_size is not None else max(plan.rows))
         # index sets from the host copy, once, here (their sizes are host metadata in the loop)
@@ -75,6 +75,11 @@ class RolloutEngine:
                                   self.plan.noisy[i], dtype=dtype) for i in range(plan.num_steps)]
         self._row_ids = [torch.full((t.numel(),), i, dtype=torch.long, device=self.device)
                          for i, t in enumerate(self._train_idx)]
+        # records leave the loop step by step in row order; the plan numbers them its own way (a
+        # compiled plan: the same order; merged waves: wave-major), so put them where the plan says
+        emitted = torch.cat([plan.record[i][torch.nonzero(m).flatten()] for i, m in enumerate(plan.trained)])
+        ident = torch.arange(emitted.numel())
+        self._record_order = None if torch.equal(emitted, ident) else torch.argsort(emitted).to(self.device)
 
     # ------------------------------------------------------------------------------------------
     def _evaluate(self, x: Tensor, t_rows: Tensor, cond: Tensor | None, uncond: Tensor | None, nfe: dict,
@@ -167,8 +172,10 @@ class RolloutEngine:
             empty = x.new_empty((0, *shape))
             keep = {"x": [empty], "z": [empty], "f_old": [empty], "log_prob": [x.new_empty(0, dtype=torch.float32)],
                     "step": [plan.record_step]}
-        return Records(x=torch.cat(keep["x"]), step=torch.cat(keep["step"]), z=torch.cat(keep["z"]),
-                       f_old=torch.cat(keep["f_old"]), log_prob=torch.cat(keep["log_prob"]),
+        out = {k: torch.cat(v) for k, v in keep.items() if v}
+        if self._record_order is not None:
+            out = {k: v.index_select(0, self._record_order) for k, v in out.items()}
+        return Records(x=out["x"], step=out["step"], z=out["z"], f_old=out["f_old"], log_prob=out["log_prob"],
                        group=plan.record_group, parent=plan.record_parent, x0=x, x0_group=plan.group[-1],
                        leaf_ancestor=plan.leaf_ancestor, nfe=nfe)
 
