@@ -73,12 +73,18 @@ class MethodConfig:
     fo_gamma: str = field(default="one", metadata={"help": f"fo temporal weight gamma(t) {FO_GAMMAS}"})
     fo_reward_scale: float = field(default=1.0, metadata={"help": "K in Psi = K (Sigma/b) grad r; K = 1/alpha of RSM"})
     trust_c2: float = field(default=0.0, metadata={"help": "fo trust region C2 (relative, spec §3.2)"})
+    pcpo_target: str = field(default="dt", metadata={"help": "reweight=pcpo: target native weight omega' per step: 'dt' = zeta dt with zeta = sum(omega)/sum(dt) over the noisy steps (flow form), 'const' = mean omega (diffusion form)"})
+    step_weight: str = field(default="equal", metadata={"help": "'equal': each trained step's records weigh Kbar/K_i so every step contributes its mean (RSM-code); 'records': a plain mean over records"})
 
 
 @dataclass
 class RolloutConfig:
     plan: str = field(default="sde", metadata={"help": "rollout plan: 'sde' (K = 1 trajectories), 'branch' (ODE trunk + one-step SDE children), 'tree' (recursive SDE tree)"})
     k: list = field(default_factory=list, metadata={"help": "branch/tree: children per step, one int per step, e.g. [4,4,0,...]"})
+    profile: str = field(default="", metadata={"help": "branch/tree: K per step as a rule instead of rollout.k: const:K, every:S:K, at:I,J:K, first:F:K or a released SD3.5 name (rsm_fast.engine.profiles)"})
+    window: int = field(default=0, metadata={"help": "sde plans: MixGRPO sliding window, the number of consecutive SDE (and trained) steps; ODE elsewhere (0 = off)"})
+    window_every: int = field(default=25, metadata={"help": "MixGRPO: epochs between window shifts (its iters_per_group = 25)"})
+    window_stride: int = field(default=1, metadata={"help": "MixGRPO: steps the window moves per shift (its prog_overlap_step = 1); it wraps to step 0 past the trained range"})
     chunk_size: int = field(default=0, metadata={"help": "rows per model call (0 = all rows of a step in one call)"})
     graphs: bool = field(default=False, metadata={"help": "replay the model from CUDA graphs (CUDA only; off until verified on a GPU)"})
     waves: int = field(default=1, metadata={"help": "split each epoch's groups into this many sequential rollouts; a wave's reward is scored on a worker thread while the next wave samples (1 = no overlap)"})
@@ -121,15 +127,16 @@ _CHOICES = {
     "task.name": ("toy2d", "digits-ddim", "digits-flow", "diffusers"),
     "train.lr_schedule": ("constant", "cosine"), "train.loss_impl": ("fused", "reference"),
     "rollout.plan": ("sde", "branch", "tree"), "train.reward_faults": ("error", "skip"),
-    "task.condition": ("label", "none"),
+    "task.condition": ("label", "none"), "method.pcpo_target": ("dt", "const"),
+    "method.step_weight": ("equal", "records"),
 }
 _POSITIVE = ("task.alpha", "task.num_steps", "task.eval_samples", "policy.hidden", "policy.layers",
              "policy.emb_dim", "train.epochs", "train.batch_size",
-             "train.inner_updates", "train.lr", "rollout.waves")
+             "train.inner_updates", "train.lr", "rollout.waves", "rollout.window_every", "rollout.window_stride")
 _NONNEG = ("task.eta", "task.noise_level", "task.resolution", "policy.lora_rank", "policy.lora_alpha",
            "method.group_size", "method.adv_clip", "method.clip_eps", "method.kl_coef", "method.trust_c2",
            "train.weight_decay", "train.max_grad_norm", "train.lr_final_frac", "train.seed", "train.threads",
-           "rollout.chunk_size")
+           "rollout.chunk_size", "rollout.window")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,8 +288,6 @@ def validate(cfg: RunConfig) -> None:
     m = cfg.method
     if m.estimator == "zo" and m.surrogate in ("ratio", "hinge") and m.clip_eps <= 0:
         raise ConfigError("config field 'method.clip_eps' must be positive for the ratio/hinge surrogates")
-    if m.reweight == "pcpo":
-        raise ConfigError("config field 'method.reweight': 'pcpo' needs a per-step omega' schedule, not available on toy2d")
     if m.estimator == "zo" and m.baseline == "loo" and m.group_size == 1:
         raise ConfigError("config field 'method.group_size' must be >= 2 for the leave-one-out baseline")
     if m.estimator == "zo" and m.group_size and cfg.train.batch_size % m.group_size:
@@ -294,9 +299,24 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("config field 'train.timestep_fraction' must be 1 with method.returns=soft (the soft "
                           "return counts the KL of every noisy step, and only trained steps are recorded)")
     ro = cfg.rollout
-    if ro.plan == "sde" and ro.k:
-        raise ConfigError("config field 'rollout.k' is only used by the 'branch' and 'tree' plans")
-    if ro.plan != "sde":
+    if ro.plan == "sde" and (ro.k or ro.profile):
+        raise ConfigError(f"config field 'rollout.{'k' if ro.k else 'profile'}' is only used by the 'branch' and 'tree' plans")
+    if ro.window and (ro.plan != "sde" or ro.window > cfg.task.num_steps):
+        raise ConfigError(f"config field 'rollout.window' must be <= task.num_steps ({cfg.task.num_steps}) on an sde plan, "
+                          f"got {ro.window} with rollout.plan={ro.plan}")
+    if ro.profile:
+        from .engine.plan import PlanError
+        from .engine.profiles import resolve_profile
+        if ro.k:
+            raise ConfigError("config fields 'rollout.k' and 'rollout.profile' both set: give one")
+        try:
+            resolve_profile(ro.profile, cfg.task.num_steps)
+        except PlanError as e:
+            raise ConfigError(f"config field {e}") from None
+        if cfg.train.timestep_fraction < 1:
+            raise ConfigError("config field 'train.timestep_fraction' applies to rollout.plan=sde only; "
+                              "a branching plan trains its branching steps")
+    elif ro.plan != "sde":
         if len(ro.k) not in (cfg.task.num_steps, cfg.task.num_steps - 1):
             raise ConfigError(f"config field 'rollout.k' must list one K per step ({cfg.task.num_steps} entries) "
                               f"for rollout.plan={ro.plan}, got {len(ro.k)}")

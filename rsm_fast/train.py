@@ -68,8 +68,9 @@ def format_table(s: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.list_presets:
+        width = max(map(len, preset_names()))
         for name in preset_names():
-            print(f"{name:18s} {preset_data(name).get('description', '')}")
+            print(f"{name:{width}s}  {preset_data(name).get('description', '')}")
         return 0
     try:
         preset = args.preset or (None if args.config else DEFAULT_PRESET)

@@ -34,6 +34,7 @@ from .config import ConfigError, RunConfig, to_dict
 from .engine.credit import Credit
 from .engine.plan import PlanError, PlanSpec, compile_plan
 from .engine.rollout import Records, RolloutEngine
+from .engine.profiles import resolve_profile
 from .engine.waves import merge_plans, merge_records, wave_plans
 from .estimators import fo_current_state
 from .losses import score_regression_loss, zo_row_loss
@@ -62,19 +63,29 @@ class Rows:
     g: Tensor | None = None       # first order: reward gradient per row
 
 
-def plan_spec(cfg: RunConfig, num_steps: int, sde_mask: Tensor) -> PlanSpec:
+def plan_spec(cfg: RunConfig, num_steps: int, sde_mask: Tensor, epoch: int = 0) -> PlanSpec:
     """The training rollout's plan from the config: ``batch_size`` trunks in groups of
     ``group_size`` (zeroth order; 0, and first order, one group of the whole batch). For ``sde`` plans the trained steps
-    are the first ``timestep_fraction`` of the noisy ones (flow_grpo ``timestep_fraction``)."""
+    are the first ``timestep_fraction`` of the noisy ones (flow_grpo ``timestep_fraction``); with
+    ``rollout.window`` only a MixGRPO window of them is SDE (and trained) at this ``epoch``, the
+    rest ODE: the window starts at step 0 and moves ``window_stride`` steps every ``window_every``
+    epochs through that range, wrapping to the start (MixGRPO's progressive strategy with roll-back)."""
     tc, mc, ro = cfg.train, cfg.method, cfg.rollout
     G = mc.group_size if mc.estimator == "zo" and mc.group_size else tc.batch_size
     noisy = [bool(v) for v in sde_mask]
     if ro.plan == "sde":
         stoch = [i for i, v in enumerate(noisy) if v]
-        keep = set(stoch[:max(1, math.ceil(tc.timestep_fraction * len(stoch)))])
+        span = stoch[:max(1, math.ceil(tc.timestep_fraction * len(stoch)))]
+        if ro.window:
+            W = min(ro.window, len(span))
+            start = ((epoch // ro.window_every) * ro.window_stride) % (len(span) - W + 1)
+            span = span[start:start + W]
+            noisy = [i in span for i in range(num_steps)]
+        keep = set(span)
         return PlanSpec("sde", num_steps, tc.batch_size // G, G, sde_mask=tuple(noisy),
                         train_mask=tuple(i in keep for i in range(num_steps)))
-    return PlanSpec(ro.plan, num_steps, tc.batch_size // G, G, k=tuple(ro.k),
+    k = resolve_profile(ro.profile, num_steps) if ro.profile else list(ro.k)
+    return PlanSpec(ro.plan, num_steps, tc.batch_size // G, G, k=tuple(k),
                     sde_mask=tuple(noisy) if ro.plan == "tree" else ())
 
 
@@ -109,24 +120,18 @@ class Trainer:
         self.skipped = 0
         self.kl_alpha = mc.kl_coef if mc.kl_coef > 0 else cfg.task.alpha
         tr = self.task.transition
-        try:
-            plans = wave_plans(plan_spec(cfg, tr.num_steps, tr.sde_mask), cfg.rollout.waves)
-        except PlanError as e:
-            raise ConfigError(f"config field 'rollout.waves': {e}") from None
-        model = self.handle.model
-        self.engines = []
-        for p in plans:   # one engine per wave; with graphs they share the first one's GraphedModel
-            self.engines.append(RolloutEngine(model, tr, p, chunk_size=cfg.rollout.chunk_size or None, seed=tc.seed,
-                                              cfg_scale=self.task.cfg_scale, device=self.device,
-                                              graphs=cfg.rollout.graphs))
-            model = self.engines[0].model
-        self.engine = self.engines[0]
-        self.plan = merge_plans([e.plan for e in self.engines])   # the whole epoch, wave-major
-        if mc.estimator == "zo" and mc.baseline == "loo" and min(self.plan.set_sizes) < 2:
-            raise ConfigError(f"method.baseline 'loo' needs >= 2 records per baseline set; rollout.plan "
-                              f"{cfg.rollout.plan} with method.group_size {mc.group_size} makes a set of "
-                              f"{min(self.plan.set_sizes)}")
-        self.credit = Credit(self.plan)
+        self._build_plan(plan_spec(cfg, tr.num_steps, tr.sde_mask))
+        # PCPO-reweight's target native weight per step (spec §5.3, [UNCERTAIN] zeta: we recompute
+        # zeta = sum(omega)/sum(dt) over the noisy steps of the schedule in use instead of the
+        # released 4.3152; the diffusion form's constant omega' is the mean omega, spec §12.3)
+        steps = torch.arange(tr.num_steps)
+        cs = tr.coeffs(steps, torch.ones_like(steps, dtype=torch.bool), dtype=torch.float64)
+        on = tr.sde_mask.to(torch.bool) & (cs.omega > 0)
+        if cfg.method.pcpo_target == "dt":
+            omega_train = cs.dt * (cs.omega[on].sum() / cs.dt[on].sum())
+        else:
+            omega_train = torch.full_like(cs.omega, float(cs.omega[on].mean()))
+        self._omega_train = omega_train.to(self.device)    # float64; cast to the rows' dtype at use
         # Zeroth order with a reward model/server and several waves: score wave w on a worker thread
         # while wave w + 1 samples. First-order estimators need the reward's autograd graph, and the
         # built-in analytic rewards cost nothing, so both are scored after the rollout.
@@ -139,6 +144,36 @@ class Trainer:
         self.score_loss = ops.score_loss if fused else score_regression_loss
         if fused:  # build / load the device's kernels now, outside the timed phases
             ops.backends.for_device(self.device)
+
+    def _build_plan(self, spec: PlanSpec) -> None:
+        """Compile ``spec`` (in ``rollout.waves`` waves), one engine per wave, the merged epoch plan,
+        its credit map and its per-record step weights. Called again when a MixGRPO window moves."""
+        cfg, tc, mc = self.cfg, self.cfg.train, self.cfg.method
+        self._spec = spec
+        try:
+            plans = wave_plans(spec, cfg.rollout.waves)
+        except PlanError as e:
+            raise ConfigError(f"config field 'rollout.waves': {e}") from None
+        model = self.engine.model if hasattr(self, "engine") else self.handle.model
+        self.engines = []
+        for p in plans:   # one engine per wave; with graphs they share one GraphedModel
+            self.engines.append(RolloutEngine(model, self.task.transition, p, chunk_size=cfg.rollout.chunk_size or None,
+                                              seed=tc.seed, cfg_scale=self.task.cfg_scale, device=self.device,
+                                              graphs=cfg.rollout.graphs))
+            model = self.engines[0].model
+        self.engine = self.engines[0]
+        self.plan = merge_plans([e.plan for e in self.engines])   # the whole epoch, wave-major
+        if mc.estimator == "zo" and mc.baseline == "loo" and min(self.plan.set_sizes) < 2:
+            raise ConfigError(f"method.baseline 'loo' needs >= 2 records per baseline set; rollout.plan "
+                              f"{cfg.rollout.plan} with method.group_size {mc.group_size} makes a set of "
+                              f"{min(self.plan.set_sizes)}")
+        self.credit = Credit(self.plan)
+        # step weights Kbar / K_i (records per step n_i, mean over trained steps nbar; spec §7.3):
+        # every trained step contributes the mean of its records, whatever its branch count
+        counts = torch.bincount(self.plan.record_step.cpu(), minlength=self.plan.num_steps).to(torch.float32)
+        w = counts[counts > 0].mean() / counts.clamp(min=1)
+        self._row_weight = (None if mc.step_weight == "records" or bool((w[counts > 0] == 1).all())
+                            else w.to(self.device).index_select(0, self.plan.record_step))
 
     # ------------------------------------------------------------------------------------------
     def _rollout(self, engines: list[RolloutEngine], plan, cond: Conditioning, gen: torch.Generator, epoch: int,
@@ -240,9 +275,13 @@ class Trainer:
         if mc.estimator == "zo":
             out = self.zo_loss(f, rows.f_old, rows.z, rows.adv, c, form=mc.surrogate, reweight=mc.reweight,
                                 clip_eps=mc.clip_eps, f_ref=rows.f_ref if mc.kl_coef > 0 else None,
-                                kl_coef=mc.kl_coef, kl_dt_weight=mc.kl_dt_weight)
+                                kl_coef=mc.kl_coef, kl_dt_weight=mc.kl_dt_weight, row_weight=self._row_weight,
+                                omega_train=(self._omega_train.index_select(0, rows.idx).to(c.omega.dtype)
+                                             if mc.reweight == "pcpo" else None))
             return out.loss.mean(), out
         w = 0.5 * c.omega**2 if mc.fo_weight == "kl" else 0.5 * torch.ones_like(c.omega)
+        if self._row_weight is not None:
+            w = w * self._row_weight
         loss = self.score_loss(f, rows.f_ref, rows.f_old, target_shift, C1=w, gamma=1.0, C2=mc.trust_c2)
         return loss.mean(), None
 
@@ -250,6 +289,11 @@ class Trainer:
     def epoch(self) -> dict:
         mc = self.cfg.method
         self.policy.eval()
+        if self.cfg.rollout.window:     # MixGRPO: the SDE window moves every window_every epochs
+            tr = self.task.transition
+            spec = plan_spec(self.cfg, tr.num_steps, tr.sde_mask, self.epochs_done)
+            if spec != self._spec:
+                self._build_plan(spec)
         pending = []
         with self.clock("rollout"):
             self.conds = self.task.conditions(self.plan.spec.groups, self.gen)
