@@ -261,6 +261,43 @@ def allocate(v, c=None, budget=0.0, w=None, k_min: int = 2, k_max: int | None = 
 
 
 # ------------------------------------------------------------------------------------------------
+def sibling_variance(steps: Tensor, parents: Tensor, rows: Tensor, coef: Tensor, n: int, max_elems: int = 1 << 24):
+    """Per step: the sum over branching parents (>= 2 children) of the unbiased within-parent
+    variance of ``psi = coef * rows`` per dim, the sum of the signal ``|psi_bar|^2/d - var/K``, and
+    the number of such parents (float64 ``[n]`` each). Works in blocks of ~``max_elems`` elements."""
+    M, dev = steps.numel(), steps.device
+    d = max(rows[0].numel(), 1) if M else 1
+    var_sum = torch.zeros(n, dtype=torch.float64, device=dev)
+    sig_sum, n_par = torch.zeros_like(var_sum), torch.zeros_like(var_sum)
+    if M:
+        key = steps * (int(parents.max()) + 1) + parents
+        uniq, inv, counts = torch.unique(key, return_inverse=True, return_counts=True)
+        gstep = uniq // (int(parents.max()) + 1)
+        order = torch.argsort(inv, stable=True)
+        cnt, start, G = counts.tolist(), 0, len(counts)
+        g0 = 0
+        while g0 < G:                                   # blocks of whole parent groups
+            g1, nrow = g0, 0
+            while g1 < G and (g1 == g0 or (nrow + cnt[g1]) * d <= max_elems):
+                nrow += cnt[g1]
+                g1 += 1
+            idx = order[start:start + nrow]
+            li = inv.index_select(0, idx) - g0
+            x = rows.index_select(0, idx).reshape(nrow, -1).to(torch.float64) * coef.index_select(0, idx)[:, None]
+            nb = counts[g0:g1].to(torch.float64)
+            mean = torch.zeros(g1 - g0, x.shape[1], dtype=torch.float64, device=dev).index_add_(0, li, x) / nb[:, None]
+            ss = torch.zeros(g1 - g0, dtype=torch.float64, device=dev).index_add_(0, li, ((x - mean[li]) ** 2).sum(1))
+            ok = nb >= 2
+            var = torch.where(ok, ss / ((nb - 1).clamp(min=1) * d), torch.zeros_like(ss))
+            sig = torch.where(ok, (mean**2).sum(1) / d - var / nb, torch.zeros_like(ss))
+            st = gstep[g0:g1]
+            var_sum.index_add_(0, st, var)
+            sig_sum.index_add_(0, st, sig)
+            n_par.index_add_(0, st, ok.to(torch.float64))
+            start, g0 = start + nrow, g1
+    return var_sum, sig_sum, n_par
+
+
 class OnlineAllocator:
     """Online variance-aware allocator (spec §7.3); see the module doc for the rules.
 
@@ -340,35 +377,7 @@ class OnlineAllocator:
             if s.numel() != M:
                 raise ValueError(f"scale has {s.numel()} entries, step_ids has {M}")
             coef = a * s
-        d = max(rows[0].numel(), 1) if M else 1
-        var_sum = torch.zeros(self.n, dtype=torch.float64, device=dev)
-        sig_sum, n_par = torch.zeros_like(var_sum), torch.zeros_like(var_sum)
-        if M:
-            key = steps * (int(parents.max()) + 1) + parents
-            uniq, inv, counts = torch.unique(key, return_inverse=True, return_counts=True)
-            gstep = uniq // (int(parents.max()) + 1)
-            order = torch.argsort(inv, stable=True)
-            cnt, start, G = counts.tolist(), 0, len(counts)
-            g0 = 0
-            while g0 < G:                                   # blocks of whole parent groups
-                g1, nrow = g0, 0
-                while g1 < G and (g1 == g0 or (nrow + cnt[g1]) * d <= max_elems):
-                    nrow += cnt[g1]
-                    g1 += 1
-                idx = order[start:start + nrow]
-                li = inv.index_select(0, idx) - g0
-                x = rows.index_select(0, idx).reshape(nrow, -1).to(torch.float64) * coef.index_select(0, idx)[:, None]
-                nb = counts[g0:g1].to(torch.float64)
-                mean = torch.zeros(g1 - g0, x.shape[1], dtype=torch.float64, device=dev).index_add_(0, li, x) / nb[:, None]
-                ss = torch.zeros(g1 - g0, dtype=torch.float64, device=dev).index_add_(0, li, ((x - mean[li]) ** 2).sum(1))
-                ok = nb >= 2
-                var = torch.where(ok, ss / ((nb - 1).clamp(min=1) * d), torch.zeros_like(ss))
-                sig = torch.where(ok, (mean**2).sum(1) / d - var / nb, torch.zeros_like(ss))
-                st = gstep[g0:g1]
-                var_sum.index_add_(0, st, var)
-                sig_sum.index_add_(0, st, sig)
-                n_par.index_add_(0, st, ok.to(torch.float64))
-                start, g0 = start + nrow, g1
+        var_sum, sig_sum, n_par = sibling_variance(steps, parents, rows, coef, self.n, max_elems)
         n_rec = torch.bincount(steps, minlength=self.n).to(torch.float64)
         clip_ep = [None] * self.n
         if clipped is not None:

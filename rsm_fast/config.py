@@ -88,6 +88,19 @@ class RolloutConfig:
     chunk_size: int = field(default=0, metadata={"help": "rows per model call (0 = all rows of a step in one call)"})
     graphs: bool = field(default=False, metadata={"help": "replay the model from CUDA graphs (CUDA only; off until verified on a GPU)"})
     waves: int = field(default=1, metadata={"help": "split each epoch's groups into this many sequential rollouts; a wave's reward is scored on a worker thread while the next wave samples (1 = no overlap)"})
+    allocator: str = field(default="", metadata={"help": "branch plans: '' = the static profile, 'online' = re-allocate K per step every epoch from sibling variance, clip fraction and cost (rsm_fast.budget, spec §7.3)"})
+    alloc_units: str = field(default="branches", metadata={"help": "allocator: what a branch costs: 'branches' (1 each; paper), 'nfe' (model evaluations, as counted by the trainer) or 'seconds' (measured on this machine)"})
+    alloc_budget: float = field(default=0.0, metadata={"help": "allocator: budget per trunk in branches or NFE, per epoch in seconds (0 = the cost of the starting profile)"})
+    alloc_rule: str = field(default="sqrt", metadata={"help": "allocator: 'sqrt' K ~ sqrt(w v / c) (min variance; reproduces the released highsnr2), 'linear' K ~ w v (equal variance)"})
+    alloc_k_min: int = field(default=2, metadata={"help": "allocator: smallest non-zero K (>= 2: centring needs two siblings); below it a step is deactivated"})
+    alloc_k_max: int = field(default=0, metadata={"help": "allocator: largest K (0 = no cap)"})
+    alloc_every: int = field(default=1, metadata={"help": "allocator: epochs between re-allocations"})
+    alloc_max_step: int = field(default=2, metadata={"help": "allocator: hysteresis, the most a K moves per re-allocation (0 = no limit)"})
+    alloc_patience: int = field(default=5, metadata={"help": "allocator: epochs a deactivated step stays off before it may be probed again"})
+    alloc_clip_tau: float = field(default=0.5, metadata={"help": "allocator: deactivate a step whose clip fraction (EMA, last inner update) exceeds this"})
+    alloc_snr_min: float = field(default=0.0, metadata={"help": "allocator: deactivate a step whose estimated SNR at K_max is below this (0 = off)"})
+    alloc_ema: float = field(default=0.9, metadata={"help": "allocator: EMA factor of the per-step variance / clip statistics, in [0, 1)"})
+    alloc_psi_units: str = field(default="score", metadata={"help": "allocator: units of the per-branch guidance psi = scale A z: 'score' (sigma/b; v ~ Sigma/b^2, the paper's) or 'native' (omega)"})
 
 
 @dataclass
@@ -129,14 +142,18 @@ _CHOICES = {
     "rollout.plan": ("sde", "branch", "tree"), "train.reward_faults": ("error", "skip"),
     "task.condition": ("label", "none"), "method.pcpo_target": ("dt", "const"),
     "method.step_weight": ("equal", "records"),
+    "rollout.allocator": ("", "online"), "rollout.alloc_units": ("branches", "nfe", "seconds"),
+    "rollout.alloc_rule": ("sqrt", "linear"), "rollout.alloc_psi_units": ("score", "native"),
 }
 _POSITIVE = ("task.alpha", "task.num_steps", "task.eval_samples", "policy.hidden", "policy.layers",
              "policy.emb_dim", "train.epochs", "train.batch_size",
-             "train.inner_updates", "train.lr", "rollout.waves", "rollout.window_every", "rollout.window_stride")
+             "train.inner_updates", "train.lr", "rollout.waves", "rollout.window_every", "rollout.window_stride",
+             "rollout.alloc_every")
 _NONNEG = ("task.eta", "task.noise_level", "task.resolution", "policy.lora_rank", "policy.lora_alpha",
            "method.group_size", "method.adv_clip", "method.clip_eps", "method.kl_coef", "method.trust_c2",
            "train.weight_decay", "train.max_grad_norm", "train.lr_final_frac", "train.seed", "train.threads",
-           "rollout.chunk_size", "rollout.window")
+           "rollout.chunk_size", "rollout.window", "rollout.alloc_budget", "rollout.alloc_k_max",
+           "rollout.alloc_max_step", "rollout.alloc_patience", "rollout.alloc_snr_min")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,6 +318,16 @@ def validate(cfg: RunConfig) -> None:
     ro = cfg.rollout
     if ro.plan == "sde" and (ro.k or ro.profile):
         raise ConfigError(f"config field 'rollout.{'k' if ro.k else 'profile'}' is only used by the 'branch' and 'tree' plans")
+    if ro.allocator and ro.plan != "branch":
+        raise ConfigError(f"config field 'rollout.allocator': 'online' re-allocates a 'branch' plan, got rollout.plan={ro.plan}")
+    if ro.alloc_k_min < 2:
+        raise ConfigError(f"config field 'rollout.alloc_k_min' must be >= 2 (centring needs two siblings), got {ro.alloc_k_min}")
+    if ro.alloc_k_max and ro.alloc_k_max < ro.alloc_k_min:
+        raise ConfigError(f"config field 'rollout.alloc_k_max' must be 0 or >= alloc_k_min ({ro.alloc_k_min}), got {ro.alloc_k_max}")
+    if not 0 <= ro.alloc_clip_tau <= 1:
+        raise ConfigError(f"config field 'rollout.alloc_clip_tau' must be in [0, 1], got {ro.alloc_clip_tau}")
+    if not 0 <= ro.alloc_ema < 1:
+        raise ConfigError(f"config field 'rollout.alloc_ema' must be in [0, 1), got {ro.alloc_ema}")
     if ro.window and (ro.plan != "sde" or ro.window > cfg.task.num_steps):
         raise ConfigError(f"config field 'rollout.window' must be <= task.num_steps ({cfg.task.num_steps}) on an sde plan, "
                           f"got {ro.window} with rollout.plan={ro.plan}")

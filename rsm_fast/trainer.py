@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from . import rewards as R
 from . import ops
+from . import diagnostics as D
 from .advantages import set_advantages
+from .allocator import step_scale
+from .budget import BudgetController
 from .config import ConfigError, RunConfig, to_dict
 from .engine.credit import Credit
 from .engine.plan import PlanError, PlanSpec, compile_plan
@@ -132,6 +135,9 @@ class Trainer:
         else:
             omega_train = torch.full_like(cs.omega, float(cs.omega[on].mean()))
         self._omega_train = omega_train.to(self.device)    # float64; cast to the rows' dtype at use
+        # rollout.allocator=online: K per step re-allocated after every update (rsm_fast/budget.py)
+        self.budget = BudgetController(cfg, tr, self.plan, self.task.cfg_scale is not None) if cfg.rollout.allocator else None
+        self._psi_scale = step_scale(tr, cfg.rollout.alloc_psi_units)     # psi = scale A z (diagnostics' v)
         # Zeroth order with a reward model/server and several waves: score wave w on a worker thread
         # while wave w + 1 samples. First-order estimators need the reward's autograd graph, and the
         # built-in analytic rewards cost nothing, so both are scored after the rollout.
@@ -174,6 +180,7 @@ class Trainer:
         w = counts[counts > 0].mean() / counts.clamp(min=1)
         self._row_weight = (None if mc.step_weight == "records" or bool((w[counts > 0] == 1).all())
                             else w.to(self.device).index_select(0, self.plan.record_step))
+        self._step_w = None if self._row_weight is None else w      # per step, for the diagnostics
 
     # ------------------------------------------------------------------------------------------
     def _rollout(self, engines: list[RolloutEngine], plan, cond: Conditioning, gen: torch.Generator, epoch: int,
@@ -288,6 +295,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def epoch(self) -> dict:
         mc = self.cfg.method
+        sec0, nfe0 = dict(self.clock.seconds), dict(self.nfe)
         self.policy.eval()
         if self.cfg.rollout.window:     # MixGRPO: the SDE window moves every window_every epochs
             tr = self.task.transition
@@ -331,9 +339,41 @@ class Trainer:
         if self.sched is not None:
             self.sched.step()
         path_kl = self.credit.path_kl(record_kl).sum(0)          # KL along each final sample's path
-        return {"lr": lr, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
-                "kl": float(path_kl.mean()), "records": int(rec.x.shape[0]),
-                "peak_memory_mb": round(peak_memory(self.device) / 2**20, 1), **stats}
+        out = {"lr": lr, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
+               "kl": float(path_kl.mean()), "records": int(rec.x.shape[0]),
+               "peak_memory_mb": round(peak_memory(self.device) / 2**20, 1), **stats,
+               "seconds_epoch": {k: round(v - sec0.get(k, 0.0), 4) for k, v in self.clock.seconds.items()},
+               "nfe_epoch": {k: v - nfe0.get(k, 0) for k, v in self.nfe.items()}}
+        with self.clock("alloc"):
+            out.update(self._per_step(rec, rows, shift, c, out["seconds_epoch"]))
+        return out
+
+    def _fo_row_weight(self, c) -> Tensor:
+        """The first-order loss weight per row (C1 in native space), for the influence metric."""
+        mc = self.cfg.method
+        w = 0.5 * c.omega**2 if mc.fo_weight == "kl" else 0.5 * torch.ones_like(c.omega)
+        return w if self._row_weight is None else w * self._row_weight
+
+    def _per_step(self, rec: Records, rows: Rows, shift, c, seconds: dict) -> dict:
+        """Per-timestep diagnostics of this epoch (:mod:`rsm_fast.diagnostics`) and, with
+        ``rollout.allocator``, the next epoch's profile (compiled here, so ``self.plan`` is next's)."""
+        mc, plan, n = self.cfg.method, self.plan, self.plan.num_steps
+        clipped = getattr(self, "_last_clipped", None)
+        per = D.step_stats(n, rec.step, plan.record_set, trunks=plan.spec.groups * plan.spec.trunks, adv=rows.adv,
+                           z=rec.z if rows.adv is not None else None, scale=self._psi_scale, clipped=clipped)
+        if rows.adv is not None:
+            per.update(D.zo_influence(self.task.transition, mc, self._omega_train if mc.reweight == "pcpo" else None,
+                                      self._step_w))
+        elif shift is not None and rows.g is not None:
+            per.update(D.fo_influence(n, rec.step, self._fo_row_weight(c), shift, rows.g, c.sigma))
+        out = {"per_step": per}
+        if self.budget is not None:
+            k, info = self.budget.step(plan, rec.step, rows.adv, rec.z, clipped, seconds)
+            per["v_alloc"] = info["v"]
+            out["alloc"] = {"next_k": k, "budget": info["budget"], "used": info["used"], "units": info["units"]}
+            if tuple(k) != tuple(self._spec.k):
+                self._build_plan(replace(self._spec, k=tuple(k)))
+        return out
 
     def _optimize(self, rows: Rows, c, shift, group: Tensor) -> dict:
         tc = self.cfg.train

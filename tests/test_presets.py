@@ -35,7 +35,7 @@ TABLE1 = {
     "pcpo": lambda sg, dt, rho: (rho, rho**2),                                         # PCPO-reweight, matching form
 }
 ZO = [p for p in preset_names() if build_config(p, None, TOY).method.estimator == "zo"]
-FO = [p for p in preset_names() if p not in ZO]
+FO = ["rsm-fo-terminal"]     # the pruned first-order originals (sqdf, residual-nabla-db, vgg-flow): test_presets_fo.py
 
 
 def _rows(tr: Trainer, seed: int):
@@ -125,7 +125,7 @@ def test_first_order_preset_gradient_is_table1(preset):
 def test_every_method_of_the_issue_has_a_preset():
     want = {"reinforce", "ddpo", "grpo", "pcpo", "pcpo-reweight", "pcpo-reweight-flow", "tempflow-grpo",
             "tempflow-grpo-k1", "branch-grpo", "mix-grpo", "grpo-guard", "rsm-uniform-realloc", "rsm-lowsnr",
-            "rsm-sparse", "rsm-fo-terminal", "rsm-soft-zo"}
+            "rsm-sparse", "rsm-fo-terminal", "rsm-soft-zo", "rsm-evr"}
     assert want <= set(preset_names())
 
 
@@ -140,7 +140,8 @@ def test_preset_trains_the_toy(preset):
     tr = Trainer(build_config(preset, None, sets))
     s = tr.run(progress=False)
     assert s["reward_mean"] > 3.2, s
-    assert tr.nfe["rollout"] == tr.epochs_done * tr.plan.nfe()["total"] or cfg.rollout.window
+    # (a MixGRPO window or the online allocator changes the plan between epochs)
+    assert tr.nfe["rollout"] == tr.epochs_done * tr.plan.nfe()["total"] or cfg.rollout.window or cfg.rollout.allocator
 
 
 def test_mix_grpo_window_slides_and_wraps():

@@ -1,0 +1,188 @@
+"""The online budget allocator inside the trainer (rollout.allocator=online, rsm_fast/budget.py) and
+the per-timestep diagnostics (rsm_fast/diagnostics.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rsm_fast import diagnostics as D
+from rsm_fast.allocator import branch_costs
+from rsm_fast.config import ConfigError, build_config
+from rsm_fast.runlog import RunDir
+from rsm_fast.trainer import Trainer
+
+TOY = ["train.threads=1", "task.eval_samples=128", "policy.hidden=16", "train.batch_size=16"]
+
+
+def _trainer(preset="rsm-evr", *sets):
+    return Trainer(build_config(preset, None, TOY + list(sets)))
+
+
+def test_profile_moves_budget_is_kept_and_records_follow_the_plan():
+    tr = _trainer()
+    budget = sum(tr._spec.k)                       # branches per trunk of the starting const:6
+    assert budget == 54
+    profiles = [list(tr._spec.k)]
+    for _ in range(4):
+        nfe0 = tr.nfe["rollout"]
+        plan = tr.plan
+        s = tr.epoch()
+        # this epoch ran the plan it was given: its counted NFE and records are that plan's
+        assert tr.nfe["rollout"] - nfe0 == plan.nfe()["total"]
+        assert s["records"] == plan.num_records
+        assert s["per_step"]["K"][:-1] == [float(k) for k in plan.spec.k[:-1]]
+        nk = s["alloc"]["next_k"]
+        assert list(tr._spec.k) == nk and sum(nk) <= budget and nk[-1] == 0
+        assert all(k == 0 or k >= 2 for k in nk)
+        assert all(abs(a - b) <= 2 for a, b in zip(nk, profiles[-1]))      # hysteresis: +-2 per epoch
+        profiles.append(nk)
+    assert profiles[-1] != profiles[0]
+    # the toy's per-branch variance grows toward high SNR (spec §4.6), and so does K
+    assert profiles[-1][7] > profiles[-1][0]
+
+
+def test_nfe_units_spend_exactly_the_priced_budget():
+    tr = _trainer("rsm-evr-cost")
+    trunks = tr.plan.spec.groups * tr.plan.spec.trunks
+    bc = branch_costs(tr.plan, f_fwd=1.0, f_ref=1.0, f_train=float(tr.cfg.train.inner_updates))
+    budget = bc.profile_cost(tr._spec.k)
+    for _ in range(3):
+        k = list(tr._spec.k)
+        s = tr.epoch()
+        spent = s["nfe_epoch"]["rollout"] + s["nfe_epoch"]["reference"] + s["nfe_epoch"]["train"]
+        assert spent == pytest.approx(trunks * bc.profile_cost(k))     # the price list is the trainer's count
+        assert spent <= trunks * budget + 1e-9
+        assert s["alloc"]["budget"] == pytest.approx(budget) and s["alloc"]["units"] == "nfe"
+    # priced by remaining ODE steps, branches move toward the cheap late steps
+    k = tr._spec.k
+    assert k[8] > k[0] and sum(k) > 54
+
+
+def test_seconds_units_price_from_the_phase_clock():
+    tr = _trainer("rsm-evr", "rollout.alloc_units=seconds")
+    s = tr.epoch()
+    a = s["alloc"]
+    assert a["units"] == "seconds" and a["budget"] > 0
+    assert a["used"] <= a["budget"] * (1 + 1e-9)
+    s = tr.epoch()
+    assert s["alloc"]["used"] <= s["alloc"]["budget"] * (1 + 1e-9)
+
+
+def test_clipped_step_is_deactivated_and_the_plan_drops_it():
+    tr = _trainer("rsm-evr", "rollout.alloc_patience=100")
+    rec_step = tr.plan.record_step
+    for _ in range(3):
+        M = tr.plan.num_records
+        rec_step = tr.plan.record_step
+        adv = torch.randn(M, dtype=torch.float64)
+        z = torch.randn(M, 2, dtype=torch.float64)
+        k, _ = tr.budget.step(tr.plan, rec_step, adv, z, rec_step == 8, None)
+    assert k[8] == 0 and sum(k) <= 54
+    assert tr.budget.alloc.clip[8] > 0.5
+
+
+def test_allocator_state_round_trips():
+    tr = _trainer()
+    tr.epoch()
+    tr.epoch()
+    st = tr.budget.state_dict()
+    tr2 = _trainer()
+    tr2.budget.load_state_dict(json.loads(json.dumps(st)))         # plain data: survives JSON / torch.save
+    assert tr2.budget.state_dict() == st
+    assert tr2.budget.alloc.propose() == tr.budget.alloc.propose()
+
+
+@pytest.mark.parametrize("sets, field", [
+    (["rollout.allocator=online"], "rollout.allocator"),                                  # grpo: sde plan
+    (["rollout.plan=branch", "rollout.profile=const:4", "rollout.allocator=online",
+      "rollout.alloc_k_min=1"], "rollout.alloc_k_min"),
+    (["rollout.plan=branch", "rollout.profile=const:4", "rollout.allocator=online",
+      "rollout.alloc_budget=3"], "rollout.alloc_budget"),
+    (["rollout.plan=branch", "rollout.profile=const:4", "rollout.allocator=online",
+      "rollout.alloc_units=gpu"], "rollout.alloc_units"),
+    (["rollout.plan=branch", "rollout.profile=const:4", "rollout.allocator=online",
+      "rollout.alloc_clip_tau=2"], "rollout.alloc_clip_tau"),
+])
+def test_bad_allocator_config_names_the_field(sets, field):
+    with pytest.raises(ConfigError) as e:
+        Trainer(build_config("grpo", None, TOY + sets))
+    assert field in str(e.value) and "\n" not in str(e.value)
+
+
+def test_first_order_with_allocator_is_refused():
+    with pytest.raises(ConfigError, match="rollout.allocator"):
+        Trainer(build_config("rsm-fo-terminal", None, TOY + ["rollout.plan=branch", "rollout.profile=const:2",
+                                                              "rollout.allocator=online"]))
+
+
+# -- diagnostics ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("reweight, want", [
+    ("base", lambda c: c.omega),
+    ("fair", lambda c: c.omega),
+    ("tempflow", lambda c: 2.25 * c.sigma * c.omega),
+    ("tempflow_outer", lambda c: 2.25 * c.sigma * c.omega),
+    ("guard", lambda c: c.sigma * c.omega / c.dt),
+    ("fair_guard", lambda c: c.sigma * c.omega / c.dt),
+])
+def test_influence_metric_is_gamma_omega(reweight, want):
+    """spec §3.4: for the policy-gradient family h = gamma omega per unit r z and gamma lambda b =
+    sigma gamma omega per unit g; gamma from Table 1 (written here independently of the loss code)."""
+    tr = _trainer("grpo", f"method.reweight={reweight}")
+    tab = tr.task.transition
+    n = tab.num_steps
+    c = tab.coeffs(torch.arange(n), torch.ones(n, dtype=torch.bool), dtype=torch.float64)
+    h = D.zo_influence(tab, tr.cfg.method, None, None)
+    on = c.sigma > 0
+    w = want(c)
+    for i in range(n):
+        if on[i]:
+            assert h["h_rz"][i] == pytest.approx(float(w[i]), rel=1e-12)
+            assert h["h_g"][i] == pytest.approx(float(c.sigma[i] * w[i]), rel=1e-12)
+            assert h["h_g"][i] == pytest.approx(float(w[i] / c.omega[i] * abs(c.lam[i]) * c.b[i]), rel=1e-9)
+        else:
+            assert h["h_rz"][i] is None
+
+
+def test_step_stats_against_a_direct_computation():
+    g = torch.Generator().manual_seed(3)
+    steps = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2])
+    parents = torch.tensor([5, 5, 5, 7, 7, 8, 8, 9])
+    adv = torch.randn(8, generator=g, dtype=torch.float64)
+    z = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    clipped = torch.tensor([1, 0, 0, 1, 1, 0, 0, 0], dtype=torch.bool)
+    scale = [2.0, 0.5, 1.0, 0.0]
+    out = D.step_stats(4, steps, parents, trunks=1, adv=adv, z=z, scale=scale, clipped=clipped)
+    assert out["K"] == [3.0, 4.0, 1.0, None]
+    assert out["clip"] == [pytest.approx(1 / 3), pytest.approx(0.5), 0.0, None]
+    psi = (adv * torch.tensor(scale, dtype=torch.float64)[steps])[:, None] * z
+    v0 = psi[:3].var(0, unbiased=True).mean()
+    v1 = (psi[3:5].var(0, unbiased=True).mean() + psi[5:7].var(0, unbiased=True).mean()) / 2
+    assert out["v"][0] == pytest.approx(float(v0), rel=1e-12)
+    assert out["v"][1] == pytest.approx(float(v1), rel=1e-12)
+    assert out["v"][2] is None and out["v"][3] is None       # a lone record has no sibling spread
+
+
+def test_fo_influence_recovers_a_known_force():
+    steps = torch.tensor([0, 0, 1])
+    g = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    shift = torch.stack([0.5 * g[0], 0.5 * g[1], 2.0 * g[2]])
+    w = torch.tensor([1.0, 1.0, 0.25], dtype=torch.float64)
+    out = D.fo_influence(3, steps, w, shift, g, torch.tensor([0.5, 0.5, 2.0], dtype=torch.float64))
+    assert out["h_g"] == [pytest.approx(1.0), pytest.approx(1.0), None]      # 2 w |shift| / |g|
+    assert out["h_rz"] == [pytest.approx(2.0), pytest.approx(0.5), None]
+
+
+def test_epoch_log_carries_per_step_diagnostics(tmp_path):
+    tr = Trainer(build_config("rsm-evr", None, TOY + ["train.epochs=2"]))
+    tr.run(RunDir(tmp_path / "run"), progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    for rec in lines:
+        per = rec["per_step"]
+        for key in ("K", "v", "h_g", "h_rz"):
+            assert len(per[key]) == tr.plan.num_steps
+        assert per["K"][-1] is None and per["v"][0] > 0
+        assert set(rec["seconds_epoch"]) >= {"rollout", "reward", "train"}
+        assert rec["nfe_epoch"]["rollout"] > 0 and "next_k" in rec["alloc"]
