@@ -4,13 +4,16 @@
 * :class:`RunDir` — the run directory: refuses to clobber an existing run, writes the per-epoch
   JSONL log line by line, and writes ``summary.json``, ``config.yaml`` and checkpoints
   atomically (temp file + ``os.replace``), so an interrupted or failed run never leaves a
-  half-written file behind.
+  half-written file behind. With ``tensorboard=True`` every logged number (and each per-step
+  diagnostic as ``per_step/<name>/<step>``) also goes to TensorBoard event files under ``tb/``.
 * :class:`Progress` — a one-line progress bar on a terminal, periodic lines otherwise.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -68,8 +71,14 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
 class RunDir:
     MARKERS = ("summary.json", "log.jsonl", "checkpoint.pt")
 
-    def __init__(self, path: str | Path, overwrite: bool = False):
+    def __init__(self, path: str | Path, overwrite: bool = False, tensorboard: bool = False):
         self.path = Path(path)
+        if tensorboard:       # fail before anything is written, with the fix in the message
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+            except ImportError:
+                raise RunDirError("--tensorboard needs the tensorboard package: pip install 'rsm_fast[viz]'") from None
+        self._tensorboard, self._tb = tensorboard, None
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"--out '{self.path}' exists and is not a directory")
         existing = [m for m in self.MARKERS if (self.path / m).exists()]
@@ -84,11 +93,19 @@ class RunDir:
         if self._overwrite:
             for m in self.MARKERS:
                 (self.path / m).unlink(missing_ok=True)
+            shutil.rmtree(self.path / "tb", ignore_errors=True)
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         self._log = open(self.path / "log.jsonl", "a", buffering=1)
+        if self._tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(self.path / "tb"))
 
     def log(self, record: dict) -> None:
         self._log.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            step = int(record.get("epoch", 0))
+            for tag, v in scalars(record):
+                self._tb.add_scalar(tag, v, step)
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -97,9 +114,27 @@ class RunDir:
         atomic_torch_save(self.path / "checkpoint.pt", state)
 
     def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def scalars(record: dict, prefix: str = ""):
+    """``(tag, value)`` for every finite number in a log record: nested dicts as ``a/b``, lists
+    (per-step diagnostics) as ``a/<index>`` with two digits, ``None`` entries skipped."""
+    for k, v in record.items():
+        tag = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from scalars(v, f"{tag}/")
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
+                    yield f"{tag}/{i:02d}", float(x)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            yield tag, float(v)
 
 
 class Progress:

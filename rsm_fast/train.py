@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", default=None, metavar="SPEC", help="task.reward, e.g. jpeg, aesthetic:/dir, digit_logprob:3")
     p.add_argument("--graphs", choices=("on", "off"), default=None,
                    help="replay the rollout's model calls from CUDA graphs (CUDA only; default off)")
+    p.add_argument("--tensorboard", action="store_true", help="also log every epoch to TensorBoard (<out>/tb; needs rsm_fast[viz])")
+    p.add_argument("--plots", action="store_true",
+                   help="after the run draw h(t), K_i over epochs, reward vs hours and reward vs KL (<out>/plots; needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -85,9 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides = overrides[len(args.overrides):] + list(args.overrides)
         cfg = build_config(preset, args.config, overrides)
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = RunDir(out, overwrite=args.overwrite)
+        if args.plots:
+            from . import plots
+            plots.require_matplotlib()
+        run_dir = RunDir(out, overwrite=args.overwrite, tensorboard=args.tensorboard)
         trainer = Trainer(cfg)
         summary = trainer.run(run_dir, progress=not args.quiet)
+        if args.plots:
+            for f in plots.draw_run(out):
+                print(f"plot: {f}")
     except (ConfigError, RunDirError, RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
