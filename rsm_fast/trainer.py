@@ -124,17 +124,7 @@ class Trainer:
         self.kl_alpha = mc.kl_coef if mc.kl_coef > 0 else cfg.task.alpha
         tr = self.task.transition
         self._build_plan(plan_spec(cfg, tr.num_steps, tr.sde_mask))
-        # PCPO-reweight's target native weight per step (spec §5.3, [UNCERTAIN] zeta: we recompute
-        # zeta = sum(omega)/sum(dt) over the noisy steps of the schedule in use instead of the
-        # released 4.3152; the diffusion form's constant omega' is the mean omega, spec §12.3)
-        steps = torch.arange(tr.num_steps)
-        cs = tr.coeffs(steps, torch.ones_like(steps, dtype=torch.bool), dtype=torch.float64)
-        on = tr.sde_mask.to(torch.bool) & (cs.omega > 0)
-        if cfg.method.pcpo_target == "dt":
-            omega_train = cs.dt * (cs.omega[on].sum() / cs.dt[on].sum())
-        else:
-            omega_train = torch.full_like(cs.omega, float(cs.omega[on].mean()))
-        self._omega_train = omega_train.to(self.device)    # float64; cast to the rows' dtype at use
+        self._omega_train = self._pcpo_target(tr) if mc.reweight == "pcpo" else None
         # rollout.allocator=online: K per step re-allocated after every update (rsm_fast/budget.py)
         self.budget = BudgetController(cfg, tr, self.plan, self.task.cfg_scale is not None) if cfg.rollout.allocator else None
         self._psi_scale = step_scale(tr, cfg.rollout.alloc_psi_units)     # psi = scale A z (diagnostics' v)
@@ -150,6 +140,20 @@ class Trainer:
         self.score_loss = ops.score_loss if fused else score_regression_loss
         if fused:  # build / load the device's kernels now, outside the timed phases
             ops.backends.for_device(self.device)
+
+    def _pcpo_target(self, tr) -> Tensor:
+        """PCPO-reweight's target native weight omega' per step, float64 (spec §5.3; [UNCERTAIN]
+        zeta: we recompute zeta = sum(omega)/sum(dt) over the noisy steps of the schedule in use
+        instead of the released 4.3152; the diffusion form's constant omega' is the mean omega,
+        spec §12.3)."""
+        steps = torch.arange(tr.num_steps)
+        cs = tr.coeffs(steps, torch.ones_like(steps, dtype=torch.bool), dtype=torch.float64)
+        on = tr.sde_mask.to(torch.bool) & (cs.omega > 0)
+        if self.cfg.method.pcpo_target == "dt":
+            omega_train = cs.dt * (cs.omega[on].sum() / cs.dt[on].sum())
+        else:
+            omega_train = torch.full_like(cs.omega, float(cs.omega[on].mean()))
+        return omega_train.to(self.device)    # cast to the rows' dtype at use
 
     def _build_plan(self, spec: PlanSpec) -> None:
         """Compile ``spec`` (in ``rollout.waves`` waves), one engine per wave, the merged epoch plan,

@@ -58,7 +58,6 @@ def test_merged_waves_equal_the_whole_plan_up_to_order(spec, waves):
     assert torch.equal(torch.where(par >= 0, perm[par.clamp(min=0)], par), full.record_parent[perm])
     # baseline sets: the same partition of the records
     pairs = lambda sets: {frozenset(torch.nonzero(sets == s).flatten().tolist()) for s in sets.unique().tolist()}  # noqa: E731
-
     assert {frozenset(perm[sorted(p)].tolist()) for p in pairs(merged.record_set)} == pairs(full.record_set)
     assert sorted(merged.set_sizes) == sorted(full.set_sizes)
     # every final sample keeps its ancestors (final keys are unique per leaf)
