@@ -436,7 +436,30 @@ class Trainer:
         trained = {n: p.detach().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
         return {"policy": trained, "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict() if self.sched is not None else None,
-                "epochs_done": self.epochs_done, "generator": self.gen.get_state(), "config": to_dict(self.cfg)}
+                "epochs_done": self.epochs_done, "generator": self.gen.get_state(), "config": to_dict(self.cfg),
+                "allocator": None if self.budget is None else {**self.budget.state_dict(), "k": list(self._spec.k)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`: trained parameters, optimizer, scheduler, RNG, epoch count
+        and the allocator (its statistics and the profile the next epoch runs)."""
+        params = dict(self.policy.named_parameters())
+        for n, v in state["policy"].items():
+            if n not in params or params[n].shape != v.shape:
+                raise ValueError(f"checkpoint parameter {n!r} does not match this policy")
+            with torch.no_grad():
+                params[n].copy_(v)
+        self.opt.load_state_dict(state["optimizer"])
+        if self.sched is not None and state.get("scheduler") is not None:
+            self.sched.load_state_dict(state["scheduler"])
+        self.epochs_done = int(state["epochs_done"])
+        self.gen.set_state(state["generator"])
+        alloc = state.get("allocator")
+        if (alloc is None) != (self.budget is None):
+            raise ValueError("checkpoint 'allocator' does not match rollout.allocator of this config")
+        if alloc is not None:
+            self.budget.load_state_dict(alloc)
+            if tuple(alloc["k"]) != tuple(self._spec.k):
+                self._build_plan(replace(self._spec, k=tuple(alloc["k"])))
 
     def run(self, run_dir: RunDir | None = None, progress: bool = True) -> dict:
         tc = self.cfg.train

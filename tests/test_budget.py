@@ -83,6 +83,23 @@ def test_clipped_step_is_deactivated_and_the_plan_drops_it():
     assert tr.budget.alloc.clip[8] > 0.5
 
 
+def test_checkpoint_resumes_the_allocator_and_its_plan(tmp_path):
+    """Resuming from checkpoint.pt continues exactly: the same next profile, plan and epoch stats."""
+    a = _trainer()
+    for _ in range(3):
+        a.epoch()
+    torch.save(a.state_dict(), tmp_path / "ck.pt")
+    b = _trainer()
+    b.load_state_dict(torch.load(tmp_path / "ck.pt", weights_only=False))
+    assert b._spec.k == a._spec.k and b.epochs_done == 3
+    sa, sb = a.epoch(), b.epoch()
+    assert sa["alloc"]["next_k"] == sb["alloc"]["next_k"]
+    assert sa["reward_mean"] == sb["reward_mean"] and sa["loss"] == sb["loss"]
+    c = Trainer(build_config("tempflow-grpo", None, TOY))
+    with pytest.raises(ValueError, match="allocator"):
+        c.load_state_dict(a.state_dict())
+
+
 def test_allocator_state_round_trips():
     tr = _trainer()
     tr.epoch()
