@@ -414,15 +414,20 @@ class OnlineAllocator:
         return self.profile[i] == 0 and self.off_since[i] is not None and self.epochs - self.off_since[i] < self.patience
 
     def eligible(self) -> list[bool]:
-        """Steps the next update may branch at (trainable, not cooling down, clip and SNR tests)."""
-        out = []
+        """Steps the next update may branch at (trainable, not cooling down, clip and SNR tests).
+        The tests only rank steps against each other: when they would switch off every trainable
+        step (e.g. a trust region clipping most rows everywhere), the clip and SNR tests are
+        ignored for this update, then the cooling test too, so the plan always keeps a branch."""
         kref = self.k_max or max(max(self.profile), self.k_min)
-        for i in range(self.n):
-            cooling = self._cooling(i)
-            clip_off = self.clip[i] is not None and self.clip[i] > self.clip_tau
-            snr_off = (self.snr_min is not None and self.v[i] is not None and self.v[i] > 0
-                       and self.m[i] * kref / self.v[i] < self.snr_min)
-            out.append(self.trainable[i] and not cooling and not clip_off and not snr_off)
+        cooling = [self._cooling(i) for i in range(self.n)]
+        noisy = [(self.clip[i] is not None and self.clip[i] > self.clip_tau)
+                 or (self.snr_min is not None and self.v[i] is not None and self.v[i] > 0
+                     and self.m[i] * kref / self.v[i] < self.snr_min) for i in range(self.n)]
+        for ignore_tests, ignore_cooling in ((False, False), (True, False), (True, True)):
+            out = [self.trainable[i] and (ignore_cooling or not cooling[i]) and (ignore_tests or not noisy[i])
+                   for i in range(self.n)]
+            if any(out):
+                return out
         return out
 
     def _used(self, K) -> float:

@@ -391,3 +391,19 @@ def test_bad_inputs_one_line_errors(call, word):
     with pytest.raises(ValueError, match=word) as e:
         call()
     assert "\n" not in str(e.value)
+
+
+def test_clipping_everywhere_never_switches_every_step_off():
+    """A trust region clipping most rows at every step (the 2-D task after a long drift) ranks
+    nothing: the allocator keeps branching instead of leaving an empty plan."""
+    from rsm_fast.allocator import OnlineAllocator
+    n = 10
+    al = OnlineAllocator(n, 54, init=[6] * 9 + [0], ema=0.0, patience=3)
+    steps = torch.arange(9).repeat_interleave(6)
+    parents = torch.arange(9).repeat_interleave(6)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        al.observe(steps, parents, adv=torch.randn(54, generator=g), z=torch.randn(54, 2, generator=g),
+                   clipped=torch.ones(54, dtype=torch.bool))
+        k = al.propose()
+        assert sum(k) > 0 and sum(k) <= 54 and all(a == 0 or a >= 2 for a in k)
