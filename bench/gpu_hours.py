@@ -1,26 +1,46 @@
 """GPU-hours benchmark: presets on one task under one budget and one seed set (issue 6, item 5).
 
-    python bench/gpu_hours.py --task toy2d --presets tempflow-grpo,tempflow-grpo-k1,rsm-evr,rsm-evr-cost \
-        --seeds 0,1,2 --epochs 40 --eval-every 2 --eval-samples 1024 --target 6 --out bench/results/gpu_hours_toy2d
+    python bench/gpu_hours.py --task toy2d --presets tempflow-grpo,tempflow-grpo-k1,rsm-evr \\
+        --seeds 0,1,2 --epochs 60 --budget-nfe 1500000 --eval-every 1 --eval-samples 1024 \\
+        --target 8 --out bench/results/gpu_hours_toy2d_<date>
 
-Every (preset, seed) run trains with the same ``--set`` overrides (batch, steps, reward: the same
-budget per epoch for presets that share a plan shape), and records per epoch its training model
-evaluations (rollout + reference + train, as ``Trainer.nfe`` counts them), wall-clock seconds and
-process CPU seconds of the training epochs only, the training batch's reward and KL, and every
-``--eval-every`` epochs a held-out evaluation (fixed seed, ``--eval-samples`` samples; its cost is
-recorded apart and not charged to the run). Time to target: the first evaluation at or above
-``--target``, linearly interpolated in NFE / seconds from the evaluation before it (an evaluation
-before training is point 0). A run that never reaches it is reported as not reached (its ratio
-is then a bound, written ``>x``).
+**Runs.** Every (preset, seed) run is built like ``python -m rsm_fast.train --preset P --set ...``
+(``rsm_fast.config.build_config``) with the same ``--set`` overrides for every preset, then
+``Trainer.epoch()`` is called in a loop until the first budget is spent: ``--epochs`` epochs,
+``--budget-nfe`` training model evaluations or ``--budget-seconds`` training seconds (process CPU
+seconds on a CPU device, wall-clock on CUDA); the epoch that crosses a budget is the last one.
+Per epoch: training NFE (rollout + reference + train, as ``Trainer.nfe`` counts them), wall-clock
+(``perf_counter``) and process CPU seconds (``process_time``; all threads, so ``--threads 1``) of
+``epoch()`` alone, the training batch's reward and path KL, and every ``--eval-every`` epochs (and
+before training and at the end) a held-out evaluation, ``Trainer.evaluate(--eval-samples)``:
+full-SDE samples from a fixed eval seed (the run's seed + 1000003, the same for every preset
+at that seed), mean reward and KL to the reference. Its cost is recorded apart (``eval_s``,
+``eval_nfe``) and never charged to the run.
 
-CPU-hours vs wall-clock: on a shared CPU, wall-clock includes time the process waited for a core;
-process CPU time does not (it sums all the process's threads, so run with ``--threads 1``). On a
-GPU the column is GPU-hours (wall-clock, the device is exclusive).
+**Time to target.** On the held-out curve (the pre-training evaluation is point 0 at zero cost):
+the first evaluation with reward >= target, interpolated linearly from the evaluation before it,
+with the same fraction in epochs, NFE, CPU and wall seconds. At point 0 already: cost 0. Never:
+"not reached". ``--target T`` is an absolute reward; ``--target-frac f`` sets
+``T = r0 + f (r_best - r0)`` with r0 the median pre-training reward and r_best the best preset's
+median final reward (= f x r_best when r0 = 0; the offset form because a reward such as the 2-D
+task's starts at 3, not 0).
 
-Outputs (``--out PREFIX``): ``PREFIX_epochs.csv`` (one row per epoch), ``PREFIX_runs.csv`` (one row
-per run), ``PREFIX.md`` (medians, min-max over seeds, speedups vs ``--baseline`` paired by seed,
-reward-KL Pareto points, the machine and the command line) and ``PREFIX.png`` (reward vs NFE,
-reward vs CPU/GPU-hours, reward vs KL).
+**Ratios.** Speedup of a preset over ``--baseline`` = baseline cost to target / preset cost,
+paired by seed, then median and min-max over seeds. If the baseline missed the target its cost
+exceeds what it spent, so the speedup is a lower bound ``>x`` (x = its spend / the preset's
+cost); if the preset missed it, an upper bound ``<x``; both missed: NA. The median and range use
+exact seeds only; bounds are listed beside them.
+
+CPU-hours vs wall-clock: on a shared CPU wall-clock includes the time the process waited for a
+core, process CPU time does not, so CPU-hours are the more robust figure there. On CUDA the time
+column is GPU-hours (wall-clock; the device is exclusive, and we synchronise before each reading).
+
+Outputs for ``--out PREFIX``: ``PREFIX.csv`` (one row per epoch), ``PREFIX_summary.csv`` (one row
+per run: costs to target, final reward/KL, per-seed speedups), ``PREFIX.md``, ``PREFIX.png``
+(reward vs NFE, vs CPU/GPU-hours, vs wall-clock; reward-KL Pareto scatter; needs matplotlib) and
+``PREFIX.json`` (the command, machine, code version and settings). ``--reanalyze PREFIX`` re-reads
+PREFIX.csv and PREFIX.json and writes the summary, markdown and plot for another ``--target`` (to
+``--out``) without training again.
 """
 from __future__ import annotations
 
@@ -28,8 +48,11 @@ import argparse
 import csv
 import json
 import math
+import os
 import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 from datetime import date
@@ -38,14 +61,28 @@ from pathlib import Path
 import torch
 
 from rsm_fast.config import ConfigError, build_config
-from rsm_fast.trainer import Trainer
+from rsm_fast.rewards import RewardError
+from rsm_fast.trainer import NonFiniteError, Trainer
+
+try:                                    # imported as bench.gpu_hours (tests) or run as a script
+    from bench.gpu_hours_plots import write_plots
+except ImportError:
+    from gpu_hours_plots import write_plots
+
+DEFAULT_PRESETS = "tempflow-grpo,tempflow-grpo-k1,rsm-uniform-realloc,rsm-evr,rsm-evr-cost"
+PHASES = ("rollout", "reward", "train", "alloc")       # the trainer's phase clock (wall seconds)
+EPOCH_FIELDS = ("preset", "seed", "epoch", "nfe", "nfe_rollout", "nfe_reference", "nfe_train", "wall_s", "cpu_s",
+                "train_reward", "train_kl", "eval_reward", "eval_kl", "eval_s", "eval_nfe") + tuple(f"{k}_s" for k in PHASES)
+COSTS = ("epochs", "nfe", "cpu_s", "wall_s")          # the x's of a crossing, in this order
 
 
 # ------------------------------------------------------------------------------------------------
+# arithmetic
+# ------------------------------------------------------------------------------------------------
 def crossing(points: list[tuple[float, ...]], target: float) -> list[float] | None:
-    """``points`` = [(reward, x1, x2, ...)] in time order; the x's where reward first reaches
-    ``target``, interpolated linearly from the previous point (the first point itself if it is
-    already there); None if never reached."""
+    """``points`` = [(reward, x1, x2, ...)] in time order: the x's where the reward first reaches
+    ``target``, linearly interpolated from the previous point (the first point's own x's if it
+    is already there); None if it never does."""
     for j, p in enumerate(points):
         if p[0] >= target:
             if j == 0:
@@ -56,236 +93,452 @@ def crossing(points: list[tuple[float, ...]], target: float) -> list[float] | No
     return None
 
 
-def paired_ratios(base: dict[int, float | None], other: dict[int, float | None]) -> list[tuple[float, str]]:
-    """Speedup per seed = baseline cost / preset cost. ``(value, kind)``: kind '' exact, '>' the
-    baseline did not reach the target within the budget (its cost is at least the budget, so the
-    speedup is at least the value), '<' the preset did not, 'na' neither did."""
+def eval_points(rows: list[dict]) -> list[tuple[float, ...]]:
+    """One run's evaluation rows as crossing points (reward, epochs, nfe, cpu_s, wall_s)."""
+    return [(r["eval_reward"], r["epoch"], r["nfe"], r["cpu_s"], r["wall_s"])
+            for r in rows if not math.isnan(r["eval_reward"])]
+
+
+def paired_ratios(base: dict[int, tuple], other: dict[int, tuple]) -> list[tuple[int, float, str]]:
+    """Speedup per seed = baseline cost / preset cost, ``base`` and ``other`` mapping seed ->
+    (cost to target or None if missed, total spent). Returns (seed, value, kind): kind '' exact,
+    '>' lower bound (the baseline missed), '<' upper bound (the preset missed), 'na' both missed
+    (value nan). Seeds missing from either side are skipped."""
+    def div(a, b):
+        return a / b if b > 0 else (1.0 if a == 0 else math.inf)
     out = []
-    for seed in sorted(base):
-        b, o = base[seed], other.get(seed)
-        if b is not None and o is not None:   # 0 = already at the target before training
-            out.append((b / o if o > 0 else (1.0 if b == 0 else math.inf), ""))
+    for seed in sorted(set(base) & set(other)):
+        (b, b_spent), (o, o_spent) = base[seed], other[seed]
+        if b is not None and o is not None:
+            out.append((seed, div(b, o), ""))
         elif b is None and o is not None:
-            out.append((math.nan, ">"))
-        elif b is not None and o is None:
-            out.append((math.nan, "<"))
+            out.append((seed, div(b_spent, o), ">"))
+        elif b is not None:
+            out.append((seed, div(b, o_spent), "<"))
         else:
-            out.append((math.nan, "na"))
+            out.append((seed, math.nan, "na"))
     return out
+
+
+def ratio_stats(rs: list[tuple[int, float, str]]) -> dict:
+    """Median and min/max over the exact ratios; 'faster' = seeds on which the preset is surely
+    faster (exact > 1, or a lower bound >= 1), out of 'n'."""
+    exact = [v for _, v, k in rs if k == ""]
+    faster = sum(1 for _, v, k in rs if (k == "" and v > 1) or (k == ">" and v >= 1))
+    return {"median": statistics.median(exact) if exact else math.nan, "min": min(exact, default=math.nan),
+            "max": max(exact, default=math.nan), "n_exact": len(exact), "faster": faster, "n": len(rs),
+            "bounds": [(s, v, k) for s, v, k in rs if k]}
 
 
 def pareto(points: list[tuple[str, float, float]]) -> list[bool]:
     """Non-dominated flags for (name, reward, kl): higher reward and lower KL are better."""
-    flags = []
-    for _, r, k in points:
-        dom = any((r2 >= r and k2 <= k) and (r2 > r or k2 < k) for _, r2, k2 in points)
-        flags.append(not dom)
-    return flags
+    return [not any(r2 >= r and k2 <= k and (r2 > r or k2 < k) for _, r2, k2 in points) for _, r, k in points]
+
+
+def resolve_target(rows: list[dict], target: float | None, frac: float | None) -> tuple[float, str]:
+    """The absolute target and a sentence saying where it came from."""
+    if target is not None:
+        return target, f"{target:g} (absolute, --target)"
+    runs = group_runs(rows)
+    r0 = statistics.median(eval_points(rs)[0][0] for rs in runs.values())
+    finals: dict[str, list[float]] = {}
+    for (p, _), rs in runs.items():
+        finals.setdefault(p, []).append(eval_points(rs)[-1][0])
+    best_p, best = max(((p, statistics.median(v)) for p, v in finals.items()), key=lambda t: t[1])
+    t = r0 + frac * (best - r0)
+    if best <= r0:
+        print(f"warning: no preset improved on the reward before training ({best:.4g} <= {r0:.4g}); "
+              "every run reaches --target-frac's target at zero cost", file=sys.stderr)
+    return t, (f"{t:.4g} = r0 + {frac:g} (r_best - r0) with r0 = {r0:.4g} (median before training) and "
+               f"r_best = {best:.4g} ({best_p}'s median final reward) (--target-frac)")
+
+
+def group_runs(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    out: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        out.setdefault((r["preset"], r["seed"]), []).append(r)
+    return out
+
+
+def summarize(rows: list[dict], target: float, baseline: str, stops: dict | None = None) -> list[dict]:
+    """One summary row per (preset, seed): totals, costs to target, final reward/KL, speedups.
+    ``stops`` maps (preset, seed) to why the run ended ('epochs', 'nfe', 'seconds' or 'failed: ...');
+    a run that failed before reaching the target gets no speedup (kind 'failed')."""
+    runs = []
+    for (p, seed), rs in group_runs(rows).items():
+        pts, last = eval_points(rs), rs[-1]
+        hit = crossing(pts, target)
+        run = {"preset": p, "seed": seed, "stop": (stops or {}).get((p, seed), ""), "epochs": last["epoch"],
+               "nfe": last["nfe"], "cpu_s": last["cpu_s"],
+               "wall_s": last["wall_s"], "eval_s": last["eval_s"], "eval_nfe": last["eval_nfe"],
+               "nfe_per_epoch": last["nfe"] / max(last["epoch"], 1), "target": target, "reached": hit is not None}
+        for c, v in zip(COSTS, hit or [None] * len(COSTS)):
+            run[f"{c}_to_target"] = v
+        run.update(final_reward=pts[-1][0], final_kl=[r["eval_kl"] for r in rs if not math.isnan(r["eval_reward"])][-1])
+        for k in ("cpu", "wall") + PHASES:      # per epoch, for the systems side (phases: wall-clock)
+            run[f"{k}_s_per_epoch"] = last.get(f"{k}_s", math.nan) / max(last["epoch"], 1)
+        runs.append(run)
+    base = {r["seed"]: r for r in runs if r["preset"] == baseline}
+    for run in runs:          # kind 'unpaired': no baseline run at this seed
+        for c in ("nfe", "cpu_s", "wall_s"):
+            b = base.get(run["seed"])
+            rs = paired_ratios({0: (b[f"{c}_to_target"], b[c])}, {0: (run[f"{c}_to_target"], run[c])}) if b else []
+            if b and any(x["stop"].startswith("failed") and not x["reached"] for x in (b, run)):
+                rs = [(0, math.nan, "failed")]
+            run[f"speedup_{c}"] = rs[0][1] if rs else math.nan
+            run[f"speedup_{c}_kind"] = rs[0][2] if rs else "unpaired"
+    return runs
 
 
 # ------------------------------------------------------------------------------------------------
-def run_one(preset: str, seed: int, args, overrides: list[str]) -> tuple[list[dict], dict]:
+# running
+# ------------------------------------------------------------------------------------------------
+def run_config(preset: str, args, seed: int):
     sets = [f"task.name={args.task}", f"train.seed={seed}", f"train.threads={args.threads}",
-            f"task.eval_samples={args.eval_samples}"] + overrides
-    cfg = build_config(preset, None, sets)
-    torch.manual_seed(seed)
-    tr = Trainer(cfg)
-    rows, wall, cpu, eval_s = [], 0.0, 0.0, 0.0
+            f"task.eval_samples={args.eval_samples}"] + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+    try:
+        return build_config(preset, None, sets + list(args.set))
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if f"'{preset}'" in msg else f"preset {preset}: {msg}") from None
 
-    def evaluate(epoch: int) -> dict:
+
+def run_one(preset: str, seed: int, args, log=print) -> tuple[list[dict], str]:
+    """Train one (preset, seed) until the first budget is spent: one row per epoch (+ epoch 0) and
+    why it stopped. A run whose trainer raises after the first epoch (a NaN, an allocator that left
+    nothing to train) ends with that epoch, as 'failed: <message>': its cost counts (no train
+    reward/KL) and the policy as it was left is evaluated."""
+    tr = Trainer(run_config(preset, args, seed))
+    cuda = tr.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    wall = cpu = eval_s = 0.0
+
+    def evaluate(row: dict) -> None:
         nonlocal eval_s
+        sync()
         t0 = time.perf_counter()
         ev = tr.evaluate(args.eval_samples)
+        sync()
         eval_s += time.perf_counter() - t0
-        return {"eval_reward": ev["reward_mean"], "eval_kl": ev["kl_to_reference"]}
+        row.update(eval_reward=ev["reward_mean"], eval_kl=ev["kl_to_reference"], eval_s=round(eval_s, 4),
+                   eval_nfe=tr.nfe["eval"])
 
-    train_nfe = lambda: tr.nfe["rollout"] + tr.nfe["reference"] + tr.nfe["train"]  # noqa: E731
-    rows.append({"preset": preset, "seed": seed, "epoch": 0, "nfe": 0, "wall_s": 0.0, "cpu_s": 0.0,
-                 "train_reward": math.nan, "train_kl": math.nan, **evaluate(0)})
-    for e in range(1, args.epochs + 1):
-        t0, c0 = time.perf_counter(), time.process_time()
-        s = tr.epoch()
-        wall += time.perf_counter() - t0
-        cpu += time.process_time() - c0
-        row = {"preset": preset, "seed": seed, "epoch": e, "nfe": train_nfe(), "wall_s": round(wall, 4),
-               "cpu_s": round(cpu, 4), "train_reward": s.get("reward_mean", math.nan), "train_kl": s.get("kl", math.nan),
-               "eval_reward": math.nan, "eval_kl": math.nan}
-        if e % args.eval_every == 0 or e == args.epochs:
-            row.update(evaluate(e))
-        rows.append(row)
-        if args.budget_nfe and row["nfe"] >= args.budget_nfe:
-            if math.isnan(row["eval_reward"]):
-                row.update(evaluate(e))
-            break
-    tr.close()
-    evals = [(r["eval_reward"], r["nfe"], r["wall_s"], r["cpu_s"]) for r in rows if not math.isnan(r["eval_reward"])]
-    hit = crossing(evals, args.target)
-    last = [r for r in rows if not math.isnan(r["eval_reward"])][-1]
-    run = {"preset": preset, "seed": seed, "epochs": rows[-1]["epoch"], "nfe": rows[-1]["nfe"], "wall_s": rows[-1]["wall_s"],
-           "cpu_s": rows[-1]["cpu_s"], "eval_s": round(eval_s, 3), "final_reward": last["eval_reward"],
-           "final_kl": last["eval_kl"], "reached": hit is not None,
-           "nfe_to_target": None if hit is None else hit[0], "wall_to_target": None if hit is None else hit[1],
-           "cpu_to_target": None if hit is None else hit[2]}
-    return rows, run
+    def row(epoch: int, s: dict) -> dict:
+        return {"preset": preset, "seed": seed, "epoch": epoch, "nfe": tr.nfe_total(), "nfe_rollout": tr.nfe["rollout"],
+                "nfe_reference": tr.nfe["reference"], "nfe_train": tr.nfe["train"], "wall_s": round(wall, 4),
+                "cpu_s": round(cpu, 4), "train_reward": s.get("reward_mean", math.nan), "train_kl": s.get("kl", math.nan),
+                "eval_reward": math.nan, "eval_kl": math.nan, "eval_s": round(eval_s, 4), "eval_nfe": tr.nfe["eval"],
+                **{f"{k}_s": round(tr.clock.seconds.get(k, 0.0), 4) for k in PHASES}}
+
+    rows = [row(0, {})]
+    evaluate(rows[0])
+    epoch, stop = 0, None
+    try:
+        while stop is None:
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                s = tr.epoch()
+            except (ConfigError, NonFiniteError, RewardError) as e:
+                if epoch == 0:
+                    raise
+                s, stop = {}, "failed: " + str(e).splitlines()[0]
+            sync()
+            wall += time.perf_counter() - t0
+            cpu += time.process_time() - c0
+            epoch += 1
+            rows.append(row(epoch, s))
+            spent = wall if cuda else cpu
+            stop = stop or ("epochs" if args.epochs and epoch >= args.epochs else
+                            "nfe" if args.budget_nfe and tr.nfe_total() >= args.budget_nfe else
+                            "seconds" if args.budget_seconds and spent >= args.budget_seconds else None)
+            if stop or epoch % args.eval_every == 0:
+                evaluate(rows[-1])
+    finally:
+        tr.close()
+    last = rows[-1]
+    log(f"{preset:22s} seed {seed}: {epoch} epochs (stop: {stop}), NFE {last['nfe']:,}, CPU {last['cpu_s']:.1f} s, "
+        f"wall {last['wall_s']:.1f} s, eval {last['eval_s']:.1f} s, final reward {last['eval_reward']:.3f} "
+        f"KL {last['eval_kl']:.3g}", flush=True)
+    return rows, stop
+
+
+def machine(device: str, threads: int) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(), "device": device, "date": date.today().isoformat(),
+            "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def provenance() -> dict:
+    """Which rsm_fast ran: its folder, the git commit there and whether rsm_fast/ differs from it
+    (read-only git calls; 'unknown' without git)."""
+    import rsm_fast
+    root = Path(rsm_fast.__file__).resolve().parents[1]
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+
+    def git(*a):
+        return subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=20, env=env)
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--", "rsm_fast").stdout.splitlines() if head.returncode == 0 else []
+    except (OSError, subprocess.SubprocessError):
+        head, changed = None, []
+    ok = head is not None and head.returncode == 0
+    return {"path": str(root), "commit": head.stdout.strip() if ok else "unknown", "changed_files": len(changed) if ok else None}
 
 
 # ------------------------------------------------------------------------------------------------
-def _fmt(vals: list[float], digits: int = 3) -> str:
-    vals = [v for v in vals if v is not None and not math.isnan(v)]
+# outputs
+# ------------------------------------------------------------------------------------------------
+def write_csv(path: Path, rows: list[dict], fields=None) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(fields or rows[0]), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def read_epochs(path: Path) -> list[dict]:
+    rows = []
+    with open(path, newline="") as fh:
+        for r in csv.DictReader(fh):
+            rows.append({k: (v if k == "preset" else int(v) if k in ("seed", "epoch") or k.startswith("nfe")
+                             or k == "eval_nfe" else float(v)) for k, v in r.items()})
+    return rows
+
+
+def _num(v: float, digits: int = 3) -> str:
+    return f"{v:,.0f}" if abs(v) >= 10 ** digits else f"{v:.{digits}g}"
+
+
+def _fmt(vals, digits: int = 3, scale: float = 1.0) -> str:
+    """Median (min–max) of the non-missing values."""
+    vals = [v * scale for v in vals if v is not None and not math.isnan(v)]
     if not vals:
         return "—"
-    med = statistics.median(vals)
-    return f"{med:.{digits}g} ({min(vals):.{digits}g}–{max(vals):.{digits}g})" if len(vals) > 1 else f"{med:.{digits}g}"
+    med, lo, hi = (_num(v, digits) for v in (statistics.median(vals), min(vals), max(vals)))
+    return f"{med} ({lo}–{hi})" if len(vals) > 1 and lo != hi else med
 
 
-def _ratio_cell(rs: list[tuple[float, str]]) -> str:
-    exact = [v for v, k in rs if k == ""]
-    bounds = [k for _, k in rs if k]
-    cell = _fmt(exact, 3) + "×" if exact else "—"
-    if bounds:
-        cell += f" [{len(bounds)} seed(s): " + ", ".join(bounds) + "]"
-    return cell
+def _ratio_cell(st: dict) -> str:
+    cell = "—" if not st["n_exact"] else (f"{st['median']:.3g}× ({st['min']:.3g}–{st['max']:.3g})" if st["n_exact"] > 1
+                                         else f"{st['median']:.3g}×")
+    if st["bounds"]:
+        cell += "; " + ", ".join(f"s{s}: " + ({"na": "NA", "failed": "failed"}.get(k) or f"{k}{v:.3g}×")
+                                 for s, v, k in st["bounds"])
+    return cell + f"; faster {st['faster']}/{st['n']}"
 
 
-def write_markdown(path: Path, runs: list[dict], args, argv: list[str], hours: str) -> None:
+def _kind(v: float, k: str) -> str:
+    return {"na": "NA (both missed)", "unpaired": "—", "failed": "failed"}.get(k, f"{k}{v:.3g}×")
+
+
+def write_markdown(path: Path, runs: list[dict], meta: dict, target_note: str) -> None:
+    a, m = meta["args"], meta["machine"]
+    gpu = m["device"].startswith("cuda")
+    clocks = [("wall_s", "GPU-hours")] if gpu else [("cpu_s", "CPU-hours"), ("wall_s", "wall-clock hours")]
     presets = list(dict.fromkeys(r["preset"] for r in runs))
-    by = {p: {r["seed"]: r for r in runs if r["preset"] == p} for p in presets}
-    base = by.get(args.baseline)
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    dev = "cuda" if any("cuda" in s for s in args.set) else "cpu"
-    lines = [f"# GPU-hours benchmark: {args.task}", "",
-             f"Date {date.today().isoformat()}; torch {torch.__version__}; device {dev} ({cpu}); "
-             f"{args.threads} thread(s) per run; Python {platform.python_version()}.", "",
-             f"Command: `python bench/{Path(__file__).name} {' '.join(argv)}`", "",
-             f"Budget: {args.epochs} epochs" + (f" or {args.budget_nfe:,} training NFE" if args.budget_nfe else "")
-             + f" per run; seeds {args.seeds}; overrides for every preset: {args.set or 'none'}; "
-             f"held-out evaluation every {args.eval_every} epochs on {args.eval_samples} samples (not charged). "
-             f"Target reward {args.target:g}. Speedup = {args.baseline}'s cost to the target / the preset's, "
-             f"per seed, then median (min–max); '>' = the baseline missed the target within the budget, "
-             f"'<' = the preset missed it.", "",
-             f"| preset | reached | training NFE to target | {hours} s to target (process time) | wall-clock s to target "
-             f"| speedup in NFE | speedup in CPU time | speedup in wall-clock | final reward | final KL |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    by = {p: [r for r in runs if r["preset"] == p] for p in presets}
+    base = a["baseline"] if a["baseline"] in by else None
+    budget = [f"{a['epochs']} epochs" if a["epochs"] else "", f"{a['budget_nfe']:,} training NFE" if a["budget_nfe"] else "",
+              f"{a['budget_seconds']:g} training {'wall' if gpu else 'CPU'} seconds" if a["budget_seconds"] else ""]
+    dev = f"CUDA {m['gpu']}" if gpu else f"CPU {m['cpu']}, {m['cores']} cores"
+    code = meta.get("code", {})
+    code_note = (f"rsm_fast from `{code.get('path')}` at git {code.get('commit')}" +
+                 ("" if code.get("changed_files") is None else " (clean)" if not code["changed_files"]
+                  else f" with uncommitted changes in {code['changed_files']} file(s) under rsm_fast/"))
+    lines = [f"# GPU-hours benchmark: {a['task']} ({'GPU' if gpu else 'CPU'}-hours)", "",
+             f"- Date {m['date']}; {dev}; {m['threads']} torch thread(s) per run; torch {m['torch']}; "
+             f"Python {m['python']}. 1-min load average before / after: {m['loadavg_before']} / {m.get('loadavg_after', '?')}.",
+             f"- Code: {code_note}.",
+             f"- Command: `{meta['command']}`" + (f"; tables rewritten by `{meta['reanalyzed']}`" if meta.get("reanalyzed") else ""),
+             f"- Budget per run: the first of {', '.join(b for b in budget if b)} (the epoch that crosses it is the last); "
+             f"seeds {a['seeds']}; `--set` for every preset: {' '.join(a['set']) or 'none'}.",
+             f"- Held-out evaluation before training, every {a['eval_every']} epoch(s) and at the end: {a['eval_samples']} "
+             "full-SDE samples from a fixed seed per training seed; its cost is not charged to the run (eval_s in the CSV).",
+             f"- Target reward: {target_note}. Time to target: the first evaluation at or above it, linearly interpolated "
+             "from the one before (cost 0 if the policy starts there).",
+             f"- Speedup = {base or a['baseline'] + ' (not run)'}'s cost to the target / the preset's, paired by seed, "
+             "median (min–max) over the seeds where both reached it; `>x` = the baseline missed it (lower bound), "
+             "`<x` = the preset missed it (upper bound); faster k/n = seeds on which the preset is surely faster.",
+             "- " + ("GPU-hours = wall-clock on the device." if gpu else
+                     "CPU-hours = process CPU time (all threads) of the training epochs; wall-clock includes time the "
+                     "process waited for a core, so on a shared machine CPU-hours are the more reliable timing."), ""]
+    head = ["preset", "reached", "epochs to target", "training NFE to target"] + [f"{h} to target" for _, h in clocks]
+    head += ([f"speedup {x}" for x in ["NFE"] + [h for _, h in clocks]] if base else [])
+    head += ["final reward", "final KL"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in presets:
-        rs = list(by[p].values())
-        cells = [p, f"{sum(r['reached'] for r in rs)}/{len(rs)}", _fmt([r["nfe_to_target"] for r in rs]),
-                 _fmt([r["cpu_to_target"] for r in rs]), _fmt([r["wall_to_target"] for r in rs])]
-        for key in ("nfe_to_target", "cpu_to_target", "wall_to_target"):
-            if base is None or p == args.baseline:
-                cells.append("1×" if p == args.baseline else "—")
-            else:
-                cells.append(_ratio_cell(paired_ratios({s: r[key] for s, r in base.items()},
-                                                       {s: r[key] for s, r in by[p].items()})))
-        cells += [_fmt([r["final_reward"] for r in rs]), _fmt([r["final_kl"] for r in rs])]
+        rs = by[p]
+        cells = [p, f"{sum(r['reached'] for r in rs)}/{len(rs)}", _fmt([r["epochs_to_target"] for r in rs]),
+                 _fmt([r["nfe_to_target"] for r in rs])]
+        cells += [_fmt([r[f"{c}_to_target"] for r in rs], scale=1 / 3600) for c, _ in clocks]
+        for c in (["nfe"] + [c for c, _ in clocks]) if base else []:
+            cells.append("1× (baseline)" if p == base else _ratio_cell(ratio_stats(
+                [(r["seed"], r[f"speedup_{c}"], r[f"speedup_{c}_kind"]) for r in rs
+                 if r[f"speedup_{c}_kind"] != "unpaired"])))
+        cells += [_fmt([r["final_reward"] for r in rs], 4), _fmt([r["final_kl"] for r in rs])]
         lines.append("| " + " | ".join(cells) + " |")
-    pts = [(p, statistics.median(r["final_reward"] for r in by[p].values()),
-            statistics.median(r["final_kl"] for r in by[p].values())) for p in presets]
-    lines += ["", "Reward–KL at the end of the budget (median over seeds; * = not dominated by another preset: "
-              "no other has both higher reward and lower KL):", ""]
-    lines += [f"- {p}: reward {r:.4g}, KL {k:.4g}{' *' if f else ''}" for (p, r, k), f in zip(pts, pareto(pts))]
-    lines += ["", "Per run:", "", "| preset | seed | epochs | NFE | CPU s | wall s | NFE to target | CPU s to target |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Cells: median (min–max) over seeds of the runs that reached the target; hours = seconds / 3600.", ""]
+    if base:
+        lines += [f"## Speedup over {base} per seed", "", "| preset | seed | NFE | " + " | ".join(h for _, h in clocks) + " |",
+                  "|---|---|---|" + "---|" * len(clocks)]
+        lines += [f"| {r['preset']} | {r['seed']} | " + " | ".join(_kind(r[f"speedup_{c}"], r[f"speedup_{c}_kind"])
+                                                               for c in ["nfe"] + [c for c, _ in clocks]) + " |"
+                  for r in runs if r["preset"] != base]
+        lines.append("")
+    lines += ["## Cost per epoch", "", "Mean over each run's epochs, median over seeds: the systems side (an epoch's "
+              "price) apart from the algorithmic side (epochs to target, above). Phases are the trainer's wall-clock "
+              "phase clock (`alloc`: per-step statistics, the allocator and re-compiling the plan).", "",
+              "| preset | NFE | CPU ms | wall ms | " + " | ".join(f"{k} ms" for k in PHASES) + " | µs CPU per NFE |",
+              "|---|---|---|---|" + "---|" * (len(PHASES) + 1)]
+    for p in presets:
+        rs = by[p]
+        cells = [_fmt([r["nfe_per_epoch"] for r in rs])]
+        cells += [_fmt([r[f"{k}_s_per_epoch"] for r in rs], scale=1e3) for k in ("cpu", "wall") + PHASES]
+        cells.append(_fmt([1e6 * r["cpu_s"] / r["nfe"] for r in rs if r["nfe"]]))
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    lines.append("")
+    pts = [(p, statistics.median(r["final_reward"] for r in by[p]), statistics.median(r["final_kl"] for r in by[p]))
+           for p in presets]
+    lines += ["## Reward–KL at the end of the budget", "",
+              "Held-out reward and KL to the reference (nats per path) of the last evaluation, median over seeds; "
+              "**yes** = Pareto point (no other preset has both a higher reward and a lower KL). Runs that stopped "
+              "before the budget (failed) are compared where they stopped: see the training NFE.", "",
+              "| preset | final reward | final KL | training NFE at the end | Pareto |", "|---|---|---|---|---|"]
+    lines += [f"| {p} | {r:.4g} | {k:.4g} | {_fmt([x['nfe'] for x in by[p]])} | {'**yes**' if f else 'no'} |"
+              for (p, r, k), f in zip(pts, pareto(pts))]
+    lines += ["", "## Per run", "", "| preset | seed | stop | epochs | training NFE | CPU s | wall s | eval s (not charged) "
+              "| epochs to target | NFE to target | CPU s to target | wall s to target | final reward | final KL |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v, d: "not reached" if v is None else f"{v:,.{d}f}"  # noqa: E731
+    failures = list(dict.fromkeys(r["stop"][8:] for r in runs if r["stop"].startswith("failed: ")))
     for r in runs:
-        nfe_t = "—" if r["nfe_to_target"] is None else f"{r['nfe_to_target']:,.0f}"
-        cpu_t = "—" if r["cpu_to_target"] is None else f"{r['cpu_to_target']:.1f}"
-        lines.append(f"| {r['preset']} | {r['seed']} | {r['epochs']} | {r['nfe']:,} | {r['cpu_s']:.1f} | {r['wall_s']:.1f} "
-                     f"| {nfe_t} | {cpu_t} |")
+        stop = f"failed ({failures.index(r['stop'][8:]) + 1})" if r["stop"].startswith("failed: ") else r["stop"] or "—"
+        lines.append(f"| {r['preset']} | {r['seed']} | {stop} | {r['epochs']} | {r['nfe']:,} | {r['cpu_s']:.1f} | {r['wall_s']:.1f} "
+                     f"| {r['eval_s']:.1f} | {f(r['epochs_to_target'], 2)} | {f(r['nfe_to_target'], 0)} "
+                     f"| {f(r['cpu_s_to_target'], 2)} | {f(r['wall_s_to_target'], 2)} | {r['final_reward']:.4g} "
+                     f"| {r['final_kl']:.4g} |")
+    if failures:
+        lines += ["", "Failures (the trainer raised; the run ends with that epoch, its cost counted):", ""]
+        lines += [f"{i}. {msg}" for i, msg in enumerate(failures, 1)]
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_plots(path: Path, rows: list[dict], args, hours: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plots", file=sys.stderr)
-        return False
-    presets = list(dict.fromkeys(r["preset"] for r in rows))
-    colors = {p: f"C{i}" for i, p in enumerate(presets)}
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.3))
-    for p in presets:
-        for seed in sorted({r["seed"] for r in rows if r["preset"] == p}):
-            ev = [r for r in rows if r["preset"] == p and r["seed"] == seed and not math.isnan(r["eval_reward"])]
-            lab = p if seed == min(r["seed"] for r in rows if r["preset"] == p) else None
-            ax[0].plot([r["nfe"] for r in ev], [r["eval_reward"] for r in ev], color=colors[p], lw=1, alpha=0.8, label=lab)
-            ax[1].plot([r["cpu_s"] / 3600 for r in ev], [r["eval_reward"] for r in ev], color=colors[p], lw=1, alpha=0.8)
-            ax[2].plot([r["eval_kl"] for r in ev], [r["eval_reward"] for r in ev], color=colors[p], lw=1, alpha=0.8, marker=".")
-    for a in ax:
-        a.axhline(args.target, color="k", ls=":", lw=1)
-    ax[0].set(xlabel="training model evaluations (NFE)", ylabel="held-out reward", title=f"{args.task}: reward vs NFE")
-    ax[1].set(xlabel=f"{hours} (process CPU time)", title="reward vs hours")
-    ax[2].set(xlabel="KL to the reference (nats per path)", title="reward vs KL")
-    ax[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+def write_outputs(out: str, rows: list[dict], meta: dict, args) -> list[dict]:
+    target, note = resolve_target(rows, args.target, args.target_frac)
+    stops = {(r["preset"], r["seed"]): r["stop"] for r in meta.get("runs", [])}
+    runs = summarize(rows, target, meta["args"]["baseline"], stops)
+    write_csv(Path(f"{out}_summary.csv"), runs)
+    write_markdown(Path(f"{out}.md"), runs, meta, note)
+    gpu = meta["machine"]["device"].startswith("cuda")
+    presets = list(dict.fromkeys(r["preset"] for r in runs))
+    med = [(p, statistics.median(r["final_reward"] for r in runs if r["preset"] == p),
+            statistics.median(r["final_kl"] for r in runs if r["preset"] == p)) for p in presets]
+    front = dict(zip(presets, pareto(med)))
+    done = write_plots(Path(f"{out}.png"), rows, runs, front, target, meta["args"]["task"], gpu)
+    print(f"target {note}\nwrote {out}.md, {out}_summary.csv" + (f", {out}.png" if done else ""))
+    return runs
 
 
 # ------------------------------------------------------------------------------------------------
-def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", default="toy2d")
-    p.add_argument("--presets", default="tempflow-grpo,tempflow-grpo-k1,rsm-evr,rsm-evr-cost")
-    p.add_argument("--baseline", default="tempflow-grpo")
+# CLI
+# ------------------------------------------------------------------------------------------------
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python bench/gpu_hours.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[2:]))
+    p.add_argument("--task", default="toy2d", choices=("toy2d", "digits-flow", "digits-ddim"))
+    p.add_argument("--presets", default=DEFAULT_PRESETS, help=f"comma-separated (default {DEFAULT_PRESETS})")
+    p.add_argument("--baseline", default="tempflow-grpo", help="the preset the speedups are relative to")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--budget-nfe", type=int, default=0, help="also stop a run at this many training NFE")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every preset")
-    p.add_argument("--target", type=float, required=True, help="target held-out reward")
-    p.add_argument("--eval-every", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=0, help="epochs per run (0 = no cap: a --budget-* must be set)")
+    p.add_argument("--budget-nfe", type=int, default=0, help="stop a run once it has spent this many training NFE")
+    p.add_argument("--budget-seconds", type=float, default=0.0,
+                   help="stop a run once it has spent this many training seconds (CPU: process time; CUDA: wall)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every preset")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--target", type=float, default=None, help="absolute target held-out reward")
+    g.add_argument("--target-frac", type=float, default=None,
+                   help="target = r0 + f (r_best - r0): r0 the median reward before training, r_best the best "
+                        "preset's median final reward")
+    p.add_argument("--eval-every", type=int, default=1, help="epochs between held-out evaluations")
     p.add_argument("--eval-samples", type=int, default=1024)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", required=True, help="output prefix, e.g. bench/results/gpu_hours_toy2d")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (CPU-time accounting: 1)")
+    p.add_argument("--out", required=True, help="output prefix, e.g. bench/results/gpu_hours_toy2d_2026-11-23")
+    p.add_argument("--reanalyze", default=None, metavar="PREFIX",
+                   help="no training: re-read PREFIX.csv and PREFIX.json and rewrite the tables for this target")
     a = p.parse_args(argv)
-    a.presets_list = [s for s in a.presets.split(",") if s]
+    a.preset_list = [s.strip() for s in a.presets.split(",") if s.strip()]
     try:
-        a.seed_list = [int(s) for s in a.seeds.split(",") if s]
+        a.seed_list = [int(s) for s in a.seeds.split(",") if s.strip()]
     except ValueError:
         p.error(f"--seeds must be comma-separated integers, got {a.seeds!r}")
-    if a.epochs < 1 or a.eval_every < 1 or a.eval_samples < 2:
-        p.error("--epochs, --eval-every must be >= 1 and --eval-samples >= 2")
+    if not a.preset_list or not a.seed_list:
+        p.error("--presets and --seeds must name at least one preset and one seed")
+    if a.target_frac is not None and not 0 < a.target_frac <= 1:
+        p.error(f"--target-frac must be in (0, 1], got {a.target_frac}")
+    if not a.reanalyze and not (a.epochs or a.budget_nfe or a.budget_seconds):
+        p.error("give a budget: --epochs, --budget-nfe and/or --budget-seconds")
+    if min(a.epochs, a.budget_nfe, a.budget_seconds) < 0 or a.eval_every < 1 or a.eval_samples < 2 or a.threads < 0:
+        p.error("budgets must be >= 0, --eval-every >= 1, --eval-samples >= 2, --threads >= 0")
     return a
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
+    command = "python bench/gpu_hours.py " + shlex.join(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.reanalyze:
+        try:
+            rows = read_epochs(Path(f"{args.reanalyze}.csv"))
+            meta = json.loads(Path(f"{args.reanalyze}.json").read_text())
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: cannot re-read {args.reanalyze}.csv / .json: {e}", file=sys.stderr)
+            return 2
+        meta["reanalyzed"] = command
+        meta["args"]["baseline"] = args.baseline
+        write_outputs(str(out), rows, meta, args)
+        return 0
     try:      # every preset x override must validate before the first run starts
-        for p in args.presets_list:
-            build_config(p, None, [f"task.name={args.task}"] + args.set)
+        cfgs = [run_config(p, args, args.seed_list[0]) for p in args.preset_list]
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    hours = "GPU" if any("cuda" in s for s in args.set) else "CPU"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    all_rows, runs = [], []
-    for p in args.presets_list:
-        for seed in args.seed_list:
-            rows, run = run_one(p, seed, args, args.set)
-            all_rows += rows
-            runs.append(run)
-            print(f"{p:22s} seed {seed}: {run['epochs']} epochs, NFE {run['nfe']:,}, CPU {run['cpu_s']:.1f} s, "
-                  f"final reward {run['final_reward']:.3f}, to target: "
-                  f"{'not reached' if not run['reached'] else format(run['nfe_to_target'], ',.0f') + ' NFE'}", flush=True)
-    with open(f"{out}_epochs.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(all_rows[0]))
-        w.writeheader()
-        w.writerows(all_rows)
-    with open(f"{out}_runs.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(runs[0]))
-        w.writeheader()
-        w.writerows(runs)
-    Path(f"{out}.json").write_text(json.dumps({"argv": argv, "runs": runs}, indent=1) + "\n")
-    write_markdown(Path(f"{out}.md"), runs, args, argv, hours)
-    write_plots(Path(f"{out}.png"), all_rows, args, hours)
-    print(f"wrote {out}.md, {out}_runs.csv, {out}_epochs.csv, {out}.png")
+    if args.baseline not in args.preset_list:
+        print(f"note: baseline {args.baseline} is not among --presets: no speedup columns", file=sys.stderr)
+    meta = {"command": command, "argv": argv, "machine": machine(cfgs[0].train.device, args.threads), "code": provenance(),
+            "args": {k: getattr(args, k) for k in ("task", "baseline", "seeds", "epochs", "budget_nfe", "budget_seconds",
+                                                    "set", "target", "target_frac", "eval_every", "eval_samples")}}
+    meta["args"]["presets"] = args.preset_list
+    rows: list[dict] = []
+    meta["runs"] = []
+    t0 = time.perf_counter()
+    try:
+        for p in args.preset_list:
+            for seed in args.seed_list:
+                rs, stop = run_one(p, seed, args)
+                rows += rs
+                meta["runs"].append({"preset": p, "seed": seed, "stop": stop})
+    except (ConfigError, NonFiniteError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    meta["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    meta["total_wall_s"] = round(time.perf_counter() - t0, 1)
+    write_csv(Path(f"{out}.csv"), rows, EPOCH_FIELDS)
+    Path(f"{out}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_outputs(str(out), rows, meta, args)
+    print(f"wrote {out}.csv, {out}.json ({meta['total_wall_s']:.0f} s in all)")
     return 0
 
 

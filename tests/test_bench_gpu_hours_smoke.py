@@ -1,7 +1,9 @@
-"""The GPU-hours benchmark suite (bench/gpu_hours.py): its arithmetic and a tiny end-to-end run."""
+"""The GPU-hours benchmark suite (bench/gpu_hours.py): its arithmetic on synthetic curves and a
+tiny end-to-end run on the 2-D task (about 10 s on a 2-core CPU)."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -9,52 +11,137 @@ import pytest
 from bench import gpu_hours as G
 
 
+def _curve(preset, seed, rewards, nfe_per_epoch=100, cpu_per_epoch=2.0, kl=0.1):
+    """Synthetic per-epoch rows with an evaluation at every epoch (epoch 0 = before training)."""
+    return [{"preset": preset, "seed": seed, "epoch": e, "nfe": e * nfe_per_epoch, "cpu_s": e * cpu_per_epoch,
+             "wall_s": e * cpu_per_epoch * 1.5, "eval_reward": r, "eval_kl": kl * e, "eval_s": 0.0, "eval_nfe": 0}
+            for e, r in enumerate(rewards)]
+
+
 def test_crossing_interpolates_and_reports_misses():
     pts = [(1.0, 0.0, 0.0), (2.0, 100.0, 10.0), (4.0, 300.0, 20.0)]
     assert G.crossing(pts, 3.0) == [200.0, 15.0]          # half-way between the 2nd and 3rd points
-    assert G.crossing(pts, 2.0) == [100.0, 10.0]
-    assert G.crossing(pts, 0.5) == [0.0, 0.0]             # already there before training
-    assert G.crossing(pts, 4.5) is None
-    assert G.crossing([(1.0, 0.0), (3.0, 10.0), (2.0, 20.0)], 2.5) == [7.5]   # the first crossing counts
+    assert G.crossing(pts, 2.0) == [100.0, 10.0]          # exactly on a point
+    assert G.crossing(pts, 0.5) == [0.0, 0.0]             # reached at the first point: no cost
+    assert G.crossing(pts, 4.5) is None                   # never reached
+    assert G.crossing([(1.0, 0.0), (3.0, 10.0), (2.0, 20.0), (5.0, 30.0)], 2.5) == [7.5]   # the first crossing counts
 
 
-def test_paired_ratios_are_per_seed_and_mark_misses():
-    base = {0: 100.0, 1: 200.0, 2: None, 3: 50.0}
-    other = {0: 50.0, 1: 400.0, 2: 80.0, 3: None}
+def test_summarize_costs_to_target_on_synthetic_curves():
+    rows = (_curve("base", 0, [1.0, 2.0, 3.0, 4.0]) + _curve("fast", 0, [1.0, 3.0, 5.0, 6.0], nfe_per_epoch=50)
+            + _curve("slow", 0, [1.0, 1.5, 2.0, 2.5]) + _curve("early", 0, [3.5, 3.6, 3.7, 3.8]))
+    runs = {r["preset"]: r for r in G.summarize(rows, 3.5, "base")}
+    b, f, s, e = runs["base"], runs["fast"], runs["slow"], runs["early"]
+    assert b["reached"] and b["epochs_to_target"] == pytest.approx(2.5) and b["nfe_to_target"] == pytest.approx(250)
+    assert b["cpu_s_to_target"] == pytest.approx(5.0) and b["wall_s_to_target"] == pytest.approx(7.5)
+    assert f["epochs_to_target"] == pytest.approx(1.25) and f["nfe_to_target"] == pytest.approx(62.5)
+    assert f["speedup_nfe"] == pytest.approx(4.0) and f["speedup_cpu_s"] == pytest.approx(2.0) and f["speedup_nfe_kind"] == ""
+    assert not s["reached"] and s["nfe_to_target"] is None and s["speedup_nfe_kind"] == "<"
+    assert s["speedup_nfe"] == pytest.approx(250 / 300)                 # upper bound: the baseline's cost / its spend
+    assert e["nfe_to_target"] == 0 and e["speedup_nfe"] == math.inf     # at the target before training
+    assert b["final_reward"] == 4.0 and b["final_kl"] == pytest.approx(0.3) and b["nfe_per_epoch"] == 100
+
+
+def test_paired_ratios_are_per_seed_with_bounds():
+    base = {0: (100.0, 300.0), 1: (200.0, 300.0), 2: (None, 300.0), 3: (50.0, 300.0), 4: (None, 300.0), 9: (1.0, 1.0)}
+    other = {0: (50.0, 200.0), 1: (400.0, 500.0), 2: (150.0, 200.0), 3: (None, 200.0), 4: (None, 200.0)}
     r = G.paired_ratios(base, other)
-    assert r[0] == (2.0, "") and r[1] == (0.5, "")
-    assert math.isnan(r[2][0]) and r[2][1] == ">" and r[3][1] == "<"
-    assert "[2 seed(s): >, <]" in G._ratio_cell(r)
-    assert G.paired_ratios({0: 10.0, 1: 0.0}, {0: 0.0, 1: 0.0}) == [(math.inf, ""), (1.0, "")]
+    assert [s for s, _, _ in r] == [0, 1, 2, 3, 4]                       # seed 9 unpaired: skipped
+    assert r[0][1:] == (2.0, "") and r[1][1:] == (0.5, "")
+    assert r[2][1:] == (2.0, ">") and r[3][1:] == (0.25, "<")            # 300/150 lower bound, 50/200 upper bound
+    assert math.isnan(r[4][1]) and r[4][2] == "na"
+    st = G.ratio_stats(r)
+    assert st["median"] == pytest.approx(1.25) and (st["min"], st["max"]) == (0.5, 2.0) and st["n_exact"] == 2
+    assert st["faster"] == 2 and st["n"] == 5                            # seed 0 exact, seed 2 lower bound
+    assert "s2: >2×" in G._ratio_cell(st) and "faster 2/5" in G._ratio_cell(st)
+    assert G.paired_ratios({0: (10.0, 20.0), 1: (0.0, 20.0)}, {0: (0.0, 5.0), 1: (0.0, 5.0)}) == [(0, math.inf, ""), (1, 1.0, "")]
 
 
-def test_pareto_flags():
+def test_target_frac_and_pareto():
+    rows = _curve("a", 0, [3.0, 5.0, 7.0]) + _curve("a", 1, [3.0, 6.0, 9.0]) + _curve("b", 0, [3.0, 4.0, 5.0])
+    t, note = G.resolve_target(rows, None, 0.5)
+    assert t == pytest.approx(3.0 + 0.5 * (8.0 - 3.0)) and "--target-frac" in note     # a's median final 8
+    assert G.resolve_target(rows, 4.2, None)[0] == 4.2
     pts = [("a", 5.0, 1.0), ("b", 4.0, 2.0), ("c", 6.0, 3.0), ("d", 5.0, 1.0)]
     assert G.pareto(pts) == [True, False, True, True]
 
 
-def test_tiny_run_writes_tables(tmp_path):
+def test_tiny_run_writes_tables_and_reanalyzes(tmp_path):
     out = tmp_path / "gh"
-    rc = G.main(["--task", "toy2d", "--presets", "tempflow-grpo,rsm-evr", "--seeds", "0,1", "--epochs", "2",
-                 "--eval-every", "1", "--eval-samples", "32", "--target", "3.1", "--set", "train.batch_size=8",
-                 "--set", "policy.hidden=16", "--out", str(out)])
+    common = ["--task", "toy2d", "--seeds", "0,1", "--eval-samples", "32", "--set", "train.batch_size=8",
+              "--set", "policy.hidden=16"]
+    rc = G.main(common + ["--presets", "tempflow-grpo,rsm-uniform-realloc", "--epochs", "3", "--eval-every", "2",
+                          "--target", "3.1", "--out", str(out)])
     assert rc == 0
-    runs = list(csv.DictReader(open(f"{out}_runs.csv")))
+    runs = list(csv.DictReader(open(f"{out}_summary.csv")))
     assert [(r["preset"], r["seed"]) for r in runs] == [("tempflow-grpo", "0"), ("tempflow-grpo", "1"),
-                                                        ("rsm-evr", "0"), ("rsm-evr", "1")]
-    epochs = list(csv.DictReader(open(f"{out}_epochs.csv")))
-    assert len(epochs) == 4 * 3                                   # an evaluation before training + 2 epochs
-    nfe = [int(r["nfe"]) for r in epochs if r["preset"] == "tempflow-grpo" and r["seed"] == "0"]
-    assert nfe[0] == 0 and nfe[1] > 0 and nfe[2] == 2 * nfe[1]     # a static plan costs the same every epoch
+                                                        ("rsm-uniform-realloc", "0"), ("rsm-uniform-realloc", "1")]
+    epochs = list(csv.DictReader(open(f"{out}.csv")))
+    assert len(epochs) == 4 * 4                                           # epoch 0 (evaluation) + 3 epochs
+    mine = [r for r in epochs if r["preset"] == "tempflow-grpo" and r["seed"] == "0"]
+    nfe = [int(r["nfe"]) for r in mine]
+    assert nfe[0] == 0 and nfe[1] > 0 and nfe[3] == 3 * nfe[1]           # a static plan costs the same every epoch
+    assert all(int(r["nfe"]) == int(r["nfe_rollout"]) + int(r["nfe_reference"]) + int(r["nfe_train"]) for r in mine)
+    evald = [r["eval_reward"] != "nan" for r in mine]
+    assert evald == [True, False, True, True]                            # before, every 2nd epoch, at the end
+    assert float(mine[-1]["cpu_s"]) > 0 and float(mine[-1]["wall_s"]) > 0 and int(mine[-1]["eval_nfe"]) > 0
+    assert 0 < float(mine[-1]["rollout_s"]) + float(mine[-1]["train_s"]) <= float(mine[-1]["wall_s"])   # phases of epoch()
     md = (tmp_path / "gh.md").read_text()
-    assert "| rsm-evr | " in md and "speedup in NFE" in md and "Target reward 3.1" in md
+    for s in ("| rsm-uniform-realloc | ", "speedup NFE", "CPU-hours to target", "Target reward: 3.1", "torch ",
+              "Command: `python bench/gpu_hours.py --task toy2d", "## Reward–KL", "Pareto", "Code: rsm_fast from",
+              "## Cost per epoch", "| alloc ms |"):
+        assert s in md, s
+    assert "GPU-hours to target" not in md
     assert (tmp_path / "gh.png").stat().st_size > 10000
+    assert json.loads((tmp_path / "gh.json").read_text())["args"]["seeds"] == "0,1"
+    # the same runs, another target, no training
+    rc = G.main(["--reanalyze", str(out), "--target-frac", "0.5", "--out", str(tmp_path / "re")])
+    assert rc == 0 and "--target-frac" in (tmp_path / "re.md").read_text() and "tables rewritten by" in (tmp_path / "re.md").read_text()
+    assert len(list(csv.DictReader(open(tmp_path / "re_summary.csv")))) == 4 and not (tmp_path / "re.csv").exists()
+
+
+def test_nfe_budget_stops_the_run(tmp_path):
+    out = tmp_path / "b"
+    rc = G.main(["--presets", "tempflow-grpo", "--seeds", "0", "--budget-nfe", "10000", "--eval-every", "5",
+                 "--eval-samples", "16", "--set", "train.batch_size=8", "--set", "policy.hidden=16", "--target", "3",
+                 "--out", str(out)])
+    rows = list(csv.DictReader(open(f"{out}.csv")))
+    nfe = [int(r["nfe"]) for r in rows]
+    assert rc == 0 and nfe[-2] < 10000 <= nfe[-1]                           # stops at the epoch crossing 10,000
+    assert rows[-1]["eval_reward"] != "nan"                                  # and evaluates there
 
 
 def test_bad_preset_or_override_is_one_line(tmp_path, capsys):
-    for extra in (["--presets", "nope"], ["--presets", "grpo", "--set", "train.lr=-1"]):
+    for extra, word in ((["--presets", "nope"], "nope"), (["--presets", "grpo", "--set", "train.lr=-1"], "train.lr"),
+                        (["--presets", "grpo", "--set", "train.nope=1"], "train.nope")):
         rc = G.main(["--target", "1", "--epochs", "1", "--out", str(tmp_path / "x")] + extra)
         err = capsys.readouterr().err.strip()
-        assert rc == 2 and err.startswith("error:") and "\n" not in err
-    with pytest.raises(SystemExit):
-        G.main(["--target", "1", "--seeds", "a,b", "--out", str(tmp_path / "x")])
+        assert rc == 2 and err.startswith("error:") and "\n" not in err and word in err
+    assert not list(tmp_path.glob("x*"))                                     # nothing written
+    for bad in (["--target", "1", "--seeds", "a,b", "--epochs", "1"], ["--target", "1"], ["--epochs", "1"]):
+        with pytest.raises(SystemExit):                                      # argparse: bad seeds / no budget / no target
+            G.main(bad + ["--out", str(tmp_path / "x")])
+
+
+def test_a_run_that_fails_midway_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
+    real = G.Trainer.epoch
+
+    def epoch(self):                       # the allocator deactivating every step, at epoch 2 of seed 1
+        if self.cfg.train.seed == 1 and self.epochs_done == 1:
+            self.nfe["rollout"] += 5
+            raise G.ConfigError("config field 'rollout.waves': plan.k has no branching step")
+        return real(self)
+
+    monkeypatch.setattr(G.Trainer, "epoch", epoch)
+    out = tmp_path / "f"
+    rc = G.main(["--presets", "tempflow-grpo,tempflow-grpo-k1", "--seeds", "0,1", "--epochs", "3", "--eval-samples", "16",
+                 "--set", "train.batch_size=16", "--set", "policy.hidden=16", "--target", "100", "--out", str(out)])
+    assert rc == 0
+    runs = {(r["preset"], r["seed"]): r for r in csv.DictReader(open(f"{out}_summary.csv"))}
+    bad = runs[("tempflow-grpo-k1", "1")]
+    assert bad["stop"].startswith("failed: config field") and bad["epochs"] == "2" and bad["speedup_nfe_kind"] == "failed"
+    assert runs[("tempflow-grpo-k1", "0")]["stop"] == "epochs" and runs[("tempflow-grpo-k1", "0")]["speedup_nfe_kind"] == "na"
+    rows = [r for r in csv.DictReader(open(f"{out}.csv")) if r["preset"] == "tempflow-grpo-k1" and r["seed"] == "1"]
+    assert rows[-1]["train_reward"] == "nan" and rows[-1]["eval_reward"] != "nan"    # the failed epoch: cost, evaluation
+    md = (tmp_path / "f.md").read_text()
+    assert "| failed (1) |" in md and "1. config field 'rollout.waves'" in md
