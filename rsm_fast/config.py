@@ -18,12 +18,14 @@ import yaml
 
 FORMS = ("pg", "ratio", "hinge")
 REWEIGHTS = ("base", "tempflow", "tempflow_outer", "fair", "fair_guard", "guard", "pcpo")
-ESTIMATORS = ("zo", "fo_terminal", "fo_current")
+ESTIMATORS = ("zo", "fo_terminal", "fo_current", "fo_lookahead")
 RETURNS = ("hard", "soft")
 BASELINES = ("mean", "loo", "none")
 ADV_NORMS = ("none", "group", "global")
-FO_WEIGHTS = ("kl", "native")
-FO_GAMMAS = ("one", "alpha_bar", "sqrt_alpha_bar")
+FO_WEIGHTS = ("kl", "native", "precision")
+FO_GAMMAS = ("one", "alpha_bar", "sqrt_alpha_bar", "alpha_bar_next", "sqrt_alpha_bar_next", "discount")
+FO_JACOBIANS = ("auto", "tweedie", "identity")
+FO_MODELS = ("policy", "reference")
 
 
 class ConfigError(ValueError):
@@ -69,10 +71,17 @@ class MethodConfig:
     clip_eps: float = field(default=1e-4, metadata={"help": "trust-region clip (ratio form: 1±eps; hinge: eps|A|)"})
     kl_coef: float = field(default=0.0, metadata={"help": "weight of KL(pi_theta || pi_ref) per step"})
     kl_dt_weight: bool = field(default=False, metadata={"help": "multiply the KL by dt (Flow-GRPO heuristic denominator)"})
-    fo_weight: str = field(default="kl", metadata={"help": "fo loss weight: 'kl' = 0.5 omega^2 |df|^2, 'native' = 0.5 |df|^2"})
-    fo_gamma: str = field(default="one", metadata={"help": f"fo temporal weight gamma(t) {FO_GAMMAS}"})
-    fo_reward_scale: float = field(default=1.0, metadata={"help": "K in Psi = K (Sigma/b) grad r; K = 1/alpha of RSM"})
+    fo_weight: str = field(default="kl", metadata={"help": "fo loss weight C1 (native space, times fo_c1_scale): 'kl' = 0.5 omega^2 |df|^2 (score space b^2/(2 Sigma)), 'native' = 0.5 |df|^2 (score 1/(2 lambda^2)), 'precision' = (omega^2/Sigma) |df|^2 (score b^2/Sigma^2: |(mu - mu_target)/Sigma|^2, Residual nabla-DB)"})
+    fo_c1_scale: float = field(default=1.0, metadata={"help": "fo: multiplies C1 (e.g. alpha of C1 = alpha b^2/(2 Sigma), SQDF's KL weight; 2 with fo_weight=native = a plain native MSE)"})
+    fo_gamma: str = field(default="one", metadata={"help": "fo temporal weight gamma(t): 'one', 'alpha_bar' / 'sqrt_alpha_bar' (alpha_t^2 / alpha_t of the current state; RF: (1-t)^2 / 1-t), 'alpha_bar_next' / 'sqrt_alpha_bar_next' (of the next state t', nabla-DB 'squared'/'sqrt'), 'discount' (fo_discount ** steps remaining after the transition, SQDF)"})
+    fo_gamma_native: bool = field(default=False, metadata={"help": "fo: multiply gamma by |lambda(t)|, i.e. the guidance is given per unit of native output (VGG-Flow: v_tgt = v_ref - eta K grad r)"})
+    fo_discount: float = field(default=0.9, metadata={"help": "fo_gamma=discount: the per-step discount (SQDF sqdf_gamma = 0.9)"})
+    fo_reward_scale: float = field(default=1.0, metadata={"help": "K in Psi = K (Sigma/b) grad r (lookahead, terminal) or K grad r (current state); K = 1/alpha of RSM"})
+    fo_jacobian: str = field(default="auto", metadata={"help": "fo_current / fo_lookahead: d x0_hat/dx with the model output held fixed: 'tweedie' (1/alpha_t for eps, identity for v), 'identity' (grad r at x0_hat, VGG-Flow), 'auto' = identity for fo_current, tweedie for fo_lookahead"})
+    fo_lookahead_model: str = field(default="policy", metadata={"help": "fo_lookahead: whose output at the next state x' gives x0_hat(x'): the rollout 'policy' (nabla-DB) or the frozen 'reference' (SQDF without its consistency model); one extra model call per record"})
+    fo_grad_chunk: int = field(default=0, metadata={"help": "fo_current / fo_lookahead: records per decode + reward backward (0 = rollout.chunk_size; 0 there = all)"})
     trust_c2: float = field(default=0.0, metadata={"help": "fo trust region C2 (relative, spec §3.2)"})
+    trust_eps: float = field(default=0.0, metadata={"help": "fo: c_reg of an eps-space MSE to the rollout policy, c_reg mean|eps_theta - eps_old|^2 (nabla-DB unet_reg_scale); relative C2 = c_reg sigma_t^2 / C1 in score space"})
     pcpo_target: str = field(default="dt", metadata={"help": "reweight=pcpo: target native weight omega' per step: 'dt' = zeta dt with zeta = sum(omega)/sum(dt) over the noisy steps (flow form), 'const' = mean omega (diffusion form)"})
     step_weight: str = field(default="equal", metadata={"help": "'equal': each trained step's records weigh Kbar/K_i so every step contributes its mean (RSM-code); 'records': a plain mean over records"})
 
@@ -120,6 +129,10 @@ class TrainConfig:
     eval_before: bool = field(default=False, metadata={"help": "also evaluate the policy before training (summary: 'before')"})
     reward_faults: str = field(default="error", metadata={"help": "a reward fault (NaN, wrong shape, exception, server timeout): 'error' stops the run, 'skip' drops the epoch's update"})
     loss_impl: str = field(default="fused", metadata={"help": "'fused' (rsm_fast.ops custom ops) or 'reference' (plain torch oracle)"})
+    compile: str = field(default="off", metadata={"help": "torch.compile the policy inside the training step (rollout and evaluation stay eager): 'off', 'regional' (one graph per model-block class, dynamic row dim), 'full' (the whole policy forward); on CPU 1.1-1.2x faster after a 1-1.5 min UNet compile (bench/results/compile_cpu_*.md); quote 'off' in YAML / --set (a bare off reads as false); rsm_fast/train_step.py"})
+    grad_accum: int = field(default=1, metadata={"help": "split each inner update's rows into this many micro-batches (gradient accumulation; same gradient, less memory)"})
+    ema_decay: float = field(default=0.0, metadata={"help": "EMA of the trained weights, used for evaluation and export (0 = off; RSM-code SD3.5: 0.9)"})
+    ema_every: int = field(default=1, metadata={"help": "optimizer steps between EMA updates (RSM-code SD3.5: 8)"})
 
 
 @dataclass
@@ -137,20 +150,22 @@ _CHOICES = {
     "method.estimator": ESTIMATORS, "method.returns": RETURNS, "method.baseline": BASELINES,
     "method.adv_norm": ADV_NORMS, "method.surrogate": FORMS, "method.reweight": REWEIGHTS,
     "method.fo_weight": FO_WEIGHTS, "method.fo_gamma": FO_GAMMAS,
+    "method.fo_jacobian": FO_JACOBIANS, "method.fo_lookahead_model": FO_MODELS,
     "task.name": ("toy2d", "digits-ddim", "digits-flow", "diffusers"),
     "train.lr_schedule": ("constant", "cosine"), "train.loss_impl": ("fused", "reference"),
     "rollout.plan": ("sde", "branch", "tree"), "train.reward_faults": ("error", "skip"),
     "task.condition": ("label", "none"), "method.pcpo_target": ("dt", "const"),
-    "method.step_weight": ("equal", "records"),
+    "method.step_weight": ("equal", "records"), "train.compile": ("off", "regional", "full"),
     "rollout.allocator": ("", "online"), "rollout.alloc_units": ("branches", "nfe", "seconds"),
     "rollout.alloc_rule": ("sqrt", "linear"), "rollout.alloc_psi_units": ("score", "native"),
 }
 _POSITIVE = ("task.alpha", "task.num_steps", "task.eval_samples", "policy.hidden", "policy.layers",
              "policy.emb_dim", "train.epochs", "train.batch_size",
              "train.inner_updates", "train.lr", "rollout.waves", "rollout.window_every", "rollout.window_stride",
-             "rollout.alloc_every")
+             "rollout.alloc_every", "train.grad_accum", "train.ema_every", "method.fo_c1_scale", "method.fo_discount")
 _NONNEG = ("task.eta", "task.noise_level", "task.resolution", "policy.lora_rank", "policy.lora_alpha",
            "method.group_size", "method.adv_clip", "method.clip_eps", "method.kl_coef", "method.trust_c2",
+           "method.trust_eps", "method.fo_grad_chunk",
            "train.weight_decay", "train.max_grad_norm", "train.lr_final_frac", "train.seed", "train.threads",
            "rollout.chunk_size", "rollout.window", "rollout.alloc_budget", "rollout.alloc_k_max",
            "rollout.alloc_max_step", "rollout.alloc_patience", "rollout.alloc_snr_min")
@@ -180,6 +195,8 @@ def _coerce(path: str, value: Any, typ: Any) -> Any:
             raise ConfigError(f"config field '{path}' must be a list of integers, e.g. [4, 4, 0], got {value!r}")
         return [int(v) for v in value]
     if typ is str:
+        if isinstance(value, bool):      # YAML reads a bare off/on/no/yes as a bool: train.compile=off
+            value = "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"config field '{path}' must be a string, got {value!r}")
         return value
@@ -326,6 +343,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config field 'rollout.alloc_k_max' must be 0 or >= alloc_k_min ({ro.alloc_k_min}), got {ro.alloc_k_max}")
     if not 0 <= ro.alloc_clip_tau <= 1:
         raise ConfigError(f"config field 'rollout.alloc_clip_tau' must be in [0, 1], got {ro.alloc_clip_tau}")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise ConfigError(f"config field 'train.ema_decay' must be in [0, 1), got {cfg.train.ema_decay}")
     if not 0 <= ro.alloc_ema < 1:
         raise ConfigError(f"config field 'rollout.alloc_ema' must be in [0, 1), got {ro.alloc_ema}")
     if ro.window and (ro.plan != "sde" or ro.window > cfg.task.num_steps):

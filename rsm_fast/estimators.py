@@ -6,6 +6,10 @@ Eq. 9), whose lookahead form is ``(Sigma_i / (alpha b_i)) E_{x'}[grad V(x')]`` f
 
 * :func:`fo_current_state` — first order at the current state, ``(1/alpha) grad_x r(x0_hat(x))``.
 * :func:`fo_lookahead` — first order through the children, ``(Sigma/(alpha b)) mean_j grad r``.
+* :func:`fo_lookahead_next` — the depth-1, K = 1 case at a record's own sampled next state ``x'``
+  (SQDF, Residual ∇-DB): ``(Sigma/(alpha b)) grad_{x'} r(x0_hat(x'))``, the model output inside
+  Tweedie held fixed (:func:`detached_tweedie`); per-row gradients come from
+  :func:`tweedie_reward_grad` in chunks (one decode + reward backward per chunk).
 * :func:`fo_terminal` — "reward score distillation": the terminal gradient ``grad_{x0} r`` of a
   trajectory, reused at each of its steps.
 * :func:`zo_lookahead` — zeroth order (Stein), ``(sigma/(alpha b)) mean_j (r_j - base_j) z_j``.
@@ -22,16 +26,22 @@ tensors whose shape is a prefix of the result's shape (``[B]`` for ``[B, ...]``,
 """
 from __future__ import annotations
 
+from dataclasses import fields, replace
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .advantages import center
-from .transitions import GaussianTransition, StepCoeffs, compute_dtype
+from .transitions import GaussianTransition, StepCoeffs, compute_dtype, rowwise
 
 OutputFn = Callable[[Tensor, StepCoeffs], Tensor]   # (x [B, ...], coeffs) -> native output [B, ...]
 RewardFn = Callable[[Tensor], Tensor]               # x0 [B, ...] -> reward [B]
+# chunked, row-aware forms: the second argument is the chunk's slice of the full batch (for per-row
+# context such as prompts or per-row coefficients)
+RowFn = Callable[[Tensor, slice], Tensor]           # (x chunk [n, ...], rows) -> x0 chunk [n, ...]
+RowRewardFn = Callable[[Tensor, slice], Tensor]     # (x0 chunk [n, ...], rows) -> reward [n]
+JACOBIANS = ("tweedie", "identity")
 
 
 def _lead(c, like: Tensor) -> Tensor:
@@ -55,6 +65,68 @@ def _reward_grad(x: Tensor, fn: Callable[[Tensor], Tensor], reward_fn: RewardFn)
             raise ValueError(f"reward_fn must return one reward per row [{xg.shape[0]}], got {tuple(r.shape)}")
         (g,) = torch.autograd.grad(r.sum(), xg)
     return g.detach()
+
+
+def _row_chunks(n: int, chunk: int | None) -> list[slice]:
+    c = n if not chunk or chunk <= 0 else int(chunk)
+    return [slice(s, min(s + c, n)) for s in range(0, n, max(c, 1))]
+
+
+def _slice_coeffs(c: StepCoeffs, sl: slice) -> StepCoeffs:
+    return replace(c, **{f.name: getattr(c, f.name)[sl] for f in fields(c)})
+
+
+def detached_tweedie(f: Tensor, coeffs: StepCoeffs, final: Tensor | None = None) -> RowFn:
+    """``(x, rows) -> x0_hat(x)`` with the native output ``f[rows]`` held fixed ("stop-grad inside
+    Tweedie", spec §6 SQDF row): differentiable in ``x`` only through Tweedie's explicit
+    ``x``-dependence, so ``d x0_hat/dx = (1 - sigma_t^2 p_x/p_s)/alpha_t`` per row — ``1/alpha_t``
+    for epsilon prediction, the identity for rectified-flow velocity (``x - t v``, VGG-Flow's
+    ``x_t - t v.detach()``). ``f`` ``[B, ...]`` and ``coeffs`` (``[B]`` fields) are the rows'
+    output and coefficients at the state's own step; rows flagged in ``final`` ``[B]`` bool are
+    already final samples and map to themselves (``x0_hat = x``, identity Jacobian).
+
+    ``alpha_t = 0`` happens only at rectified flow's ``t = 1`` (pure noise), where ``(x + sigma_t^2
+    s)/alpha_t`` is 0/0 and Tweedie's limit is ``x - t v`` (spec §1.2): such rows use ``x - sigma_t f``
+    (``sigma_t = t``, ``f = v``), with a safe denominator on the other branch so no NaN reaches
+    the gradient."""
+    f = f.detach()
+
+    def fn(x: Tensor, rows: slice) -> Tensor:
+        c = _slice_coeffs(coeffs, rows)
+        r = lambda v: rowwise(v, x).to(x.dtype)   # noqa: E731
+        fr = f[rows].to(x.dtype)
+        al, sg = r(c.alpha), r(c.sigma_t)
+        on = al > 0
+        s = (fr - r(c.p_x) * x) / r(c.p_s)
+        x0 = torch.where(on, (x + sg**2 * s) / torch.where(on, al, torch.ones_like(al)), x - sg * fr)
+        if final is not None:
+            x0 = torch.where(rowwise(final[rows], x), x, x0.to(x.dtype))
+        return x0.to(x.dtype)
+
+    return fn
+
+
+def tweedie_reward_grad(x: Tensor, x0_hat_fn: RowFn, reward_fn: RowRewardFn, *, jacobian: str = "tweedie",
+                        chunk: int | None = None) -> Tensor:
+    """Per-row first-order signal ``g = grad_x r(x0_hat(x))`` ``[B, ...]`` (no ``1/alpha`` or
+    lookahead scale), in chunks of ``chunk`` rows: each chunk is one ``x0_hat`` (no graph through
+    the model: pass :func:`detached_tweedie`), one decode + reward forward and one reward backward.
+
+    ``jacobian="tweedie"`` differentiates through ``x0_hat_fn`` (the chain rule of Tweedie's
+    explicit ``x``-dependence); ``"identity"`` evaluates ``grad_{x0} r`` at ``x0 = x0_hat(x)``
+    (VGG-Flow, spec §4.1). Rows must be independent (the reward is summed before the backward).
+    """
+    if jacobian not in JACOBIANS:
+        raise ValueError(f"jacobian must be one of {JACOBIANS}, got {jacobian!r}")
+    out = []
+    for sl in _row_chunks(x.shape[0], chunk):
+        if jacobian == "identity":
+            with torch.no_grad():
+                y = x0_hat_fn(x[sl], sl)
+            out.append(_reward_grad(y, lambda v: v, lambda v, sl=sl: reward_fn(v, sl)))
+        else:
+            out.append(_reward_grad(x[sl], lambda v, sl=sl: x0_hat_fn(v, sl), lambda v, sl=sl: reward_fn(v, sl)))
+    return torch.cat(out) if len(out) != 1 else out[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,6 +164,26 @@ def fo_lookahead(x_next: Tensor, continue_fn: Callable[[Tensor], Tensor], reward
     G, K = x_next.shape[:2]
     g = _reward_grad(x_next.reshape(G * K, *x_next.shape[2:]), continue_fn, reward_fn)
     g = _as_float(g).reshape(x_next.shape).mean(1)
+    return lookahead_scale(Sigma, b, alpha, g) * g
+
+
+def fo_lookahead_next(x_next: Tensor, x0_hat_fn: RowFn, reward_fn: RowRewardFn, Sigma, b, alpha, *,
+                      jacobian: str = "tweedie", chunk: int | None = None) -> Tensor:
+    """FO lookahead of SQDF / Residual ∇-DB (Def. 3.5, depth k = 1, K = 1; spec §4.2, §6):
+    ``Psi = (Sigma/(alpha b)) grad_{x'} r(x0_hat(x'))`` at each row's *own* sampled next state
+    ``x' = mu_old + sigma z`` (the reparameterised rollout sample), ``[B, ...]``.
+
+    ``x0_hat_fn``: the Tweedie map at the next step with the model output there held fixed
+    (:func:`detached_tweedie`; its ``final`` rows, whose ``x'`` is the final sample, give
+    ``grad r(x')``). ``Sigma, b, alpha``: per row ``[B]`` (or scalars) of the transition
+    ``x -> x'``. [UNCERTAIN] Jacobian: we hold the model output fixed (``d x0_hat/dx' = 1/alpha_{t'}``
+    for epsilon, identity for v) as spec §6 states ("stop-grad inside Tweedie"); the peers' code
+    backpropagates through the network too (nabla-gfn ``train_nablagfn.py`` and RSM-code
+    ``simple_resnabladbtrainer.py`` call the UNet on ``latent_next_tmp.requires_grad_()``;
+    SQDF's non-consistency path calls ``ref_unet`` outside ``no_grad``), which costs a network
+    backward per record. ``jacobian="identity"`` gives ``grad_{x0} r`` at ``x0_hat(x')``.
+    """
+    g = _as_float(tweedie_reward_grad(x_next, x0_hat_fn, reward_fn, jacobian=jacobian, chunk=chunk))
     return lookahead_scale(Sigma, b, alpha, g) * g
 
 

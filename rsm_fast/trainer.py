@@ -13,7 +13,9 @@ reweighting, trust region, KL); this loop never branches on a method *name*. Per
    descend from it (hard reward, or the soft return ``r - alpha sum_{j>i} KL_j``), centred within
    its baseline set (the siblings of one branching parent, else its group at that step; see
    ``engine.plan.compile_plan``); first order: ``Psi = K (Sigma/b) grad r(x0)`` averaged over the
-   descendants (terminal, spec §9.3) or ``K grad r(x0_hat)`` (current state).
+   descendants (terminal, spec §9.3), ``K (Sigma/b) grad_{x'} r(x0_hat(x'))`` at the record's
+   sampled next state (lookahead: SQDF, Residual ∇-DB) or ``K grad r(x0_hat)`` (current state,
+   VGG-Flow); Table 1's gamma, C1 and C2 per method are data (``method.fo_*``, ``trust_*``).
 4. **loss** — the RSM losses (native-output space) averaged over records (fused ops by default).
 5. **optimizer** — ``inner_updates`` AdamW steps; a non-finite loss or gradient stops the run
    before the step, so a NaN never reaches the weights.
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from contextlib import nullcontext
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -39,13 +42,13 @@ from .engine.plan import PlanError, PlanSpec, compile_plan
 from .engine.rollout import Records, RolloutEngine
 from .engine.profiles import resolve_profile
 from .engine.waves import merge_plans, merge_records, wave_plans
-from .estimators import fo_current_state
+from .fo_guidance import FirstOrderMixin
 from .losses import score_regression_loss, zo_row_loss
 from .models.runtime import peak_memory
 from .runlog import PhaseClock, Progress, RunDir
+from .train_step import TrainStep
 from .tasks import make_task
 from .tasks.base import Conditioning
-from .transitions import rowwise
 
 
 class NonFiniteError(RuntimeError):
@@ -92,7 +95,17 @@ def plan_spec(cfg: RunConfig, num_steps: int, sde_mask: Tensor, epoch: int = 0) 
                     sde_mask=tuple(noisy) if ro.plan == "tree" else ())
 
 
-class Trainer:
+def _slice_rows(rows: Rows, sl: slice) -> Rows:
+    return Rows(**{k: (None if v is None else v[sl]) for k, v in vars(rows).items()})
+
+
+def _slice_coeffs(c, sl: slice):
+    if sl == slice(0, c.t.shape[0]):
+        return c
+    return replace(c, **{f.name: getattr(c, f.name)[sl] for f in fields(c)})
+
+
+class Trainer(FirstOrderMixin):
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         tc, mc = cfg.train, cfg.method
@@ -117,6 +130,9 @@ class Trainer:
         if tc.lr_schedule == "cosine":
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=tc.epochs, eta_min=tc.lr * tc.lr_final_frac)
         self.gen = torch.Generator().manual_seed(tc.seed)
+        # inner updates, micro-batches, compiled regions, EMA (rsm_fast/train_step.py)
+        self.step = TrainStep(self.policy, self.params, self.opt, compile=tc.compile, grad_accum=tc.grad_accum,
+                              max_grad_norm=tc.max_grad_norm, ema_decay=tc.ema_decay, ema_every=tc.ema_every)
         self.clock = PhaseClock()
         self.nfe = {"rollout": 0, "reference": 0, "train": 0, "eval": 0}
         self.epochs_done = 0
@@ -247,25 +263,6 @@ class Trainer:
         return set_advantages(values, plan.record_set, plan.set_sizes, baseline=mc.baseline, normalize=mc.adv_norm,
                               clip=mc.adv_clip if mc.adv_clip > 0 else None)
 
-    def _fo_guidance(self, rows: Rows, c) -> Tensor:
-        """Target shift in native space for the first-order estimators.
-
-        A score-space guidance ``gamma Psi`` moves the transition mean by ``b gamma Psi``; in native
-        space (``mean = c_x x + c_f f``) that is a shift of ``b gamma Psi / c_f``. Where ``c_f = b
-        lambda`` this is the textbook ``gamma Psi / lambda``; unlike it, it stays finite at the flow
-        models' t = 1, where lambda = 0 but the sampler's ``c_f`` is not (spec §2.3)."""
-        mc = self.cfg.method
-        K = mc.fo_reward_scale
-        if mc.estimator == "fo_terminal":
-            b_psi = K * rowwise(c.Sigma, rows.g) * rows.g              # b Psi, Psi = K (Sigma/b) g
-        else:
-            x0_hat = c.x0_hat(rows.f_old, rows.x).detach()
-            psi = fo_current_state(rows.x, lambda _x: x0_hat, self._reward_for_grad, alpha=1.0 / K,
-                                   identity_jacobian=True)
-            b_psi = rowwise(c.b, psi) * psi
-        gamma = {"one": torch.ones_like(c.alpha), "alpha_bar": c.alpha**2, "sqrt_alpha_bar": c.alpha}[mc.fo_gamma]
-        return rowwise(gamma / c.c_f, b_psi) * b_psi
-
     def _policy_out(self, x: Tensor, t: Tensor, group: Tensor) -> Tensor:
         """The policy's native output as the rollout saw it (CFG-combined when the task uses CFG)."""
         c = self.conds.cond
@@ -278,22 +275,22 @@ class Trainer:
         f_c, f_u = both[:x.shape[0]], both[x.shape[0]:]
         return f_u + w * (f_c - f_u)
 
-    def _reward_for_grad(self, x: Tensor) -> Tensor:
-        return self._score(x, self._groups)
-
-    def _loss(self, rows: Rows, c, f: Tensor, target_shift: Tensor | None):
+    def _loss(self, rows: Rows, c, f: Tensor, target_shift: Tensor | None, row_weight="plan"):
+        """Mean loss over ``rows`` and the zeroth-order per-row outputs; ``row_weight`` the rows'
+        K-bar/K_i weights (default: the whole epoch's, ``self._row_weight``)."""
         mc = self.cfg.method
+        row_weight = self._row_weight if isinstance(row_weight, str) else row_weight
         if mc.estimator == "zo":
             out = self.zo_loss(f, rows.f_old, rows.z, rows.adv, c, form=mc.surrogate, reweight=mc.reweight,
                                 clip_eps=mc.clip_eps, f_ref=rows.f_ref if mc.kl_coef > 0 else None,
-                                kl_coef=mc.kl_coef, kl_dt_weight=mc.kl_dt_weight, row_weight=self._row_weight,
+                                kl_coef=mc.kl_coef, kl_dt_weight=mc.kl_dt_weight, row_weight=row_weight,
                                 omega_train=(self._omega_train.index_select(0, rows.idx).to(c.omega.dtype)
                                              if mc.reweight == "pcpo" else None))
             return out.loss.mean(), out
-        w = 0.5 * c.omega**2 if mc.fo_weight == "kl" else 0.5 * torch.ones_like(c.omega)
-        if self._row_weight is not None:
-            w = w * self._row_weight
-        loss = self.score_loss(f, rows.f_ref, rows.f_old, target_shift, C1=w, gamma=1.0, C2=mc.trust_c2)
+        # first order (Thm. 3.2 in native space): C1 (|f - (f_ref + shift)|^2 + C2 |f - f_old|^2)
+        c1 = self._fo_c1(c)
+        w = c1 if row_weight is None else c1 * row_weight
+        loss = self.score_loss(f, rows.f_ref, rows.f_old, target_shift, C1=w, gamma=1.0, C2=self._fo_c2(c, c1))
         return loss.mean(), None
 
     # ------------------------------------------------------------------------------------------
@@ -324,7 +321,7 @@ class Trainer:
                     r = torch.cat([f.result().unwrap() for f in pending]).to(self.device)
                 else:
                     r = self._score(rec.x0, rec.x0_group)
-                g = self._reward_grad(rec.x0, rec.x0_group) if mc.estimator == "fo_terminal" else None
+                g = self._fo_grads(rec, c) if mc.estimator != "zo" else None
             except R.RewardSkipped as e:           # policy "skip": this epoch makes no update
                 self.epochs_done += 1
                 self.skipped += 1
@@ -335,7 +332,7 @@ class Trainer:
             if mc.estimator == "zo":
                 rows.adv = self._advantages(r, record_kl)
             elif g is not None:
-                rows.g = self.credit.mean_over_leaves(g)
+                rows.g = self.credit.mean_over_leaves(g) if mc.estimator == "fo_terminal" else g
             shift = None if mc.estimator == "zo" else self._fo_guidance(rows, c)
             stats = self._optimize(rows, c, shift, rec.group)
         self.epochs_done += 1
@@ -351,12 +348,6 @@ class Trainer:
         with self.clock("alloc"):
             out.update(self._per_step(rec, rows, shift, c, out["seconds_epoch"]))
         return out
-
-    def _fo_row_weight(self, c) -> Tensor:
-        """The first-order loss weight per row (C1 in native space), for the influence metric."""
-        mc = self.cfg.method
-        w = 0.5 * c.omega**2 if mc.fo_weight == "kl" else 0.5 * torch.ones_like(c.omega)
-        return w if self._row_weight is None else w * self._row_weight
 
     def _per_step(self, rec: Records, rows: Rows, shift, c, seconds: dict) -> dict:
         """Per-timestep diagnostics of this epoch (:mod:`rsm_fast.diagnostics`) and, with
@@ -380,38 +371,39 @@ class Trainer:
         return out
 
     def _optimize(self, rows: Rows, c, shift, group: Tensor) -> dict:
-        tc = self.cfg.train
+        """``inner_updates`` optimizer steps on the epoch's rows (micro-batched with
+        ``train.grad_accum``; :class:`~rsm_fast.train_step.TrainStep`). Leaves the last update's
+        clip mask in ``self._last_clipped`` for the diagnostics and the allocator."""
         self.policy.train()
-        stats: dict = {}
-        for u in range(tc.inner_updates):
-            f = self._policy_out(rows.x, rows.t, group)
-            loss, out = self._loss(rows, c, f, shift)
-            self.nfe["train"] += rows.x.shape[0] * (1 if self.task.cfg_scale is None else 2)
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"loss became {float(loss.detach())} at epoch {self.epochs_done} (update {u}); weights left unchanged")
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
-            if not torch.isfinite(gn):
-                self.opt.zero_grad(set_to_none=True)
-                raise NonFiniteError(f"gradient norm became {float(gn)} at epoch {self.epochs_done} (update {u}); weights left unchanged")
-            self.opt.step()
-            if u == 0:
-                stats["loss"] = float(loss.detach())
-                stats["grad_norm"] = float(gn)
-                if out is not None:
-                    stats["clip_frac"] = float(out.clipped.float().mean())
-                    # on the first update the policy IS the rollout policy: this must be exactly 0
-                    stats["onpolicy_logratio_absmax"] = float(out.log_ratio.abs().max())
-            elif out is not None:
-                stats["clip_frac_last"] = float(out.clipped.float().mean())
+        M = rows.x.shape[0]
+        g = 1 if self.task.cfg_scale is None else 2
+
+        def loss_fn(sl: slice):
+            r, cs = _slice_rows(rows, sl), _slice_coeffs(c, sl)
+            f = self._policy_out(r.x, r.t, group[sl])
+            rw = None if self._row_weight is None else self._row_weight[sl]
+            return self._loss(r, cs, f, None if shift is None else shift[sl], rw)
+
+        def on_forward(n: int):
+            self.nfe["train"] += n * g
+
+        stats, self._last_clipped = self.step.run(M, self.cfg.train.inner_updates, loss_fn, on_forward,
+                                                  NonFiniteError, self.epochs_done)
         return stats
 
     # ------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, n: int | None = None) -> dict:
-        """``n`` fresh samples of the current policy (full SDE, one group each, held-out seed):
-        reward, KL to the reference along the samples' paths, and the task's own metrics."""
+        """``n`` fresh samples of the current policy (its EMA weights with ``train.ema_decay``;
+        full SDE, one group each, held-out seed): reward, KL to the reference along the samples'
+        paths, and the task's own metrics."""
+        with self._ema_applied():
+            return self._evaluate(n)
+
+    def _ema_applied(self):
+        return self.step.ema.applied() if self.step.ema is not None else nullcontext()
+
+    @torch.no_grad()
+    def _evaluate(self, n: int | None = None) -> dict:
         n = n or self.cfg.task.eval_samples
         seed = self.cfg.train.seed + 1_000_003
         tr = self.task.transition
@@ -437,7 +429,8 @@ class Trainer:
         return {"policy": trained, "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict() if self.sched is not None else None,
                 "epochs_done": self.epochs_done, "generator": self.gen.get_state(), "config": to_dict(self.cfg),
-                "allocator": None if self.budget is None else {**self.budget.state_dict(), "k": list(self._spec.k)}}
+                "allocator": None if self.budget is None else {**self.budget.state_dict(), "k": list(self._spec.k)},
+                "ema": None if self.step.ema is None else self.step.ema.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`: trained parameters, optimizer, scheduler, RNG, epoch count
@@ -453,6 +446,10 @@ class Trainer:
             self.sched.load_state_dict(state["scheduler"])
         self.epochs_done = int(state["epochs_done"])
         self.gen.set_state(state["generator"])
+        if (state.get("ema") is None) != (self.step.ema is None):
+            raise ValueError("checkpoint 'ema' does not match train.ema_decay of this config")
+        if self.step.ema is not None:
+            self.step.ema.load_state_dict(state["ema"])
         alloc = state.get("allocator")
         if (alloc is None) != (self.budget is None):
             raise ValueError("checkpoint 'allocator' does not match rollout.allocator of this config")
@@ -483,7 +480,8 @@ class Trainer:
             if run_dir is not None:
                 run_dir.save_checkpoint(self.state_dict())
                 if hasattr(self.task, "export"):
-                    exported = self.task.export(run_dir.path / "lora")
+                    with self._ema_applied():
+                        exported = self.task.export(run_dir.path / "lora")
                     if exported is not None:
                         summary["lora"] = str(exported)
                 run_dir.write_summary(summary)

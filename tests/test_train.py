@@ -63,7 +63,8 @@ def test_seeded_runs_are_identical(tmp_path):
         assert main(["--preset", "rsm-soft-zo", "--out", str(d), "--quiet", *_sets(*SMALL, "train.epochs=3")]) == 0
         logs = [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()]
         for x in logs:
-            x.pop("seconds")
+            for k in ("seconds", "seconds_epoch", "peak_memory_mb"):      # wall-clock and process RSS: measured, not computed
+                x.pop(k)
         return json.loads((d / "summary.json").read_text())["reward_mean"], logs
 
     assert run(tmp_path / "a") == run(tmp_path / "b")

@@ -1,0 +1,274 @@
+"""The optimizer side of an epoch (issue 6 item 4): compiled model regions, inner updates,
+gradient accumulation, max-grad-norm, the non-finite guard and an EMA of the trained weights.
+
+Compilation (``train.compile``), active only inside the training step (the rollout, the frozen
+reference and the evaluation run the same modules eagerly, so the rollout engine's own paths, the
+LoRA gate and CUDA-graph capture never meet a Dynamo frame, and only grad-mode graphs are built):
+
+* ``regional`` compiles every block of the policy that sits in an ``nn.ModuleList`` and whose class
+  is model code (diffusers ``down_blocks`` / ``up_blocks`` / ``transformer_blocks``, ...): one
+  ``torch.compile`` per block *class* (its ``forward``, the module passed as an argument), so every
+  repetition of a block with the same structure and parameter shapes reuses one graph. Blocks of
+  ``torch.nn`` classes (containers, plain layers: no reuse worth a graph) are skipped, so a
+  policy without model-code blocks (the 2-D task's residual MLP) falls back to its whole forward.
+* ``full`` compiles the policy module's whole forward.
+
+[DECISION] dynamic row dims, not bucketed padding: dim 0 of every tensor argument of a compiled
+region is marked dynamic (``torch._dynamo.maybe_mark_dynamic``) before each call, so the row count
+(which the online budget allocator changes every epoch, and which micro-batching splits unevenly)
+is a symbol in the graph and a new count is no new graph; padding would need masked rows in every
+loss and diagnostic. All other dims (channels, spatial, tokens) and the parameter shapes stay
+static: ``dynamic=True`` (every dim symbolic) made the digits UNet's compile 4x slower (aot_eager,
+``full``: 68 s against 17 s). Dynamo specialises a size of exactly 1, so a micro-batch of one
+row compiles once more; blocks of one class with different widths are different graphs (all
+compiled during the warm-up epoch).
+
+[DECISION] The fused loss op stays outside the compiled graph (eager ``autograd.Function`` path of
+``rsm_fast.ops``): it is one C++/Triton kernel per row block already. ``rsm_fast::zo_loss`` does
+compile as one opaque node (tests/test_ops_api.py), but compiling it in one graph with the model
+(bench/bench_compile.py ``full+loss``) made the digits step slower (0.73x eager against 1.23x for
+``full``, and a 325 s compile) and the 2-D task's no faster (bench/results/compile_cpu_2026-11-23.md);
+it would also tie the graph to the trainer's loss code. Backward through a compiled region is
+compiled by AOTAutograd. On CPU ``regional`` / ``full`` are 1.06-1.2x (2-D task) and 1.16x / 1.23x
+(digits UNet) faster than eager after a 60-90 s UNet compile, so ``off`` stays the default.
+
+Recompiles are counted from Dynamo's graph counter: ``recompiles`` in the epoch stats is the number
+of graphs compiled during this epoch's training step (the warm-up epoch's first compiles included);
+after the first epoch it must be 0, also when the row count changes (tests/test_train_step.py).
+``RSM_FAST_COMPILE_BACKEND`` (default ``inductor``) picks the Dynamo backend; tests of the image
+models use ``aot_eager`` (same capture and autograd, no kernel code generation) to stay fast.
+
+Gradient accumulation (``train.grad_accum = k``): the rows are split into k contiguous
+micro-batches; micro-batch j's mean loss is scaled by its share ``n_j / M``, so the accumulated
+gradient is the full batch's (the loss is a mean over rows; row weights stay per row).
+
+EMA (``train.ema_decay`` d, ``train.ema_every`` E): RSM-code SD3.5's ``EMAModuleWrapper``
+(``sd35_zeroth_order/flow_grpo/ema.py``, jaylee2000/rsm @e8be3df; decay 0.9 every 8 steps, spec
+§11): after optimizer step n (1-based) with ``(n + 1) % E == 0``,
+``ema += (1 - d_n) (theta - ema)``, ``d_n = min(d, (1 + n) / (10 + n))`` (a warm-up that lets
+the average follow the first steps). Evaluation, the checkpoint's ``ema`` entry and the exported
+LoRA use it; the trained ``policy`` weights (and resumed training) stay the raw ones.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+COMPILE_MODES = ("off", "regional", "full")
+
+
+def graphs_compiled() -> int:
+    """Graphs Dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def compile_backend() -> str:
+    return os.environ.get("RSM_FAST_COMPILE_BACKEND", "").strip() or "inductor"
+
+
+def find_regions(policy: nn.Module, mode: str) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the modules ``mode`` compiles (see the module docstring)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode == "off":
+        return []
+    out: list[tuple[str, nn.Module]] = []
+    if mode == "regional":
+        done: list[str] = []
+        for name, mod in policy.named_modules():
+            if not isinstance(mod, nn.ModuleList) or any(name.startswith(d + ".") for d in done):
+                continue
+            blocks = [(f"{name}.{i}", b) for i, b in enumerate(mod) if not type(b).__module__.startswith("torch.")]
+            if blocks:
+                out += blocks
+                done.append(name)
+    return out or [("<policy>", policy)]
+
+
+def _mark_batch(a):
+    """Dim 0 (rows) of a tensor argument is dynamic: a new row count is no new graph."""
+    if isinstance(a, Tensor) and a.dim() > 0:
+        torch._dynamo.maybe_mark_dynamic(a, 0)
+    return a
+
+
+def _rows_dynamic(fn, module: nn.Module):
+    """``module.forward`` replacement: the compiled class forward, rows dim of every tensor argument dynamic."""
+    def forward(*args, **kwargs):
+        return fn(module, *[_mark_batch(a) for a in args], **{k: _mark_batch(v) for k, v in kwargs.items()})
+    return forward
+
+
+class CompiledRegions:
+    """The compiled forwards of :func:`find_regions`, installed only inside :meth:`active`.
+
+    One ``torch.compile`` per module class; inside ``active()`` each region's ``forward`` is an
+    instance attribute calling the compiled class forward with the module as first argument
+    (``nn.Module.__call__`` and its hooks stay eager). Parameter names and state dicts never change."""
+
+    def __init__(self, policy: nn.Module, mode: str, backend: str | None = None):
+        self.mode, self.backend = mode, backend or compile_backend()
+        regions = find_regions(policy, mode)
+        self.names = [n for n, _ in regions]
+        self._modules = [m for _, m in regions]
+        self._fns: dict[type, object] = {}
+        for m in self._modules:
+            if type(m) not in self._fns:
+                self._fns[type(m)] = torch.compile(type(m).forward, dynamic=None, backend=self.backend)
+
+    def __bool__(self) -> bool:
+        return bool(self._modules)
+
+    @contextmanager
+    def active(self):
+        for m in self._modules:
+            m.forward = _rows_dynamic(self._fns[type(m)], m)
+        try:
+            yield
+        finally:
+            for m in self._modules:
+                m.__dict__.pop("forward", None)
+
+
+def compile_policy(policy: nn.Module, mode: str, backend: str | None = None) -> CompiledRegions:
+    """The compiled regions of ``policy`` for ``mode`` (use ``with regions.active(): ...``)."""
+    return CompiledRegions(policy, mode, backend)
+
+
+class EMA:
+    """RSM-code's EMA of a list of parameters (fp32 shadow copies; see the module docstring)."""
+
+    def __init__(self, params: list[Tensor], decay: float, every: int = 1):
+        if not 0.0 <= decay < 1.0 or every < 1:
+            raise ValueError(f"EMA needs 0 <= decay < 1 and every >= 1, got decay={decay}, every={every}")
+        self.params, self.decay, self.every = params, float(decay), int(every)
+        self.shadow = [p.detach().to(torch.float32).clone() for p in params]
+        self.steps = 0          # optimizer steps seen
+
+    def decay_at(self, n: int) -> float:
+        """``d_n = min(decay, (1 + n) / (10 + n))`` after optimizer step ``n`` (1-based)."""
+        return min(self.decay, (1.0 + n) / (10.0 + n))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Call once after every optimizer step."""
+        self.steps += 1
+        n = self.steps
+        if (n + 1) % self.every:
+            return
+        w = 1.0 - self.decay_at(n)
+        for s, p in zip(self.shadow, self.params):
+            s.add_(p.detach().to(torch.float32) - s, alpha=w)
+
+    @contextmanager
+    def applied(self):
+        """Swap the EMA weights in for the duration of the block (evaluation, export)."""
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "every": self.every, "steps": self.steps,
+                "shadow": [s.clone() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        shadow = state["shadow"]
+        if len(shadow) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(shadow, self.shadow)):
+            raise ValueError(f"checkpoint 'ema' holds {len(state['shadow'])} tensors that do not match the "
+                             f"{len(self.shadow)} trained parameters of this policy")
+        self.shadow = [s.to(t.device, torch.float32).clone() for s, t in zip(state["shadow"], self.shadow)]
+        self.steps = int(state["steps"])
+
+
+def micro_batches(M: int, k: int) -> list[slice]:
+    """``k`` contiguous slices covering ``range(M)`` (sizes differ by at most one; none empty)."""
+    k = max(1, min(k, M))
+    base, extra = divmod(M, k)
+    out, a = [], 0
+    for j in range(k):
+        b = a + base + (1 if j < extra else 0)
+        out.append(slice(a, b))
+        a = b
+    return out
+
+
+class TrainStep:
+    """Inner updates over one epoch's rows (see the module docstring).
+
+    :meth:`run` takes ``loss_fn(sl) -> (mean loss over rows sl, out | None)``, where ``out`` (zeroth
+    order) has the rows' ``clipped`` mask and ``log_ratio``; the model forward happens inside
+    ``loss_fn`` and so inside the compiled regions."""
+
+    def __init__(self, policy: nn.Module, params: list[Tensor], opt: torch.optim.Optimizer, *, compile: str = "off",
+                 grad_accum: int = 1, max_grad_norm: float = 1.0, ema_decay: float = 0.0, ema_every: int = 1,
+                 backend: str | None = None):
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        self.params, self.opt = params, opt
+        self.grad_accum, self.max_grad_norm = int(grad_accum), float(max_grad_norm)
+        self.regions = compile_policy(policy, compile, backend)
+        self.compiled = self.regions.names          # names of the compiled modules ([] = eager)
+        self.ema = EMA(params, ema_decay, ema_every) if ema_decay > 0 else None
+
+    def run(self, M: int, inner_updates: int, loss_fn, on_forward, nonfinite, epoch: int) -> tuple[dict, Tensor | None]:
+        """``inner_updates`` optimizer steps over ``M`` rows. Returns the epoch's stats and the last
+        update's clip mask over all ``M`` rows (``None`` for first-order losses). A non-finite loss
+        (any micro-batch) or gradient norm raises ``nonfinite(message)`` before the optimizer step,
+        with the gradients cleared: the weights (and the EMA) are left untouched."""
+        stats: dict = {}
+        last_clipped = None
+        parts = micro_batches(M, self.grad_accum)
+        g0 = graphs_compiled() if self.regions else 0
+        with self.regions.active():
+            for u in range(inner_updates):
+                self.opt.zero_grad(set_to_none=True)
+                total, clipped, absmax = 0.0, [], []
+                for sl in parts:
+                    loss, out = loss_fn(sl)
+                    on_forward(sl.stop - sl.start)
+                    if not torch.isfinite(loss):
+                        self.opt.zero_grad(set_to_none=True)
+                        raise nonfinite(f"loss became {float(loss.detach())} at epoch {epoch} (update {u}); "
+                                        "weights left unchanged")
+                    share = (sl.stop - sl.start) / M
+                    (loss * share if len(parts) > 1 else loss).backward()
+                    total += float(loss.detach()) * share
+                    if out is not None:
+                        clipped.append(out.clipped)
+                        if u == 0:
+                            absmax.append(out.log_ratio.detach().abs().max())
+                gn = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm if self.max_grad_norm > 0
+                                                    else float("inf"))
+                if not torch.isfinite(gn):
+                    self.opt.zero_grad(set_to_none=True)
+                    raise nonfinite(f"gradient norm became {float(gn)} at epoch {epoch} (update {u}); "
+                                    "weights left unchanged")
+                self.opt.step()
+                if self.ema is not None:
+                    self.ema.update()
+                mask = torch.cat(clipped) if clipped else None
+                if u == 0:
+                    stats["loss"] = total
+                    stats["grad_norm"] = float(gn)
+                    if mask is not None:
+                        stats["clip_frac"] = float(mask.float().mean())
+                        # on the first update the policy IS the rollout policy: 0 (eager), ~1e-7 compiled
+                        stats["onpolicy_logratio_absmax"] = float(torch.stack(absmax).max())
+                elif mask is not None:
+                    stats["clip_frac_last"] = float(mask.float().mean())
+                last_clipped = mask
+        if self.regions:
+            stats["recompiles"] = graphs_compiled() - g0
+        return stats, last_clipped
