@@ -60,6 +60,11 @@ from pathlib import Path
 
 import torch
 
+try:                      # run as a script (bench/ on sys.path) or imported as bench.<name>
+    from machine_info import cpu_model
+except ImportError:
+    from bench.machine_info import cpu_model
+
 from rsm_fast.config import ConfigError, build_config
 from rsm_fast.rewards import RewardError
 from rsm_fast.trainer import NonFiniteError, Trainer
@@ -264,12 +269,7 @@ def run_one(preset: str, seed: int, args, log=print) -> tuple[list[dict], str]:
 
 
 def machine(device: str, threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     info = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "python": platform.python_version(), "device": device, "date": date.today().isoformat(),
             "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
