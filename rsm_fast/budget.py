@@ -35,13 +35,7 @@ from .config import ConfigError
 
 class BudgetController:
     def __init__(self, cfg, transition, plan, cfg_guidance: bool):
-        ro, tc = cfg.rollout, cfg.train
-        if ro.plan != "branch":
-            raise ConfigError(f"config field 'rollout.allocator': 'online' reallocates the branches of a 'branch' "
-                              f"plan; rollout.plan is {ro.plan!r}")
-        if cfg.method.estimator != "zo":
-            raise ConfigError(f"config field 'rollout.allocator': 'online' measures the zeroth-order estimator's "
-                              f"sibling variance; method.estimator is {cfg.method.estimator!r}")
+        ro, tc = cfg.rollout, cfg.train      # config.validate: a 'branch' plan and the zeroth-order estimator
         self.units, self.cfg_g = ro.alloc_units, cfg_guidance
         self.inner = tc.inner_updates
         n = plan.num_steps
@@ -55,10 +49,10 @@ class BudgetController:
         costs, overhead = self._nfe_costs(plan) if self.units == "nfe" else (None, None)
         # spec §4.6: v_i ~ Sigma_i / b_i^2 before any observation (std-normalised advantages)
         prior = closed_form_variance(transition)
-        budget = ro.alloc_budget
-        if budget == 0:
-            budget = self._cost(k0, costs, overhead) if self.units != "seconds" else 1.0   # seconds: set after epoch 1
-        elif self.units == "seconds":
+        # alloc_budget 0: the starting profile's cost, priced below by the allocator itself (for
+        # seconds after the first epoch's measurement); 1.0 only holds the place until then
+        budget = ro.alloc_budget or 1.0
+        if self.units == "seconds" and ro.alloc_budget:
             budget = budget / self.trunks          # seconds per epoch -> per trunk, like the prices
         try:
             self.alloc = OnlineAllocator(
@@ -70,6 +64,8 @@ class BudgetController:
         except ValueError as e:
             raise ConfigError(f"config field 'rollout.allocator': {e}") from None
         self._budget_pending = self.units == "seconds" and ro.alloc_budget == 0
+        if ro.alloc_budget == 0 and self.units != "seconds":
+            budget = self.alloc.budget = self.alloc._used(k0)
         if self.units != "seconds" and not self.alloc._used(k0) <= budget * (1 + 1e-9):
             raise ConfigError(f"config field 'rollout.alloc_budget': {budget:g} {self.units} per trunk is less than the "
                               f"starting profile's {self.alloc._used(k0):g}")
@@ -79,13 +75,6 @@ class BudgetController:
         g = 2 if self.cfg_g else 1
         bc = branch_costs(plan, f_fwd=1.0, f_ref=1.0, f_train=float(self.inner * g), cfg=self.cfg_g)
         return bc.marginal, bc.trunk
-
-    @staticmethod
-    def _cost(k, costs, overhead) -> float:
-        if costs is None:
-            return float(sum(k))
-        on = [i for i, a in enumerate(k) if a > 0]
-        return sum(c * a for c, a in zip(costs, k)) + (overhead[on[-1]] if on else 0.0)
 
     def _price_seconds(self, plan, seconds: dict) -> None:
         spu = seconds_per_unit(plan, seconds, cfg=self.cfg_g)

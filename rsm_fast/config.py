@@ -337,6 +337,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config field 'rollout.{'k' if ro.k else 'profile'}' is only used by the 'branch' and 'tree' plans")
     if ro.allocator and ro.plan != "branch":
         raise ConfigError(f"config field 'rollout.allocator': 'online' re-allocates a 'branch' plan, got rollout.plan={ro.plan}")
+    if ro.allocator and m.estimator != "zo":
+        raise ConfigError(f"config field 'rollout.allocator': 'online' measures the zeroth-order estimator's sibling "
+                          f"variance; method.estimator is {m.estimator!r}")
     if ro.alloc_k_min < 2:
         raise ConfigError(f"config field 'rollout.alloc_k_min' must be >= 2 (centring needs two siblings), got {ro.alloc_k_min}")
     if ro.alloc_k_max and ro.alloc_k_max < ro.alloc_k_min:

@@ -354,18 +354,21 @@ class Trainer(FirstOrderMixin):
         ``rollout.allocator``, the next epoch's profile (compiled here, so ``self.plan`` is next's)."""
         mc, plan, n = self.cfg.method, self.plan, self.plan.num_steps
         clipped = getattr(self, "_last_clipped", None)
-        per = D.step_stats(n, rec.step, plan.record_set, trunks=plan.spec.groups * plan.spec.trunks, adv=rows.adv,
-                           z=rec.z if rows.adv is not None else None, scale=self._psi_scale, clipped=clipped)
+        alloc = None
+        if self.budget is not None:     # its observation measures this epoch's v: not computed twice
+            k, alloc = self.budget.step(plan, rec.step, rows.adv, rec.z, clipped, seconds)
+        zo = rows.adv is not None and alloc is None
+        per = D.step_stats(n, rec.step, plan.record_set, trunks=plan.spec.groups * plan.spec.trunks,
+                           adv=rows.adv if zo else None, z=rec.z if zo else None, scale=self._psi_scale, clipped=clipped)
         if rows.adv is not None:
             per.update(D.zo_influence(self.task.transition, mc, self._omega_train if mc.reweight == "pcpo" else None,
                                       self._step_w))
         elif shift is not None and rows.g is not None:
             per.update(D.fo_influence(n, rec.step, self._fo_row_weight(c), shift, rows.g, c.sigma))
         out = {"per_step": per}
-        if self.budget is not None:
-            k, info = self.budget.step(plan, rec.step, rows.adv, rec.z, clipped, seconds)
-            per["v_alloc"] = info["v"]
-            out["alloc"] = {"next_k": k, "budget": info["budget"], "used": info["used"], "units": info["units"]}
+        if alloc is not None:
+            per["v"], per["v_alloc"] = alloc["v_epoch"], alloc["v"]
+            out["alloc"] = {"next_k": k, "budget": alloc["budget"], "used": alloc["used"], "units": alloc["units"]}
             if tuple(k) != tuple(self._spec.k):
                 self._build_plan(replace(self._spec, k=tuple(k)))
         return out
