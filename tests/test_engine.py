@@ -189,6 +189,23 @@ def test_nfe_matches_the_plan():
             assert {k: rec.nfe[k] for k in want} == want, kind
 
 
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_eager_calls_evaluate_only_the_plans_rows(chunk):
+    """Without CUDA graphs no call is padded: the model sees exactly R_i rows at step i (in chunks of
+    at most ``chunk``), so the work done is the NFE the plan reports, not steps x widest step."""
+    spec = PLANS["branch"]
+    plan = compile_plan(spec)
+    model, seen = TinyModel(), []
+    counting = lambda x, t, c: (seen.append(x.shape[0]), model(x, t, c))[1]  # noqa: E731
+    eng = RolloutEngine(counting, flow(), plan, chunk_size=chunk, seed=3)
+    rec = eng.run(latent_shape=LATENT, cond=_cond(spec))
+    assert rec.nfe["padding"] == 0
+    assert sum(seen) == sum(plan.rows[:-1]) == rec.nfe["total"]
+    assert max(plan.rows) > min(plan.rows[:-1])   # the plan is uneven, so padding would have shown
+    if chunk is not None:
+        assert max(seen) <= chunk
+
+
 def test_no_host_sync_inside_the_step_loop(no_host_sync):
     spec = PLANS["branch"]
     eng = _engine(spec, chunk=4, cfg=3.0)

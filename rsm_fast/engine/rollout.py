@@ -1,7 +1,7 @@
 """The rollout engine: executes a compiled :class:`~rsm_fast.engine.plan.Plan` with static shapes.
 
 Per step ``i``: the ``R_i`` entering rows are evaluated by the model in chunks of ``chunk_size``
-rows (the last chunk padded, so every call has the same shape); the leaving rows gather their
+rows; the leaving rows gather their
 source row's latent and output (``plan.src``) and take one fused step + log-prob
 (``rsm_fast.ops.sampler_step``) with the transition's SDE or ODE coefficients per row
 (``plan.noisy``). The noise of row ``r`` is ``noise.gaussian(seed, key[r], i)``: it does not
@@ -16,6 +16,12 @@ Model adapter: ``model(x [C, ...], t [C], cond [C, ...] | None) -> native output
 ``graphs=True`` on a CUDA device replays the model from CUDA graphs, one per chunk shape
 (:class:`~rsm_fast.engine.graphs.GraphedModel`; see its contract on in-place parameter updates and
 ``reset()``); elsewhere the flag is ignored and ``graphs_active`` is False.
+
+[DECISION] Only a graphed engine pads a short chunk up to ``chunk_size`` rows (a replay needs the
+captured shape). Eager calls take the rows there are: a branching plan's steps hold very different
+row counts (TempFlow's const:6 grows from P to 55 P rows), and padding every step to the widest
+one used to spend about as many padding rows as real ones, which also hid what moving branches to
+cheap late steps saves. ``nfe["padding"]`` counts the padded rows that were evaluated.
 """
 from __future__ import annotations
 
@@ -94,21 +100,22 @@ class RolloutEngine:
             xs = x[s:s + C]
             n = xs.shape[0]
             cs = None if cond is None else cond[s:s + C]
-            if n < C:  # pad to the static chunk shape (padding rows are discarded)
+            if n < C and graphed:  # pad to the captured shape (padding rows are discarded)
                 pad = C - n
                 xs = torch.cat([xs, xs.new_zeros((pad, *xs.shape[1:]))])
                 cs = None if cs is None else torch.cat([cs, cs[:1].expand(pad, *cs.shape[1:])])
                 nfe["padding"] += pad * (2 if self.cfg_scale is not None else 1)
-            t = t_rows.expand(C) if t_rows.numel() == 1 else t_rows[s:s + C]
-            if t.shape[0] < C:
-                t = torch.cat([t, t[:1].expand(C - t.shape[0])])
+            m = xs.shape[0]  # rows in this call: C when padded, else n
+            t = t_rows.expand(m) if t_rows.numel() == 1 else t_rows[s:s + C]
+            if t.shape[0] < m:
+                t = torch.cat([t, t[:1].expand(m - t.shape[0])])
             if self.cfg_scale is None:
                 f = model(xs, t, cs)
             else:
-                uc = uncond.expand(C, *uncond.shape[1:]) if uncond is not None else None
+                uc = uncond.expand(m, *uncond.shape[1:]) if uncond is not None else None
                 both = model(torch.cat([xs, xs]), torch.cat([t, t]),
                                   None if cs is None else torch.cat([cs, uc]))
-                f_c, f_u = both[:C], both[C:]
+                f_c, f_u = both[:m], both[m:]
                 f = f_u + self.cfg_scale * (f_c - f_u)
             if graphed and self.cfg_scale is None and R > C:
                 f = f.clone()  # a graph's output buffer is overwritten by the next chunk's replay
