@@ -45,7 +45,7 @@ class TaskConfig:
     num_steps: int = field(default=50, metadata={"help": "sampling steps (toy: DDIM over 500 train steps)"})
     eta: float = field(default=1.0, metadata={"help": "DDIM eta (1 = DDPM posterior noise)"})
     reward: str = field(default="", metadata={"help": "reward spec (see rsm_fast.rewards): '' = the task's default (toy2d: linear, digits: digit log-prob, diffusers: jpeg)"})
-    eval_samples: int = field(default=8192, metadata={"help": "fresh samples for the final evaluation"})
+    eval_samples: int = field(default=0, metadata={"help": "fresh samples for the final evaluation (0 = the task's default: toy2d 8192, digits 1024, diffusers 16)"})
 
 
 @dataclass
@@ -159,11 +159,11 @@ _CHOICES = {
     "rollout.allocator": ("", "online"), "rollout.alloc_units": ("branches", "nfe", "seconds"),
     "rollout.alloc_rule": ("sqrt", "linear"), "rollout.alloc_psi_units": ("score", "native"),
 }
-_POSITIVE = ("task.alpha", "task.num_steps", "task.eval_samples", "policy.hidden", "policy.layers",
+_POSITIVE = ("task.alpha", "task.num_steps", "policy.hidden", "policy.layers",
              "policy.emb_dim", "train.epochs", "train.batch_size",
              "train.inner_updates", "train.lr", "rollout.waves", "rollout.window_every", "rollout.window_stride",
              "rollout.alloc_every", "train.grad_accum", "train.ema_every", "method.fo_c1_scale", "method.fo_discount")
-_NONNEG = ("task.eta", "task.noise_level", "task.resolution", "policy.lora_rank", "policy.lora_alpha",
+_NONNEG = ("task.eta", "task.eval_samples", "task.noise_level", "task.resolution", "policy.lora_rank", "policy.lora_alpha",
            "method.group_size", "method.adv_clip", "method.clip_eps", "method.kl_coef", "method.trust_c2",
            "method.trust_eps", "method.fo_grad_chunk",
            "train.weight_decay", "train.max_grad_norm", "train.lr_final_frac", "train.seed", "train.threads",

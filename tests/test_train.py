@@ -116,6 +116,26 @@ def test_nan_never_reaches_the_weights(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(before, tr.params))
 
 
+def test_evaluation_uses_the_task_default_and_bounded_model_calls(monkeypatch):
+    """task.eval_samples=0 takes the task's default (the 2-D task: 8192) and, with
+    rollout.chunk_size=0, no evaluation call holds more than EVAL_CHUNK rows (the reference pass
+    over all 8192 x steps records used to be one call)."""
+    from rsm_fast.trainer import EVAL_CHUNK
+
+    cfg = build_config("grpo", None, ["train.batch_size=16", "method.group_size=8", "policy.hidden=16",
+                                      "task.eval_samples=0", "task.num_steps=5", "train.threads=1"])
+    tr = Trainer(cfg)
+    sizes = []
+    for name in ("model", "reference"):
+        fn = getattr(tr.handle, name)
+        monkeypatch.setattr(tr.handle, name, lambda x, t, c, _f=fn: (sizes.append(x.shape[0]), _f(x, t, c))[1])
+    tr.evaluate()
+    n = tr.task.default_eval_samples
+    assert n == 8192 and max(sizes) == EVAL_CHUNK
+    # policy rows (n x 5 steps) + the reference at every noisy step's record; nothing padded
+    assert sum(sizes) == tr.nfe["eval"] and n * 5 < sum(sizes) <= 2 * n * 5
+
+
 def test_nonfinite_gradient_is_refused(monkeypatch):
     cfg = build_config("rsm-fo-terminal", None, SMALL + ["train.epochs=2"])
     tr = Trainer(cfg)

@@ -9,7 +9,7 @@ TASKS = ("toy2d", "digits-ddim", "digits-flow", "diffusers")
 def make_task(cfg, device="cpu"):
     """Build the task named by ``cfg.name`` (a :class:`rsm_fast.config.TaskConfig`)."""
     if cfg.name == "toy2d":
-        return Toy2D(Toy2DConfig(alpha=cfg.alpha, num_steps=cfg.num_steps, eta=cfg.eta, eval_samples=cfg.eval_samples))
+        return Toy2D(Toy2DConfig(alpha=cfg.alpha, num_steps=cfg.num_steps, eta=cfg.eta, eval_samples=cfg.eval_samples or 8192))
     if cfg.name in ("digits-ddim", "digits-flow"):
         from .digits_task import make_digits_task
 

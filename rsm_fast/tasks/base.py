@@ -15,7 +15,9 @@ diffusers models:
   engine's counter-based standard normal;
 * ``decode(x0) -> images`` in ``[0, 1]`` (the 2-D task's "image" is the point itself);
 * ``cfg_scale`` (``None``: no classifier-free guidance);
-* ``evaluate(x0, ...) -> dict`` (optional): task-specific metrics of final samples.
+* ``evaluate(x0, ...) -> dict`` (optional): task-specific metrics of final samples;
+* ``default_eval_samples``: samples of the final evaluation when ``task.eval_samples`` is 0 (the
+  2-D task 8192, a cheap float64-checked mean; digits 1024, about a minute of CPU; diffusers 16).
 """
 from __future__ import annotations
 

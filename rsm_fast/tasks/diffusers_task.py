@@ -30,6 +30,7 @@ class TaskInputError(ValueError):
 
 class DiffusersTask:
     default_reward = "jpeg"                  # DDPO's weight-free black-box reward
+    default_eval_samples = 16
 
     def __init__(self, cfg, device="cpu"):
         from .. import models as M

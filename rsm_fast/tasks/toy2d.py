@@ -90,6 +90,7 @@ class Toy2D:
     """The analytic task: exact reference, reward, target and guidance, plus a DDIM sampler."""
 
     name = "toy2d"
+    default_eval_samples = 8192
     latent_shape = (2,)
     reward_differentiable = True
 
