@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,6 +52,20 @@ def _mix(key: int, step: int, child: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+def _mix_many(key: Tensor, step: int, child: Tensor) -> Tensor:
+    """:func:`_mix` of every ``(key[n], step, child[n])`` at once, in numpy ``uint64`` (whose
+    arithmetic wraps modulo 2^64 and shifts logically, as the Python-int version's masks do)."""
+    u = np.uint64
+    kk = key.numpy().astype(np.uint64)
+    cc = child.numpy().astype(np.uint64) + u(1)
+    with np.errstate(over="ignore"):
+        z = kk * u(0x9E3779B97F4A7C15) + u(((step + 1) * 0xBF58476D1CE4E5B9) & _MASK64) + cc * u(0x94D049BB133111EB)
+        z = (z ^ (z >> u(30))) * u(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> u(27))) * u(0x94D049BB133111EB)
+        z = (z ^ (z >> u(31))) & u((1 << 63) - 1)
+    return torch.from_numpy(z.astype(np.int64))
 
 
 @dataclass(frozen=True)
@@ -170,91 +185,111 @@ def compile_plan(spec: PlanSpec, require_records: bool = True) -> Plan:
     trajectories: the group of one prompt, as in GRPO). ``sde`` plans therefore get one set per
     (step, group), ``branch`` plans one per (step, trunk) and ``tree`` plans one per split point
     plus one per (step, group) at non-splitting steps. ``require_records=False`` allows a plan
-    that trains nothing (evaluation rollouts)."""
+    that trains nothing (evaluation rollouts).
+
+    Vectorised per step (the online allocator recompiles the plan whenever it moves a K, so this
+    runs every epoch): each live row emits ``counts[j]`` leaving rows in order (a branch trunk: its
+    ODE continuation, then its ``k[i]`` children), built with ``repeat_interleave``; ``slot`` is
+    the child's index within its parent. The row-by-row loop this replaced is the test oracle
+    (``tests/plan_reference.py``), field for field."""
     k, sde, train = _check_spec(spec)
     N, T = spec.num_steps, spec.groups * spec.trunks
-    t0 = spec.group_offset * spec.trunks       # global id of the first trajectory
-    # a live row: (key, group, is_trunk, last record id on its path)
-    live = [(t << 20, t // spec.trunks, spec.kind == "branch", -1) for t in range(t0, t0 + T)]
-    initial_key = torch.tensor([r[0] for r in live], dtype=torch.int64)
-    rows, src, noisy, trained, keys, groups, records, trunk_rows = [len(live)], [], [], [], [], [], [], []
+    i64 = dict(dtype=torch.int64)
+    traj = torch.arange(spec.group_offset * spec.trunks, spec.group_offset * spec.trunks + T, **i64)
+    key = traj << 20                                    # live rows: key, group, is-trunk, last record
+    grp = traj // spec.trunks
+    trunk = torch.full((T,), spec.kind == "branch", dtype=torch.bool)
+    last = torch.full((T,), -1, **i64)
+    path = torch.empty((T, 0), **i64)                   # record id per step so far (-1: none)
+    initial_key = key.clone()
+    rows, src, noisy, trained, keys, groups, records, trunk_rows = [T], [], [], [], [], [], [], []
     rec_step, rec_group, rec_parent, rec_src = [], [], [], []
-    path_records: list[list[int]] = [[] for _ in live]   # per live row: record id per step so far
+    n_rec = 0
     last_branch = max((i for i, v in enumerate(k) if v > 0), default=-1) if spec.kind == "branch" else -1
     for i in range(N):
-        groups.append(torch.tensor([r[1] for r in live], dtype=torch.int64))
-        trunk_rows.append(sum(1 for r in live if r[2]))
-        nxt, s_i, n_i, t_i, k_i, rec_i, paths = [], [], [], [], [], [], []
-
-        def emit(j, key, grp, is_trunk, noise, train_it):
-            rid = -1
-            if train_it:
-                rid = len(rec_step)
-                rec_step.append(i)
-                rec_group.append(grp)
-                rec_parent.append(live[j][3])
-                rec_src.append(j)
-            nxt.append((key, grp, is_trunk, rid if rid >= 0 else live[j][3]))
-            s_i.append(j)
-            n_i.append(noise)
-            t_i.append(train_it)
-            k_i.append(key)
-            rec_i.append(rid)
-            paths.append(path_records[j] + [rid])
-
-        for j, (key, grp, is_trunk, _) in enumerate(live):
-            if spec.kind == "sde":
-                emit(j, key, grp, False, sde[i], sde[i] and train[i])
-            elif spec.kind == "branch":
-                if is_trunk:
-                    if i < last_branch:                       # the trunk continues by ODE
-                        emit(j, key, grp, True, False, False)
-                    for c in range(k[i]):                      # one-step SDE children
-                        emit(j, _mix(key, i, c), grp, False, True, True)
-                else:                                          # a child continues by ODE
-                    emit(j, key, grp, False, False, False)
-            else:  # tree
-                width = max(k[i], 1)
-                for c in range(width):
-                    ck = key if width == 1 else _mix(key, i, c)
-                    emit(j, ck, grp, False, sde[i], sde[i])
-        if not nxt:
+        R = key.numel()
+        groups.append(grp)
+        trunk_rows.append(int(trunk.sum()))
+        cont = int(i < last_branch)                     # branch: does the trunk continue past step i
+        if spec.kind == "sde":
+            counts = torch.ones(R, **i64)
+        elif spec.kind == "branch":
+            counts = torch.where(trunk, cont + k[i], 1)
+        else:
+            counts = torch.full((R,), max(k[i], 1), **i64)
+        s_i = torch.repeat_interleave(torch.arange(R, **i64), counts)
+        key_s = key.index_select(0, s_i)
+        if spec.kind == "sde":
+            n_i = torch.full((s_i.numel(),), sde[i])
+            t_i = torch.full((s_i.numel(),), sde[i] and train[i])
+            new_trunk, k_i = torch.zeros_like(n_i), key_s
+        else:
+            slot = torch.arange(s_i.numel(), **i64) - (torch.cumsum(counts, 0) - counts).index_select(0, s_i)
+            if spec.kind == "branch":
+                from_trunk = trunk.index_select(0, s_i)
+                n_i = from_trunk & (slot >= cont)       # a one-step SDE child (trained)
+                t_i, new_trunk = n_i, from_trunk & ~n_i
+                k_i = key_s.clone()
+                k_i[n_i] = _mix_many(key_s[n_i], i, slot[n_i] - cont)
+            else:
+                n_i = torch.full((s_i.numel(),), sde[i])
+                t_i, new_trunk = n_i, torch.zeros_like(n_i)
+                k_i = key_s if k[i] <= 1 else _mix_many(key_s, i, slot)
+        m = int(t_i.sum())
+        rid = torch.full((s_i.numel(),), -1, **i64)
+        rid[t_i] = torch.arange(n_rec, n_rec + m, **i64)
+        grp_s, last_s = grp.index_select(0, s_i), last.index_select(0, s_i)
+        rec_step.append(torch.full((m,), i, **i64))
+        rec_group.append(grp_s[t_i])
+        rec_parent.append(last_s[t_i])
+        rec_src.append(s_i[t_i])
+        n_rec += m
+        if s_i.numel() == 0:
             raise PlanError(f"plan leaves no rows after step {i}")
-        live, path_records = nxt, paths
-        rows.append(len(live))
-        src.append(torch.tensor(s_i, dtype=torch.int64))
-        noisy.append(torch.tensor(n_i, dtype=torch.bool))
-        trained.append(torch.tensor(t_i, dtype=torch.bool))
-        keys.append(torch.tensor(k_i, dtype=torch.int64))
-        records.append(torch.tensor(rec_i, dtype=torch.int64))
-    groups.append(torch.tensor([r[1] for r in live], dtype=torch.int64))
-    if not rec_step and require_records:
+        key, grp, trunk = k_i, grp_s, new_trunk
+        last = torch.where(t_i, rid, last_s)
+        path = torch.cat([path.index_select(0, s_i), rid[:, None]], 1)
+        rows.append(s_i.numel())
+        src.append(s_i)
+        noisy.append(n_i)
+        trained.append(t_i)
+        keys.append(k_i)
+        records.append(rid)
+    groups.append(grp)
+    if n_rec == 0 and require_records:
         raise PlanError("plan trains no transition (check sde_mask / train_mask / k)")
-    leaf_ancestor = (torch.tensor(path_records, dtype=torch.int64).reshape(len(live), N).T.contiguous()
-                     if live else torch.empty(N, 0, dtype=torch.int64))
-    record_set, set_sizes = _baseline_sets(rec_step, rec_group, rec_src)
+    leaf_ancestor = path.T.contiguous()
+    rs, rg, rp, rsrc = (torch.cat(v) for v in (rec_step, rec_group, rec_parent, rec_src))
+    record_set, set_sizes = _baseline_sets(rs, rg, rsrc)
     return Plan(spec, rows, src, noisy, trained, keys, groups, records, trunk_rows, leaf_ancestor,
-                torch.tensor(rec_step, dtype=torch.int64), torch.tensor(rec_group, dtype=torch.int64),
-                torch.tensor(rec_parent, dtype=torch.int64), initial_key, record_set, set_sizes)
+                rs, rg, rp, initial_key, record_set, set_sizes)
 
 
-def _baseline_sets(step: list[int], group: list[int], src: list[int]) -> tuple[Tensor, list[int]]:
+def _first_seen_ids(code: Tensor) -> tuple[Tensor, list[int]]:
+    """Id per element of ``code`` numbering the distinct values in order of first appearance, and
+    the count of each id."""
+    if code.numel() == 0:
+        return code.new_empty(0), []
+    uniq, inv = torch.unique(code, return_inverse=True)
+    first = torch.full((uniq.numel(),), code.numel(), dtype=torch.int64)
+    first = first.scatter_reduce(0, inv, torch.arange(code.numel()), reduce="amin")
+    rank = torch.empty_like(first)
+    rank[torch.argsort(first)] = torch.arange(uniq.numel())
+    ids = rank.index_select(0, inv)
+    return ids, torch.bincount(ids, minlength=uniq.numel()).tolist()
+
+
+def _baseline_sets(step: Tensor, group: Tensor, src: Tensor) -> tuple[Tensor, list[int]]:
     """Set id per record (first-seen order): (step, parent row) when the parent has several
     trained children at that step, else (step, group). See :func:`compile_plan`."""
-    per_parent: dict[tuple[int, int], int] = {}
-    for i, j in zip(step, src):
-        per_parent[(i, j)] = per_parent.get((i, j), 0) + 1
-    ids: dict[tuple, int] = {}
-    sizes: list[int] = []
-    out = []
-    for i, g, j in zip(step, group, src):
-        key = ("parent", i, j) if per_parent[(i, j)] > 1 else ("group", i, g)
-        if key not in ids:
-            ids[key] = len(sizes)
-            sizes.append(0)
-        sizes[ids[key]] += 1
-        out.append(ids[key])
-    return torch.tensor(out, dtype=torch.int64), sizes
+    if step.numel() == 0:
+        return step.new_empty(0), []
+    W = int(max(int(src.max()), int(group.max()))) + 1
+    pair = step * W + src
+    _, inv, cnt = torch.unique(pair, return_inverse=True, return_counts=True)
+    by_group = cnt.index_select(0, inv) == 1            # an only child: the (step, group) set
+    code = step * (2 * W) + by_group.long() * W + torch.where(by_group, group, src)
+    return _first_seen_ids(code)
 
 
 def check_chunk_size(chunk_size) -> int:
