@@ -346,8 +346,10 @@ class Trainer(FirstOrderMixin):
                "peak_memory_mb": round(peak_memory(self.device) / 2**20, 1), **stats,
                "seconds_epoch": {k: round(v - sec0.get(k, 0.0), 4) for k, v in self.clock.seconds.items()},
                "nfe_epoch": {k: v - nfe0.get(k, 0) for k, v in self.nfe.items()}}
-        with self.clock("alloc"):
+        a0 = self.clock.seconds.get("alloc", 0.0)
+        with self.clock("alloc"):   # diagnostics, allocator and the next plan: this epoch's cost too
             out.update(self._per_step(rec, rows, shift, c, out["seconds_epoch"]))
+        out["seconds_epoch"]["alloc"] = round(self.clock.seconds["alloc"] - a0, 4)
         return out
 
     def _per_step(self, rec: Records, rows: Rows, shift, c, seconds: dict) -> dict:
