@@ -17,6 +17,18 @@ depends on ``rollout.alloc_units``:
   per decoded+scored sample and per training record (:func:`~rsm_fast.allocator.seconds_per_unit`
   on the epoch's phase clock, EMA-blended); the budget is seconds per epoch.
 
+Step weights (``rollout.alloc_weights``): ``uniform`` minimises ``sum_i v_i / K_i``, the variance of
+the guidance estimates themselves (w = 1, how the paper's released profiles come out, spec §7.2).
+``influence`` minimises the variance of what the loss does with them: on policy and unclipped, a
+branch at step i pulls the model output with ``h_rz,i A z`` (``diagnostics.zo_influence``: the
+reweighting's ``|o s c_lin| omega_i``), and psi is ``scale_i A z``, so ``w_i = (h_rz,i / scale_i)^2``
+makes ``w_i v_i`` the per-branch variance of that pull; a clipped record pulls with 0, so ``w_i`` is
+further multiplied by ``1 - clip_i`` (EMA of the step's clip fraction, spec §7.3's
+``(1 - clipfrac_i) h_i^2``). [UNCERTAIN] The model's Jacobian from output to parameters is taken
+as the same at every step. On a Flow-GRPO schedule with equal dt, TempFlow's outer ``2.25 sigma_i``
+makes ``h_rz`` the same at every step but t = 1, so ``influence`` keeps TempFlow's own even split
+in branch units; under fair clipping ``h_rz = omega_i``, which grows with SNR.
+
 ``rollout.alloc_budget = 0`` keeps the cost of the starting profile (``rollout.profile`` /
 ``rollout.k``): the allocator then only moves budget, it never spends more. [DECISION] With
 ``seconds`` and budget 0, the budget is the starting profile's cost priced at the first epoch's
@@ -31,10 +43,19 @@ from torch import Tensor
 
 from .allocator import OnlineAllocator, branch_costs, closed_form_variance, seconds_per_unit, step_scale
 from .config import ConfigError
+from .diagnostics import zo_influence
+
+
+def influence_weights(transition, method, psi_units: str = "score", omega_train: Tensor | None = None) -> list[float]:
+    """Per step ``(h_rz,i / scale_i)^2``: the squared force of the loss on the model output per unit
+    of psi (module doc); 0 where the step is not stochastic or psi's scale is 0. Float64."""
+    h = zo_influence(transition, method, omega_train, None)["h_rz"]
+    scale = step_scale(transition, psi_units)
+    return [(a / s) ** 2 if a is not None and s > 0 else 0.0 for a, s in zip(h, scale)]
 
 
 class BudgetController:
-    def __init__(self, cfg, transition, plan, cfg_guidance: bool):
+    def __init__(self, cfg, transition, plan, cfg_guidance: bool, omega_train: Tensor | None = None):
         ro, tc = cfg.rollout, cfg.train      # config.validate: a 'branch' plan and the zeroth-order estimator
         self.units, self.cfg_g = ro.alloc_units, cfg_guidance
         self.inner = tc.inner_updates
@@ -48,7 +69,11 @@ class BudgetController:
         self.trunks = plan.spec.groups * plan.spec.trunks
         costs, overhead = self._nfe_costs(plan) if self.units == "nfe" else (None, None)
         # spec §4.6: v_i ~ Sigma_i / b_i^2 before any observation (std-normalised advantages)
-        prior = closed_form_variance(transition)
+        # (psi = scale A z with E[A^2] ~ 1 and unit z: scale^2, i.e. Sigma/b^2 in score units, omega^2 native)
+        prior = ([a * a for a in step_scale(transition, "native")] if ro.alloc_psi_units == "native"
+                 else closed_form_variance(transition))
+        self._w0 = (influence_weights(transition, cfg.method, ro.alloc_psi_units, omega_train)
+                    if ro.alloc_weights == "influence" else None)
         # alloc_budget 0: the starting profile's cost, priced below by the allocator itself (for
         # seconds after the first epoch's measurement); 1.0 only holds the place until then
         budget = ro.alloc_budget or 1.0
@@ -57,7 +82,7 @@ class BudgetController:
         try:
             self.alloc = OnlineAllocator(
                 n, budget, costs=costs, overhead=overhead, init=k0, trainable=[i < n - 1 for i in range(n)],
-                scale=step_scale(transition, ro.alloc_psi_units), prior=prior, rule=ro.alloc_rule,
+                scale=step_scale(transition, ro.alloc_psi_units), prior=prior, rule=ro.alloc_rule, weights=self._w0,
                 k_min=ro.alloc_k_min, k_max=ro.alloc_k_max or None, ema=ro.alloc_ema, every=ro.alloc_every,
                 max_step=ro.alloc_max_step or None, patience=ro.alloc_patience, clip_tau=ro.alloc_clip_tau,
                 snr_min=ro.alloc_snr_min if ro.alloc_snr_min > 0 else None)
@@ -95,6 +120,8 @@ class BudgetController:
         """Observe one epoch (records in plan order) and propose the next K per step; returns the
         profile and this epoch's per-step estimates for the log."""
         obs = self.alloc.observe(rec_step, plan.record_set, adv=adv, z=z, clipped=clipped)
+        if self._w0 is not None:     # influence: a clipped record pulls with 0
+            self.alloc.set_weights([w * (1.0 - (c or 0.0)) for w, c in zip(self._w0, self.alloc.clip)])
         if self.units == "seconds" and seconds is not None:
             self._price_seconds(plan, seconds)
         k = self.alloc.propose()

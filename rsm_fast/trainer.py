@@ -143,7 +143,8 @@ class Trainer(FirstOrderMixin):
         self._build_plan(plan_spec(cfg, tr.num_steps, tr.sde_mask))
         self._omega_train = self._pcpo_target(tr) if mc.reweight == "pcpo" else None
         # rollout.allocator=online: K per step re-allocated after every update (rsm_fast/budget.py)
-        self.budget = BudgetController(cfg, tr, self.plan, self.task.cfg_scale is not None) if cfg.rollout.allocator else None
+        self.budget = (BudgetController(cfg, tr, self.plan, self.task.cfg_scale is not None, self._omega_train)
+                       if cfg.rollout.allocator else None)
         self._psi_scale = step_scale(tr, cfg.rollout.alloc_psi_units)     # psi = scale A z (diagnostics' v)
         # Zeroth order with a reward model/server and several waves: score wave w on a worker thread
         # while wave w + 1 samples. First-order estimators need the reward's autograd graph, and the

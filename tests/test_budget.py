@@ -11,7 +11,10 @@ from rsm_fast import diagnostics as D
 from rsm_fast.allocator import branch_costs
 from rsm_fast.config import ConfigError, build_config
 from rsm_fast.runlog import RunDir
+from rsm_fast.schedules import rf_sigmas
 from rsm_fast.trainer import Trainer
+from rsm_fast.transitions import flow_grpo_sde
+from rsm_fast import allocator as A
 
 TOY = ["train.threads=1", "task.eval_samples=128", "policy.hidden=16", "train.batch_size=16"]
 
@@ -203,3 +206,94 @@ def test_epoch_log_carries_per_step_diagnostics(tmp_path):
         assert per["K"][-1] is None and per["v"][0] > 0
         assert set(rec["seconds_epoch"]) >= {"rollout", "reward", "train"}
         assert rec["nfe_epoch"]["rollout"] > 0 and "next_k" in rec["alloc"]
+
+
+# -- influence weights ----------------------------------------------------------------------------
+@pytest.mark.parametrize("reweight, form", [("fair", "hinge"), ("tempflow_outer", "ratio"), ("base", "ratio"),
+                                            ("guard", "ratio"), ("pcpo", "hinge")])
+@pytest.mark.parametrize("units", ["score", "native"])
+def test_influence_weight_times_psi_variance_is_the_gradient_variance(reweight, form, units):
+    """w_i v_i must be the per-branch variance of the force the loss puts on the model output: the
+    autograd gradient of the reference loss (on policy, unclipped, no KL) per record, measured the
+    same way as v (within-parent spread), against w_i times the spread of psi = scale A z. Fresh
+    random float64 records; the gradient is taken through losses.zo_row_loss, not a formula."""
+    from rsm_fast.allocator import sibling_variance, step_scale
+    from rsm_fast.budget import influence_weights
+    from rsm_fast.losses import zo_row_loss
+
+    tr = _trainer("grpo", f"method.reweight={reweight}", f"method.surrogate={form}")
+    tab = tr.task.transition
+    n, d, P, K = tab.num_steps, 5, 6, 4
+    gen = torch.Generator().manual_seed(11)
+    steps = torch.arange(n - 1).repeat_interleave(P * K)           # every step but the last branches
+    parents = torch.arange((n - 1) * P).repeat_interleave(K)
+    M = steps.numel()
+    c = tab.coeffs(steps, torch.ones(M, dtype=torch.bool), dtype=torch.float64)
+    adv = torch.randn(M, generator=gen, dtype=torch.float64)
+    z = torch.randn(M, d, generator=gen, dtype=torch.float64)
+    f_old = torch.randn(M, d, generator=gen, dtype=torch.float64)
+    f = f_old.clone().requires_grad_(True)
+    om = tr._pcpo_target(tab).to(torch.float64) if reweight == "pcpo" else None
+    out = zo_row_loss(f, f_old, z, adv, c, form=form, reweight=reweight, clip_eps=0.5,
+                      omega_train=None if om is None else om.index_select(0, steps))
+    assert not bool(out.clipped.any())                            # on policy: nothing clipped
+    (grad,) = torch.autograd.grad(out.loss.sum(), f)
+    w = influence_weights(tab, tr.cfg.method, units, om)
+    scale = torch.tensor(step_scale(tab, units), dtype=torch.float64)
+    ones = torch.ones(M, dtype=torch.float64)
+    v_grad, _, npar = sibling_variance(steps, parents, grad * d, ones, n)       # d: undo the latent mean
+    v_psi, _, _ = sibling_variance(steps, parents, z, adv * scale.index_select(0, steps), n)
+    checked = 0
+    for i in range(n - 1):
+        assert npar[i] == P
+        if float(v_psi[i]) > 0:
+            assert float(v_grad[i]) == pytest.approx(w[i] * float(v_psi[i]), rel=1e-9, abs=1e-300)
+            checked += 1
+        else:
+            assert float(v_grad[i]) == pytest.approx(0.0, abs=1e-300)
+    assert checked >= n - 2
+
+
+def test_influence_weights_follow_the_clip_fraction():
+    """With alloc_weights=influence the allocator's weights after an epoch are w0_i (1 - clip_i),
+    and its target differs from the uniform-weight one (same statistics, w not constant)."""
+    from rsm_fast.budget import influence_weights
+
+    tr = _trainer("rsm-evr", "rollout.alloc_weights=influence")
+    w0 = influence_weights(tr.task.transition, tr.cfg.method, "score")
+    for _ in range(2):
+        tr.epoch()
+    al = tr.budget.alloc
+    assert al.weights == pytest.approx([a * (1 - (cl or 0.0)) for a, cl in zip(w0, al.clip)], rel=1e-12)
+    assert any(cl for cl in al.clip if cl)                        # the clip factor was exercised
+    uniform = A.allocate([x or 0.0 for x in al.v], al.cost, al.budget, None, al.k_min, al.k_max, al.rule,
+                         al.eligible(), al.overhead)
+    assert al.target() != uniform and sum(al.target()) <= 54
+
+
+@pytest.mark.parametrize("preset, want", [("tempflow-grpo", "flat"), ("rsm-evr", "late")])
+def test_influence_allocation_on_the_sd35_schedule(preset, want):
+    """Flow-GRPO SDE over 10 equal steps (shift 1, the digits-flow schedule; spec §2.3), the
+    closed-form v and 54 branches over 9 steps: with equal dt TempFlow's outer 2.25 sigma_i makes its
+    per-branch force 2.25 sigma_i omega_i the same at every step but t = 1, so the influence-weighted
+    min-variance allocation of its own loss is its even K = 6 (within +-1); under fair clipping
+    (force omega_i, growing with SNR) it is late-heavy. (With SD3.5's shift 3, dt shrinks at high
+    SNR and TempFlow's force grows there too.)"""
+    from rsm_fast.budget import influence_weights
+
+    cfg = build_config(preset, None, [])
+    tab = flow_grpo_sde(rf_sigmas(10, shift=1.0), noise_level=0.7)
+    w = influence_weights(tab, cfg.method, "score")
+    k = A.allocate(A.closed_form_variance(tab), None, 54, w, active=[True] * 9 + [False])
+    assert sum(k) == 54 and k[-1] == 0
+    if want == "flat":
+        assert all(abs(a - 6) <= 1 for a in k[1:9]), k
+    else:
+        assert k[:9] == sorted(k[:9]) and k[8] >= 3 * k[0], k
+
+
+def test_native_psi_prior_is_omega_squared():
+    from rsm_fast.allocator import step_scale
+    tr = _trainer("rsm-evr", "rollout.alloc_psi_units=native")
+    om = step_scale(tr.task.transition, "native")
+    assert tr.budget.alloc.prior == pytest.approx([o * o for o in om], rel=1e-12)
