@@ -198,14 +198,43 @@ def summarize(rows: list[dict], target: float, baseline: str, stops: dict | None
 # ------------------------------------------------------------------------------------------------
 # running
 # ------------------------------------------------------------------------------------------------
+def split_presets(text: str) -> list[str]:
+    """``--presets`` split at the commas outside brackets: ``a,b[k=v,k2=v2],c`` -> 3 entries."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur.strip())
+    return [x for x in out if x]
+
+
+def parse_variant(label: str) -> tuple[str, list[str]]:
+    """``preset[key=value,...]`` -> (preset, its own overrides); a plain name has none. The whole
+    label names the run in every table, so a variant is compared like any preset."""
+    if "[" not in label:
+        return label, []
+    name, rest = label.split("[", 1)
+    if not rest.endswith("]") or not name or "[" in rest or "]" in rest[:-1]:
+        raise ConfigError(f"--presets entry {label!r}: a variant is written preset[key=value,...]")
+    sets = [x.strip() for x in rest[:-1].split(",") if x.strip()]
+    if not sets or any("=" not in x for x in sets):
+        raise ConfigError(f"--presets entry {label!r}: each override inside [] is key=value")
+    return name, sets
+
+
 def run_config(preset: str, args, seed: int):
     sets = [f"task.name={args.task}", f"train.seed={seed}", f"train.threads={args.threads}",
             f"task.eval_samples={args.eval_samples}"] + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+    name, own = parse_variant(preset)
     try:
-        return build_config(preset, None, sets + list(args.set))
+        return build_config(name, None, sets + list(args.set) + own)     # the variant's own overrides win
     except ConfigError as e:
         msg = str(e)
-        raise ConfigError(msg if f"'{preset}'" in msg else f"preset {preset}: {msg}") from None
+        raise ConfigError(msg if f"'{name}'" in msg else f"preset {preset}: {msg}") from None
 
 
 def run_one(preset: str, seed: int, args, log=print) -> tuple[list[dict], str]:
@@ -361,7 +390,9 @@ def write_markdown(path: Path, runs: list[dict], meta: dict, target_note: str) -
              f"- Code: {code_note}.",
              f"- Command: `{meta['command']}`" + (f"; tables rewritten by `{meta['reanalyzed']}`" if meta.get("reanalyzed") else ""),
              f"- Budget per run: the first of {', '.join(b for b in budget if b)} (the epoch that crosses it is the last); "
-             f"seeds {a['seeds']}; `--set` for every preset: {' '.join(a['set']) or 'none'}.",
+             f"seeds {a['seeds']}; `--set` for every preset: {' '.join(a['set']) or 'none'}"
+             + ("; `preset[k=v,...]` = the preset with its own overrides" if any("[" in p for p in presets) else "")
+             + (f"; {a['jobs']} runs at a time, one process each" if a.get("jobs", 1) > 1 else "") + ".",
              f"- Held-out evaluation before training, every {a['eval_every']} epoch(s) and at the end: {a['eval_samples']} "
              "full-SDE samples from a fixed seed per training seed; its cost is not charged to the run (eval_s in the CSV).",
              f"- Target reward: {target_note}. Time to target: the first evaluation at or above it, linearly interpolated "
@@ -473,11 +504,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=1, help="epochs between held-out evaluations")
     p.add_argument("--eval-samples", type=int, default=1024)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (CPU-time accounting: 1)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time, each in its own process (CPU: at most one per core; the CPU-seconds of a "
+                        "run are its own process's, the wall-clock includes contention for memory bandwidth)")
     p.add_argument("--out", required=True, help="output prefix, e.g. bench/results/gpu_hours_toy2d_2026-11-23")
     p.add_argument("--reanalyze", default=None, metavar="PREFIX",
                    help="no training: re-read PREFIX.csv and PREFIX.json and rewrite the tables for this target")
     a = p.parse_args(argv)
-    a.preset_list = [s.strip() for s in a.presets.split(",") if s.strip()]
+    a.preset_list = split_presets(a.presets)
     try:
         a.seed_list = [int(s) for s in a.seeds.split(",") if s.strip()]
     except ValueError:
@@ -490,6 +524,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error("give a budget: --epochs, --budget-nfe and/or --budget-seconds")
     if min(a.epochs, a.budget_nfe, a.budget_seconds) < 0 or a.eval_every < 1 or a.eval_samples < 2 or a.threads < 0:
         p.error("budgets must be >= 0, --eval-every >= 1, --eval-samples >= 2, --threads >= 0")
+    if a.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {a.jobs}")
     return a
 
 
@@ -519,17 +555,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: baseline {args.baseline} is not among --presets: no speedup columns", file=sys.stderr)
     meta = {"command": command, "argv": argv, "machine": machine(cfgs[0].train.device, args.threads), "code": provenance(),
             "args": {k: getattr(args, k) for k in ("task", "baseline", "seeds", "epochs", "budget_nfe", "budget_seconds",
-                                                    "set", "target", "target_frac", "eval_every", "eval_samples")}}
+                                                    "set", "target", "target_frac", "eval_every", "eval_samples", "jobs")}}
     meta["args"]["presets"] = args.preset_list
     rows: list[dict] = []
     meta["runs"] = []
     t0 = time.perf_counter()
+    todo = [(p, seed) for p in args.preset_list for seed in args.seed_list]
     try:
-        for p in args.preset_list:
-            for seed in args.seed_list:
-                rs, stop = run_one(p, seed, args)
-                rows += rs
-                meta["runs"].append({"preset": p, "seed": seed, "stop": stop})
+        if args.jobs == 1:
+            results = [run_one(p, seed, args) for p, seed in todo]
+        else:     # one process per run (spawn: no torch state shared), results in the table's order
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+            with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+                futs = [pool.submit(run_one, p, seed, args) for p, seed in todo]
+                results = [f.result() for f in futs]
+        for (p, seed), (rs, stop) in zip(todo, results):
+            rows += rs
+            meta["runs"].append({"preset": p, "seed": seed, "stop": stop})
     except (ConfigError, NonFiniteError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

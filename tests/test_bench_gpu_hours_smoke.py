@@ -145,3 +145,33 @@ def test_a_run_that_fails_midway_is_recorded_and_the_suite_goes_on(tmp_path, mon
     assert rows[-1]["train_reward"] == "nan" and rows[-1]["eval_reward"] != "nan"    # the failed epoch: cost, evaluation
     md = (tmp_path / "f.md").read_text()
     assert "| failed (1) |" in md and "1. config field 'rollout.waves'" in md
+
+
+def test_variant_labels_parse_and_bad_ones_are_one_line():
+    assert G.split_presets("a,b[x.y=1,z.w=q],c") == ["a", "b[x.y=1,z.w=q]", "c"]
+    assert G.parse_variant("b[x.y=1,z.w=q]") == ("b", ["x.y=1", "z.w=q"])
+    assert G.parse_variant("plain") == ("plain", [])
+    for bad in ("b[x.y=1", "b[]", "b[novalue]", "[x=1]"):
+        with pytest.raises(G.ConfigError) as e:
+            G.parse_variant(bad)
+        assert "--presets" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_variants_in_parallel_jobs_equal_the_serial_runs(tmp_path):
+    """A preset[k=v] variant runs with its own override (its label in the tables), and --jobs 2
+    (one spawned process per run) gives the serial run's NFE and rewards run for run."""
+    common = ["--task", "toy2d", "--seeds", "0", "--eval-samples", "32", "--set", "train.batch_size=8",
+              "--set", "policy.hidden=16", "--epochs", "2", "--target", "3.1",
+              "--presets", "tempflow-grpo,tempflow-grpo[rollout.allocator=online,rollout.alloc_units=nfe]"]
+    assert G.main(common + ["--out", str(tmp_path / "serial")]) == 0
+    assert G.main(common + ["--jobs", "2", "--out", str(tmp_path / "par")]) == 0
+    ser = list(csv.DictReader(open(tmp_path / "serial.csv")))
+    par = list(csv.DictReader(open(tmp_path / "par.csv")))
+    assert [r["preset"] for r in ser] == [r["preset"] for r in par]
+    assert {r["preset"] for r in ser} == {"tempflow-grpo", "tempflow-grpo[rollout.allocator=online,rollout.alloc_units=nfe]"}
+    for a, b in zip(ser, par):
+        assert (a["nfe"], a["eval_reward"], a["train_reward"]) == (b["nfe"], b["eval_reward"], b["train_reward"])
+    base, var = [[r for r in ser if r["preset"] == p and r["epoch"] == "2"][0]
+                 for p in ("tempflow-grpo", "tempflow-grpo[rollout.allocator=online,rollout.alloc_units=nfe]")]
+    assert base["nfe"] != var["nfe"]                                     # the override reached the variant only
+    assert "own overrides" in (tmp_path / "par.md").read_text()
