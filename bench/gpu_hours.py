@@ -218,9 +218,13 @@ def parse_variant(label: str) -> tuple[str, list[str]]:
     if "[" not in label:
         return label, []
     name, rest = label.split("[", 1)
-    if not rest.endswith("]") or not name or "[" in rest or "]" in rest[:-1]:
+    inner = rest[:-1]
+    depth = [0]
+    for ch in inner:
+        depth.append(depth[-1] + (ch == "[") - (ch == "]"))
+    if not rest.endswith("]") or not name or min(depth) < 0 or depth[-1] != 0:
         raise ConfigError(f"--presets entry {label!r}: a variant is written preset[key=value,...]")
-    sets = [x.strip() for x in rest[:-1].split(",") if x.strip()]
+    sets = [x.strip() for x in split_presets(inner)]       # commas inside a list value stay in it
     if not sets or any("=" not in x for x in sets):
         raise ConfigError(f"--presets entry {label!r}: each override inside [] is key=value")
     return name, sets

@@ -22,6 +22,13 @@ Reallocation" used K ~ v or K ~ sqrt(v): the default is ``'sqrt'``, because it i
 budget-optimal rule and it reproduces the released integers (highsnr, highsnr2) within +-1 from
 ``v = Sigma/b^2`` while K ~ v misses them by up to 5 (tests/test_allocator.py).
 
+Dual rule (``objective='variance'`` online, :func:`allocate_for_variance`): the cheapest K with
+``sum_i w_i v_i / K_i <= V``, V = the variance the reference profile (the starting one) would have
+under the current estimates: ``K_i = clamp(mu sqrt(w_i v_i / c_i), k_min, k_max)`` with mu set by
+bisection so the variance is V, then ceilings (variance <= V) and greedy removal of the dearest
+branch whose removal keeps it <= V. Steps are never switched off to save variance (dropping a
+step would drop its term), only by the clip/SNR tests. The budget stays a cap.
+
 Integerisation: floor, then largest remainder while the next branch fits the budget, then
 greedy fill (largest remaining deficit first) until no single branch fits; ``K_i in {0} u
 [k_min, k_max]``. Deactivation: a step whose ideal K is below ``k_min`` is set to 0 (the smallest
@@ -50,6 +57,7 @@ from torch import Tensor
 from .engine.profiles import RELEASED
 
 RULES = ("sqrt", "linear")
+OBJECTIVES = ("budget", "variance")
 
 # Released static profiles, K per transition (one entry per sampling step; the last step's entry is
 # 0). SD3.5-M 10 steps, shift 3, a = 0.7: spec §7.1 (RSM-code sd35_zeroth_order/config/sd3_matrix.py);
@@ -260,6 +268,52 @@ def allocate(v, c=None, budget=0.0, w=None, k_min: int = 2, k_max: int | None = 
         used += c[i]
 
 
+def allocate_for_variance(v, c=None, target: float = 1.0, w=None, k_min: int = 2, k_max: int | None = None,
+                          active=None) -> list[int]:
+    """Cheapest integer K (``sum c K``) with ``sum_i w_i v_i / K_i <= target`` over the active steps
+    with ``w v > 0``, each K in [k_min, k_max]; the rest get 0. If even k_max everywhere misses the
+    target: k_max everywhere. See the module doc."""
+    v, c, target, w, act, _ = _check(v, c, target, w, k_min, k_max, "sqrt", active, None)
+    if not target > 0:
+        raise ValueError(f"target must be > 0, got {target}")
+    wv = [a * b for a, b in zip(w, v)]
+    on = [i for i in range(len(v)) if act[i] and wv[i] > 0]
+    K = [0] * len(v)
+
+    def var(k) -> float:
+        return sum(wv[i] / k[i] for i in on)
+
+    if k_max is not None and var({i: k_max for i in on}) >= target:
+        for i in on:
+            K[i] = k_max
+        return K
+    cap = math.inf if k_max is None else float(k_max)
+
+    def cont(mu) -> dict:
+        return {i: min(max(mu * math.sqrt(wv[i] / c[i]), float(k_min)), cap) for i in on}
+
+    lo, hi = 0.0, 1.0
+    while var(cont(hi)) > target:          # the variance falls as mu grows (to below target: see above)
+        lo, hi = hi, hi * 2.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if var(cont(mid)) > target else (lo, mid)
+    for i, x in cont(hi).items():
+        K[i] = max(k_min, math.ceil(x - 1e-9))
+    tol = 1e-12 * target
+    while var(K) > target + tol:           # round-off of the ceilings: add the cheapest variance cut
+        i = max((j for j in on if k_max is None or K[j] < k_max),
+                key=lambda j: ((wv[j] / K[j] - wv[j] / (K[j] + 1)) / c[j], -j))
+        K[i] += 1
+    while True:                            # drop the dearest branch that keeps the variance within target
+        slack = target + tol - var(K)
+        cand = [i for i in on if K[i] > k_min and wv[i] / (K[i] - 1) - wv[i] / K[i] <= slack]
+        if not cand:
+            return K
+        i = max(cand, key=lambda j: (c[j], -(wv[j] / (K[j] - 1) - wv[j] / K[j]), -j))
+        K[i] -= 1
+
+
 # ------------------------------------------------------------------------------------------------
 def sibling_variance(steps: Tensor, parents: Tensor, rows: Tensor, coef: Tensor, n: int, max_elems: int = 1 << 24):
     """Per step: the sum over branching parents (>= 2 children) of the unbiased within-parent
@@ -305,13 +359,18 @@ class OnlineAllocator:
     per branch); ``init``: the starting profile (default: :func:`allocate` on ``prior`` or on
     equal variances); ``trainable``: steps that may branch (default all but the last);
     ``scale``: per-step factor used by ``observe(adv=, z=)`` when no per-record ``scale`` is given
-    (:func:`step_scale`); ``prior``: variance of steps not observed yet (default: mean observed)."""
+    (:func:`step_scale`); ``prior``: variance of steps not observed yet (default: mean observed);
+    ``objective``: ``'budget'`` (least variance at the budget) or ``'variance'`` (least cost at the
+    variance the starting profile would have now; the budget stays a cap)."""
 
     def __init__(self, num_steps: int, budget: float, *, costs=None, overhead=None, weights=None, init=None,
                  trainable=None, scale=None, prior=None, rule: str = "sqrt", k_min: int = 2, k_max: int | None = None,
                  ema: float = 0.9, every: int = 1, max_step: int | None = 2, patience: int = 5,
-                 clip_tau: float = 0.5, snr_min: float | None = None):
+                 clip_tau: float = 0.5, snr_min: float | None = None, objective: str = "budget"):
         n = self.n = _int_arg(num_steps, "num_steps", 2)
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        self.objective = objective
         self.trainable = [i < n - 1 for i in range(n)] if trainable is None else [bool(a) for a in trainable]
         if len(self.trainable) != n:
             raise ValueError(f"trainable has {len(self.trainable)} entries, expected {n} (one per step)")
@@ -335,6 +394,7 @@ class OnlineAllocator:
         self.profile = [int(a) for a in _vec(init, "init", n, 0.0)]
         if any(0 < a < k_min or (k_max is not None and a > k_max) for a in self.profile):
             raise ValueError(f"init entries must be 0 or in [k_min, k_max], got {self.profile}")
+        self.reference = list(self.profile)     # objective 'variance': the profile whose variance is kept
         self.v: list[float | None] = [None] * n
         self.m: list[float | None] = [None] * n
         self.clip: list[float | None] = [None] * n
@@ -468,6 +528,11 @@ class OnlineAllocator:
         known = [x for x in self.v if x is not None]
         fill = (sum(known) / len(known)) if known else 1.0
         v = [x if x is not None else (self.prior[i] if self.prior is not None else fill) for i, x in enumerate(self.v)]
+        if self.objective == "variance":
+            act = [e and r > 0 and w * x > 0 for e, r, w, x in zip(self.eligible(), self.reference, self.weights, v)]
+            if any(act):
+                V = sum(w * x / r for a, r, w, x in zip(act, self.reference, self.weights, v) if a)
+                return allocate_for_variance(v, self.cost, V, self.weights, self.k_min, self.k_max, act)
         return allocate(v, self.cost, self.budget, self.weights, self.k_min, self.k_max, self.rule,
                         self.eligible(), self.overhead)
 
@@ -486,7 +551,8 @@ class OnlineAllocator:
         return list(new)
 
     # -- checkpoints ------------------------------------------------------------------------------
-    _STATE = ("profile", "v", "m", "clip", "off_since", "cost", "overhead", "weights", "epochs", "last_update", "updates")
+    _STATE = ("profile", "reference", "v", "m", "clip", "off_since", "cost", "overhead", "weights", "epochs",
+              "last_update", "updates")
 
     def state_dict(self) -> dict:
         out = {"num_steps": self.n}
@@ -496,6 +562,7 @@ class OnlineAllocator:
         return out
 
     def load_state_dict(self, state: dict) -> None:
+        state = {"reference": self.reference, **state}     # checkpoints from before 'reference' existed
         if state.get("num_steps") != self.n:
             raise ValueError(f"state num_steps {state.get('num_steps')!r} does not match this allocator's {self.n}")
         missing = [k for k in self._STATE if k not in state]

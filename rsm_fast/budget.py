@@ -29,6 +29,11 @@ as the same at every step. On a Flow-GRPO schedule with equal dt, TempFlow's out
 makes ``h_rz`` the same at every step but t = 1, so ``influence`` keeps TempFlow's own even split
 in branch units; under fair clipping ``h_rz = omega_i``, which grows with SNR.
 
+Objective (``rollout.alloc_objective``): ``budget`` spends the budget on the least estimator variance
+``sum w v / K``; ``variance`` keeps the variance the starting profile would have under the current
+estimates and buys it at the least cost (:func:`~rsm_fast.allocator.allocate_for_variance`), so an
+epoch gets cheaper instead of more precise; the budget is then only a cap.
+
 ``rollout.alloc_budget = 0`` keeps the cost of the starting profile (``rollout.profile`` /
 ``rollout.k``): the allocator then only moves budget, it never spends more. [DECISION] With
 ``seconds`` and budget 0, the budget is the starting profile's cost priced at the first epoch's
@@ -85,7 +90,7 @@ class BudgetController:
                 scale=step_scale(transition, ro.alloc_psi_units), prior=prior, rule=ro.alloc_rule, weights=self._w0,
                 k_min=ro.alloc_k_min, k_max=ro.alloc_k_max or None, ema=ro.alloc_ema, every=ro.alloc_every,
                 max_step=ro.alloc_max_step or None, patience=ro.alloc_patience, clip_tau=ro.alloc_clip_tau,
-                snr_min=ro.alloc_snr_min if ro.alloc_snr_min > 0 else None)
+                snr_min=ro.alloc_snr_min if ro.alloc_snr_min > 0 else None, objective=ro.alloc_objective)
         except ValueError as e:
             raise ConfigError(f"config field 'rollout.allocator': {e}") from None
         self._budget_pending = self.units == "seconds" and ro.alloc_budget == 0

@@ -110,6 +110,7 @@ class RolloutConfig:
     alloc_snr_min: float = field(default=0.0, metadata={"help": "allocator: deactivate a step whose estimated SNR at K_max is below this (0 = off)"})
     alloc_ema: float = field(default=0.9, metadata={"help": "allocator: EMA factor of the per-step variance / clip statistics, in [0, 1)"})
     alloc_psi_units: str = field(default="score", metadata={"help": "allocator: units of the per-branch guidance psi = scale A z: 'score' (sigma/b; v ~ Sigma/b^2, the paper's) or 'native' (omega)"})
+    alloc_objective: str = field(default="budget", metadata={"help": "allocator: 'budget' = the least estimator variance sum w v / K at the budget (spec §7.3), 'variance' = the least cost that keeps the variance the starting profile would have under the current estimates (the budget is then a cap)"})
     alloc_weights: str = field(default="uniform", metadata={"help": "allocator: step weights w_i of K ~ sqrt(w v / c): 'uniform' (w = 1; the paper's profiles) or 'influence' (w = the loss's squared force on the model output per unit of psi, times 1 - clip fraction: w v is then the per-branch variance of the gradient the step feeds the model)"})
 
 
@@ -159,7 +160,7 @@ _CHOICES = {
     "method.step_weight": ("equal", "records"), "train.compile": ("off", "regional", "full"),
     "rollout.allocator": ("", "online"), "rollout.alloc_units": ("branches", "nfe", "seconds"),
     "rollout.alloc_rule": ("sqrt", "linear"), "rollout.alloc_psi_units": ("score", "native"),
-    "rollout.alloc_weights": ("uniform", "influence"),
+    "rollout.alloc_weights": ("uniform", "influence"), "rollout.alloc_objective": ("budget", "variance"),
 }
 _POSITIVE = ("task.alpha", "task.num_steps", "policy.hidden", "policy.layers",
              "policy.emb_dim", "train.epochs", "train.batch_size",

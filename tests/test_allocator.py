@@ -407,3 +407,66 @@ def test_clipping_everywhere_never_switches_every_step_off():
                    clipped=torch.ones(54, dtype=torch.bool))
         k = al.propose()
         assert sum(k) > 0 and sum(k) <= 54 and all(a == 0 or a >= 2 for a in k)
+
+
+# -- the dual rule: least cost at a variance ------------------------------------------------------
+def test_allocate_for_variance_is_feasible_and_near_the_integer_optimum():
+    """Random instances, brute force over every integer profile in [k_min, 9]^n: the greedy answer
+    meets the variance, no single branch can be dropped, and it costs no more than the true
+    integer optimum plus one branch (and never less than the continuous optimum)."""
+    import itertools
+    rng = random.Random(5)
+    for _ in range(60):
+        n = rng.randint(1, 4)
+        v = [rng.uniform(0.05, 20.0) for _ in range(n)]
+        c = [rng.uniform(0.5, 10.0) for _ in range(n)]
+        k_min, k_max = rng.choice([2, 3]), 9
+        lo_var, hi_var = sum(a / k_max for a in v), sum(a / k_min for a in v)
+        target = rng.uniform(lo_var * 1.01, hi_var * 1.2)
+        K = A.allocate_for_variance(v, c, target, k_min=k_min, k_max=k_max)
+        var = sum(a / k for a, k in zip(v, K))
+        cost = sum(a * k for a, k in zip(c, K))
+        assert var <= target * (1 + 1e-12) and all(k_min <= k <= k_max for k in K)
+        assert not any(K[i] > k_min and var - v[i] / K[i] + v[i] / (K[i] - 1) <= target for i in range(n))
+        best = min(sum(a * k for a, k in zip(c, p)) for p in itertools.product(range(k_min, k_max + 1), repeat=n)
+                   if sum(a / k for a, k in zip(v, p)) <= target * (1 + 1e-12))
+        assert best <= cost <= best + max(c) + 1e-9
+        mu = sum(math.sqrt(a * b) for a, b in zip(v, c)) / target      # continuous, no bounds: a lower bound
+        assert cost >= min(best, sum(b * max(k_min, min(k_max, mu * math.sqrt(a / b))) for a, b in zip(v, c))) - 1e-9
+
+
+def test_allocate_for_variance_edges_and_inactive_steps():
+    assert A.allocate_for_variance([1.0, 4.0, 0.0], None, 100.0, active=[True, True, True]) == [2, 2, 0]   # k_min floor
+    assert A.allocate_for_variance([1.0, 4.0], None, 0.01, k_max=8) == [8, 8]                 # unreachable: k_max
+    assert A.allocate_for_variance([1.0, 4.0], None, 1.0, active=[False, True]) == [0, 4]
+    K = A.allocate_for_variance([1.0, 4.0], [1.0, 1.0], 1.0)          # equal cost: K ~ sqrt(v), 3 + 6 -> 1/3 + 2/3
+    assert K == [3, 6]
+    with pytest.raises(ValueError, match="target"):
+        A.allocate_for_variance([1.0], None, 0.0)
+
+
+def test_variance_objective_online_keeps_the_starting_variance_for_less():
+    """Flow-GRPO SD3.5 closed-form v, TempFlow's const:6 as the start, NFE prices: the online
+    allocator with objective='variance' reaches a profile whose sum v/K is at most const:6's and
+    whose cost is lower; with objective='budget' it spends const:6's cost instead."""
+    v = sd35_v()
+    bc = A.branch_costs(N, f_fwd=1.0, f_train=2.0)
+    start = A.static_profile("base", N)
+    out = {}
+    for obj in ("variance", "budget"):
+        al = A.OnlineAllocator(N, bc.profile_cost(start), costs=bc.marginal, overhead=bc.trunk, init=start,
+                               max_step=None, ema=0.0, objective=obj)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            step, par, psi, _ = synthetic_epoch(v, al.profile, g, exact=True, mean_scale=0.0)
+            al.observe(step, par, psi)
+            al.propose()
+        out[obj] = al.profile
+        assert al.state_dict()["reference"] == start
+    var = lambda k: sum(v[i] / k[i] for i in range(9) if k[i])  # noqa: E731
+    assert var(out["variance"]) <= var(start) * (1 + 1e-9) and all(k >= 2 for k in out["variance"][:9])
+    assert out["variance"] == A.allocate_for_variance(v, bc.marginal, var(start), active=TRAINED9)
+    assert bc.profile_cost(out["variance"]) < 0.8 * bc.profile_cost(start)            # 338 vs 441 NFE
+    assert bc.profile_cost(out["budget"]) <= bc.profile_cost(start) and var(out["budget"]) < var(start)
+    with pytest.raises(ValueError, match="objective"):
+        A.OnlineAllocator(N, 54, objective="cheap")

@@ -151,7 +151,9 @@ def test_variant_labels_parse_and_bad_ones_are_one_line():
     assert G.split_presets("a,b[x.y=1,z.w=q],c") == ["a", "b[x.y=1,z.w=q]", "c"]
     assert G.parse_variant("b[x.y=1,z.w=q]") == ("b", ["x.y=1", "z.w=q"])
     assert G.parse_variant("plain") == ("plain", [])
-    for bad in ("b[x.y=1", "b[]", "b[novalue]", "[x=1]"):
+    assert G.parse_variant("b[r.k=[2,2,0],r.p=]") == ("b", ["r.k=[2,2,0]", "r.p="])
+    assert G.split_presets("a[r.k=[1,2]],b") == ["a[r.k=[1,2]]", "b"]
+    for bad in ("b[x.y=1", "b[]", "b[novalue]", "[x=1]", "b[x=]]", "b[x=[1]"):
         with pytest.raises(G.ConfigError) as e:
             G.parse_variant(bad)
         assert "--presets" in str(e.value) and "\n" not in str(e.value)

@@ -63,6 +63,24 @@ def test_nfe_units_spend_exactly_the_priced_budget():
     assert k[8] > k[0] and sum(k) > 54
 
 
+def test_variance_objective_makes_epochs_cheaper_at_the_starting_variance():
+    """rollout.alloc_objective=variance with NFE prices: each epoch's next profile keeps the
+    estimator variance sum_i v_i / K_i (the allocator's own estimates) at or below what const:6
+    would give, and after the hysteresis has moved an epoch costs fewer NFE than the first."""
+    tr = _trainer("rsm-evr-cost", "rollout.alloc_objective=variance", "rollout.alloc_clip_tau=1.0")
+    first = None
+    for _ in range(5):
+        s = tr.epoch()
+        spent = s["nfe_epoch"]["rollout"] + s["nfe_epoch"]["reference"] + s["nfe_epoch"]["train"]
+        first = first or spent
+        al = tr.budget.alloc
+        on = [i for i, r in enumerate(al.reference) if r and al.v[i]]
+        tgt = al.target()
+        assert sum(al.v[i] / tgt[i] for i in on) <= sum(al.v[i] / 6 for i in on) * (1 + 1e-9)
+        assert s["alloc"]["used"] <= s["alloc"]["budget"] * (1 + 1e-9)
+    assert spent < 0.9 * first
+
+
 def test_seconds_units_price_from_the_phase_clock():
     tr = _trainer("rsm-evr", "rollout.alloc_units=seconds")
     s = tr.epoch()
@@ -124,6 +142,10 @@ def test_allocator_state_round_trips():
       "rollout.alloc_units=gpu"], "rollout.alloc_units"),
     (["rollout.plan=branch", "rollout.profile=const:4", "rollout.allocator=online",
       "rollout.alloc_clip_tau=2"], "rollout.alloc_clip_tau"),
+    (["rollout.plan=branch", "rollout.profile=const:4", "rollout.allocator=online",
+      "rollout.alloc_objective=cheap"], "rollout.alloc_objective"),
+    (["rollout.plan=branch", "rollout.profile=const:4", "rollout.allocator=online",
+      "rollout.alloc_weights=h2"], "rollout.alloc_weights"),
 ])
 def test_bad_allocator_config_names_the_field(sets, field):
     with pytest.raises(ConfigError) as e:
