@@ -74,7 +74,7 @@ try:                                    # imported as bench.gpu_hours (tests) or
 except ImportError:
     from gpu_hours_plots import write_plots
 
-DEFAULT_PRESETS = "tempflow-grpo,tempflow-grpo-k1,rsm-uniform-realloc,rsm-evr,rsm-evr-cost"
+DEFAULT_PRESETS = "tempflow-grpo,tempflow-grpo-k1,rsm-uniform-realloc,rsm-evr,rsm-evr-cost,tempflow-evr,tempflow-evr-cost"
 PHASES = ("rollout", "reward", "train", "alloc")       # the trainer's phase clock (wall seconds)
 EPOCH_FIELDS = ("preset", "seed", "epoch", "nfe", "nfe_rollout", "nfe_reference", "nfe_train", "wall_s", "cpu_s",
                 "train_reward", "train_kl", "eval_reward", "eval_kl", "eval_s", "eval_nfe") + tuple(f"{k}_s" for k in PHASES)

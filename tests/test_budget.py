@@ -47,7 +47,7 @@ def test_profile_moves_budget_is_kept_and_records_follow_the_plan():
 
 
 def test_nfe_units_spend_exactly_the_priced_budget():
-    tr = _trainer("rsm-evr-cost")
+    tr = _trainer("rsm-evr-cost", "rollout.alloc_objective=budget")
     trunks = tr.plan.spec.groups * tr.plan.spec.trunks
     bc = branch_costs(tr.plan, f_fwd=1.0, f_ref=1.0, f_train=float(tr.cfg.train.inner_updates))
     budget = bc.profile_cost(tr._spec.k)

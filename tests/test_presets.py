@@ -125,7 +125,8 @@ def test_first_order_preset_gradient_is_table1(preset):
 def test_every_method_of_the_issue_has_a_preset():
     want = {"reinforce", "ddpo", "grpo", "pcpo", "pcpo-reweight", "pcpo-reweight-flow", "tempflow-grpo",
             "tempflow-grpo-k1", "branch-grpo", "mix-grpo", "grpo-guard", "rsm-uniform-realloc", "rsm-lowsnr",
-            "rsm-sparse", "rsm-fo-terminal", "rsm-soft-zo", "rsm-evr"}
+            "rsm-sparse", "rsm-fo-terminal", "rsm-soft-zo", "rsm-evr", "rsm-evr-cost", "tempflow-evr",
+            "tempflow-evr-cost"}
     assert want <= set(preset_names())
 
 
