@@ -29,6 +29,11 @@ bisection so the variance is V, then ceilings (variance <= V) and greedy removal
 branch whose removal keeps it <= V. Steps are never switched off to save variance (dropping a
 step would drop its term), only by the clip/SNR tests. The budget stays a cap.
 
+``k_min = 1`` admits single-branch steps: a step with K = 1 has no siblings, so the plan centres
+its record on its group at that step (TempFlow's K = 1 original) and its v is measured from that
+baseline set's spread (``observe`` takes the baseline-set ids as parents); the default 2 keeps
+every branching step centred on siblings.
+
 Integerisation: floor, then largest remainder while the next branch fits the budget, then
 greedy fill (largest remaining deficit first) until no single branch fits; ``K_i in {0} u
 [k_min, k_max]``. Deactivation: a step whose ideal K is below ``k_min`` is set to 0 (the smallest
@@ -189,7 +194,7 @@ def _check(v, c, budget, w, k_min, k_max, rule, active, overhead):
     c = [1.0] * n if c is None else _vec(c, "c", n, 0.0, strict=True)
     w = [1.0] * n if w is None else _vec(w, "w", n, 0.0)
     budget = _vec([budget], "budget", None, 0.0)[0]
-    _int_arg(k_min, "k_min", 2)
+    _int_arg(k_min, "k_min", 1)
     if k_max is not None:
         _int_arg(k_max, "k_max", k_min)
     if rule not in RULES:

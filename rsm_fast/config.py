@@ -101,7 +101,7 @@ class RolloutConfig:
     alloc_units: str = field(default="branches", metadata={"help": "allocator: what a branch costs: 'branches' (1 each; paper), 'nfe' (model evaluations, as counted by the trainer) or 'seconds' (measured on this machine)"})
     alloc_budget: float = field(default=0.0, metadata={"help": "allocator: budget per trunk in branches or NFE, per epoch in seconds (0 = the cost of the starting profile)"})
     alloc_rule: str = field(default="sqrt", metadata={"help": "allocator: 'sqrt' K ~ sqrt(w v / c) (min variance; reproduces the released highsnr2), 'linear' K ~ w v (equal variance)"})
-    alloc_k_min: int = field(default=2, metadata={"help": "allocator: smallest non-zero K (>= 2: centring needs two siblings); below it a step is deactivated"})
+    alloc_k_min: int = field(default=2, metadata={"help": "allocator: smallest non-zero K; below it a step is deactivated. 2 (default): every branching step is centred on >= 2 siblings; 1: a step may keep a single branch, centred on its group at that step as in TempFlow's K = 1 original"})
     alloc_k_max: int = field(default=0, metadata={"help": "allocator: largest K (0 = no cap)"})
     alloc_every: int = field(default=1, metadata={"help": "allocator: epochs between re-allocations"})
     alloc_max_step: int = field(default=2, metadata={"help": "allocator: hysteresis, the most a K moves per re-allocation (0 = no limit)"})
@@ -343,8 +343,8 @@ def validate(cfg: RunConfig) -> None:
     if ro.allocator and m.estimator != "zo":
         raise ConfigError(f"config field 'rollout.allocator': 'online' measures the zeroth-order estimator's sibling "
                           f"variance; method.estimator is {m.estimator!r}")
-    if ro.alloc_k_min < 2:
-        raise ConfigError(f"config field 'rollout.alloc_k_min' must be >= 2 (centring needs two siblings), got {ro.alloc_k_min}")
+    if ro.alloc_k_min < 1:
+        raise ConfigError(f"config field 'rollout.alloc_k_min' must be >= 1, got {ro.alloc_k_min}")
     if ro.alloc_k_max and ro.alloc_k_max < ro.alloc_k_min:
         raise ConfigError(f"config field 'rollout.alloc_k_max' must be 0 or >= alloc_k_min ({ro.alloc_k_min}), got {ro.alloc_k_max}")
     if not 0 <= ro.alloc_clip_tau <= 1:

@@ -361,7 +361,7 @@ def test_state_dict_round_trip():
 
 @pytest.mark.parametrize("call,word", [
     (lambda: A.allocate([1.0, 2.0], None, -1), "budget"),
-    (lambda: A.allocate([1.0, 2.0], None, 10, k_min=1), "k_min"),
+    (lambda: A.allocate([1.0, 2.0], None, 10, k_min=0), "k_min"),
     (lambda: A.allocate([1.0, 2.0], [1.0], 10), "c has 1"),
     (lambda: A.allocate([1.0, 2.0], [1.0, 0.0], 10), r"c\[1\]"),
     (lambda: A.allocate([1.0, -2.0], None, 10), r"v\[1\]"),
@@ -373,7 +373,7 @@ def test_state_dict_round_trip():
     (lambda: A.branch_costs(10, f_fwd=-1.0), "f_fwd"),
     (lambda: A.branch_costs(compile_plan(PlanSpec("sde", 4, 1, 2))), "plan_or_num_steps"),
     (lambda: A.OnlineAllocator(10, -5), "budget"),
-    (lambda: A.OnlineAllocator(10, 54, k_min=1), "k_min"),
+    (lambda: A.OnlineAllocator(10, 54, k_min=0), "k_min"),
     (lambda: A.OnlineAllocator(10, 54, costs=[1.0] * 9), "costs has 9"),
     (lambda: A.OnlineAllocator(10, 54, weights=[1.0] * 10 + [2.0]), "weights has 11"),
     (lambda: A.OnlineAllocator(10, 54, init=[1] + [0] * 9), "init"),

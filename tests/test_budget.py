@@ -81,6 +81,28 @@ def test_variance_objective_makes_epochs_cheaper_at_the_starting_variance():
     assert spent < 0.9 * first
 
 
+def test_k_min_one_keeps_single_branch_steps_centred_on_their_group():
+    """alloc_k_min=1 from const:2 with the variance objective: low-variance steps drop to one
+    branch (not off), their records' baseline set is the group at that step (group_size records,
+    from different trunks), their v is still measured (from that set's spread), and the epoch
+    costs less than const:2's."""
+    tr = _trainer("tempflow-evr-cost", "rollout.profile=const:2", "rollout.alloc_k_min=1", "rollout.alloc_clip_tau=1.0")
+    first = tr.epoch()
+    for _ in range(3):
+        s = tr.epoch()
+    k = list(tr.plan.spec.k)
+    assert 1 in k[:-1] and all(a >= 1 for a in k[:-1]) and max(k) >= 2
+    plan = tr.plan
+    sizes = torch.bincount(plan.record_set)
+    one = [i for i, a in enumerate(k) if a == 1]
+    for i in one:
+        sets = plan.record_set[plan.record_step == i].unique()
+        assert all(int(sizes[j]) == tr.cfg.method.group_size for j in sets)
+        assert s["per_step"]["v"][i] is not None and s["per_step"]["v"][i] > 0
+    cost = lambda e: sum(e["nfe_epoch"][p] for p in ("rollout", "reference", "train"))  # noqa: E731
+    assert cost(s) < cost(first)
+
+
 def test_seconds_units_price_from_the_phase_clock():
     tr = _trainer("rsm-evr", "rollout.alloc_units=seconds")
     s = tr.epoch()
@@ -135,7 +157,7 @@ def test_allocator_state_round_trips():
 @pytest.mark.parametrize("sets, field", [
     (["rollout.allocator=online"], "rollout.allocator"),                                  # grpo: sde plan
     (["rollout.plan=branch", "rollout.profile=const:4", "rollout.allocator=online",
-      "rollout.alloc_k_min=1"], "rollout.alloc_k_min"),
+      "rollout.alloc_k_min=0"], "rollout.alloc_k_min"),
     (["rollout.plan=branch", "rollout.profile=const:4", "rollout.allocator=online",
       "rollout.alloc_budget=3"], "rollout.alloc_budget"),
     (["rollout.plan=branch", "rollout.profile=const:4", "rollout.allocator=online",
