@@ -533,13 +533,14 @@ class OnlineAllocator:
         known = [x for x in self.v if x is not None]
         fill = (sum(known) / len(known)) if known else 1.0
         v = [x if x is not None else (self.prior[i] if self.prior is not None else fill) for i, x in enumerate(self.v)]
+        elig = self.eligible()
         if self.objective == "variance":
-            act = [e and r > 0 and w * x > 0 for e, r, w, x in zip(self.eligible(), self.reference, self.weights, v)]
+            act = [e and r > 0 and w * x > 0 for e, r, w, x in zip(elig, self.reference, self.weights, v)]
             if any(act):
                 V = sum(w * x / r for a, r, w, x in zip(act, self.reference, self.weights, v) if a)
                 return allocate_for_variance(v, self.cost, V, self.weights, self.k_min, self.k_max, act)
         return allocate(v, self.cost, self.budget, self.weights, self.k_min, self.k_max, self.rule,
-                        self.eligible(), self.overhead)
+                        elig, self.overhead)
 
     def propose(self) -> list[int]:
         """The profile for the next epoch (unchanged between updates or before any observation)."""

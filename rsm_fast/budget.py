@@ -75,8 +75,8 @@ class BudgetController:
         costs, overhead = self._nfe_costs(plan) if self.units == "nfe" else (None, None)
         # spec §4.6: v_i ~ Sigma_i / b_i^2 before any observation (std-normalised advantages)
         # (psi = scale A z with E[A^2] ~ 1 and unit z: scale^2, i.e. Sigma/b^2 in score units, omega^2 native)
-        prior = ([a * a for a in step_scale(transition, "native")] if ro.alloc_psi_units == "native"
-                 else closed_form_variance(transition))
+        scale = step_scale(transition, ro.alloc_psi_units)
+        prior = [a * a for a in scale] if ro.alloc_psi_units == "native" else closed_form_variance(transition)
         self._w0 = (influence_weights(transition, cfg.method, ro.alloc_psi_units, omega_train)
                     if ro.alloc_weights == "influence" else None)
         # alloc_budget 0: the starting profile's cost, priced below by the allocator itself (for
@@ -87,7 +87,7 @@ class BudgetController:
         try:
             self.alloc = OnlineAllocator(
                 n, budget, costs=costs, overhead=overhead, init=k0, trainable=[i < n - 1 for i in range(n)],
-                scale=step_scale(transition, ro.alloc_psi_units), prior=prior, rule=ro.alloc_rule, weights=self._w0,
+                scale=scale, prior=prior, rule=ro.alloc_rule, weights=self._w0,
                 k_min=ro.alloc_k_min, k_max=ro.alloc_k_max or None, ema=ro.alloc_ema, every=ro.alloc_every,
                 max_step=ro.alloc_max_step or None, patience=ro.alloc_patience, clip_tau=ro.alloc_clip_tau,
                 snr_min=ro.alloc_snr_min if ro.alloc_snr_min > 0 else None, objective=ro.alloc_objective)
