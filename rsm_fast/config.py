@@ -46,6 +46,11 @@ class TaskConfig:
     eta: float = field(default=1.0, metadata={"help": "DDIM eta (1 = DDPM posterior noise)"})
     reward: str = field(default="", metadata={"help": "reward spec (see rsm_fast.rewards): '' = the task's default (toy2d: linear, digits: digit log-prob, diffusers: jpeg)"})
     eval_samples: int = field(default=0, metadata={"help": "fresh samples for the final evaluation (0 = the task's default: toy2d 8192, digits 1024, diffusers 16)"})
+    reward_timeout: float = field(default=600.0, metadata={"help": "seconds one reward call (one batch) may take: the deadline of an in-process reward and the HTTP client's total across reads and retries; past it the call is a reward fault (train.reward_faults)"})
+    reward_retries: int = field(default=2, metadata={"help": "HTTP reward: retries of a transient fault (timeout, refused, 5xx, 429) within task.reward_timeout"})
+    reward_max_mb: float = field(default=64.0, metadata={"help": "HTTP reward: the largest response body read, in MiB; a larger one is a reward fault"})
+    reward_auth: str = field(default="", metadata={"help": "HTTP reward: Authorization header value (e.g. 'Bearer <token>'); never written to config.yaml, checkpoints or errors (prefer task.reward_auth_env)"})
+    reward_auth_env: str = field(default="RSM_FAST_REWARD_AUTH", metadata={"help": "HTTP reward: environment variable read for the Authorization header when task.reward_auth is empty"})
 
 
 @dataclass
@@ -135,6 +140,9 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata={"help": "split each inner update's rows into this many micro-batches (gradient accumulation; same gradient, less memory)"})
     ema_decay: float = field(default=0.0, metadata={"help": "EMA of the trained weights, used for evaluation and export (0 = off; RSM-code SD3.5: 0.9)"})
     ema_every: int = field(default=1, metadata={"help": "optimizer steps between EMA updates (RSM-code SD3.5: 8)"})
+    checkpoint_every: int = field(default=10, metadata={"help": "epochs between checkpoints in <out>/checkpoints (0 = only at the end and at a stop); --resume continues from the latest"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "periodic checkpoints kept (the oldest are deleted)"})
+    eval_every: int = field(default=0, metadata={"help": "epochs between held-out evaluations during training, logged in the epoch's record under 'eval' (0 = only the final one)"})
 
 
 @dataclass
@@ -165,13 +173,15 @@ _CHOICES = {
 _POSITIVE = ("task.alpha", "task.num_steps", "policy.hidden", "policy.layers",
              "policy.emb_dim", "train.epochs", "train.batch_size",
              "train.inner_updates", "train.lr", "rollout.waves", "rollout.window_every", "rollout.window_stride",
-             "rollout.alloc_every", "train.grad_accum", "train.ema_every", "method.fo_c1_scale", "method.fo_discount")
+             "rollout.alloc_every", "train.grad_accum", "train.ema_every", "method.fo_c1_scale", "method.fo_discount",
+             "train.keep_checkpoints")
 _NONNEG = ("task.eta", "task.eval_samples", "task.noise_level", "task.resolution", "policy.lora_rank", "policy.lora_alpha",
            "method.group_size", "method.adv_clip", "method.clip_eps", "method.kl_coef", "method.trust_c2",
            "method.trust_eps", "method.fo_grad_chunk",
            "train.weight_decay", "train.max_grad_norm", "train.lr_final_frac", "train.seed", "train.threads",
            "rollout.chunk_size", "rollout.window", "rollout.alloc_budget", "rollout.alloc_k_max",
-           "rollout.alloc_max_step", "rollout.alloc_patience", "rollout.alloc_snr_min")
+           "rollout.alloc_max_step", "rollout.alloc_patience", "rollout.alloc_snr_min",
+           "task.reward_timeout", "task.reward_retries", "task.reward_max_mb", "train.checkpoint_every", "train.eval_every")
 
 
 # ----------------------------------------------------------------------------------------------
