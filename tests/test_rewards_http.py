@@ -18,7 +18,8 @@ from PIL import Image
 from rsm_fast import rewards as R
 from rsm_fast.rewards import RewardError
 
-FAST = dict(timeout=0.25, retries=1, backoff=0.01)
+FAST = dict(timeout=5.0, retries=1, backoff=0.01)      # total deadline: ample for loopback, short for /slow
+SLOW = dict(FAST, timeout=0.25)                        # below /slow's 0.6 s
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -96,15 +97,17 @@ def test_good_server_round_trips_images_prompts_and_metadata(server, channels):
     assert torch.allclose(rw(x), x.mean((1, 2, 3)), atol=1 / 255)       # prompts omitted -> null
 
 
-def test_slow_server_times_out_after_retries(server):
-    rw = R.HttpReward(server + "/slow", **FAST)
+def test_slow_server_hits_the_total_deadline(server):
+    # one deadline over all attempts: the first attempt uses it up, so no retry is started
+    rw = R.HttpReward(server + "/slow", **SLOW)
     before = _Handler.hits["/slow"]
     t0 = time.perf_counter()
-    with pytest.raises(RewardError, match=r"timed out after 0.25 s \(after 2 attempts\)"):
+    with pytest.raises(RewardError, match=r"timed out: no reply within the total deadline of 0.25 s "
+                                          r"\(task.reward_timeout\) \(after 1 attempt\)"):
         rw(_images())
-    assert rw.attempts == 2 and 0.5 < time.perf_counter() - t0 < 3.0
+    assert rw.attempts == 1 and 0.2 < time.perf_counter() - t0 < 0.25 + 30
     time.sleep(0.1)
-    assert _Handler.hits["/slow"] - before == 2
+    assert _Handler.hits["/slow"] - before == 1
 
 
 def test_connection_refused():
@@ -112,7 +115,7 @@ def test_connection_refused():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     rw = R.HttpReward(f"http://127.0.0.1:{port}/score", **FAST)
-    with pytest.raises(RewardError, match="connection refused.*after 2 attempts"):
+    with pytest.raises(RewardError, match="connection refused.*after 2 attempts"):  # refused at once: retried
         rw(_images())
 
 
@@ -145,7 +148,7 @@ def test_server_errors_are_retried_with_backoff(server):
 
 @pytest.mark.parametrize("path, needle", [("/slow", "timed out"), ("/garbage", "not JSON"), ("/short", "2 scores")])
 def test_server_faults_under_both_policies(server, path, needle):
-    rw = R.HttpReward(server + path, **FAST)
+    rw = R.HttpReward(server + path, **(SLOW if path == "/slow" else FAST))
     with pytest.raises(RewardError, match=needle):
         R.evaluate_rewards(rw, _images(), policy="error")
     res = R.evaluate_rewards(rw, _images(), policy="skip")

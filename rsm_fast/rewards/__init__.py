@@ -23,10 +23,13 @@ wins over ``module:function``; an unknown name is a one-line error listing the k
 
 Fault policy (:func:`evaluate_rewards`)
 ---------------------------------------
-``evaluate_rewards(reward, images, prompts, metadata, policy="error"|"skip") -> RewardResult``.
-Faults: the reward raises (a server timeout, refused connection, HTTP error, non-JSON body, wrong
-number or non-finite scores all raise inside the HTTP client), returns a non-tensor, the wrong
-shape, or NaN/inf. ``"error"`` (default): a one-line :class:`RewardError` naming the reward.
+``evaluate_rewards(reward, images, prompts, metadata, policy="error"|"skip", timeout=None) ->
+RewardResult``. Faults: the reward raises anything but
+:class:`~rsm_fast.interrupts.RunInterrupted` (``SystemExit`` and ``KeyboardInterrupt`` included;
+a server timeout, refused connection, refused redirect, oversized body, HTTP error, non-JSON body,
+wrong number or non-finite scores all raise inside the HTTP client), runs past ``timeout``
+(:mod:`.deadline`: a daemon worker thread; a reward still stuck in an abandoned call faults at
+once), returns a non-tensor, the wrong shape, or NaN/inf. ``"error"`` (default): a one-line :class:`RewardError` naming the reward.
 ``"skip"``: ``RewardResult(ok=False, scores=None, reason=...)`` -- the caller drops the batch
 (``result.unwrap()`` raises :class:`RewardSkipped`); it never gets a half-valid tensor. On success
 ``result.scores`` is ``[B]`` float32 and ``result.components`` holds a weighted sum's parts.
@@ -34,18 +37,30 @@ shape, or NaN/inf. ``"error"`` (default): a one-line :class:`RewardError` naming
 Overlap: :class:`AsyncReward` scores batches on a worker thread (``submit(...) -> Future`` of a
 :class:`RewardResult`, in order; errors re-raise at ``.result()``). :func:`compile_tensorrt` is an
 optional hook for a frozen reward model (needs torch_tensorrt).
+
+Options and secrets
+-------------------
+:class:`RewardOptions` (``from_task_config(cfg.task)``: ``task.reward_timeout``, ``reward_retries``,
+``reward_max_mb``, ``reward_auth`` / ``reward_auth_env``) reach every HTTP term through
+``resolve(spec, task, options)``. :func:`redact_spec` / :func:`redact_config` hide URL credentials
+and the Authorization value in what is written to disk; :func:`preflight` checks a spec (names,
+imports, servers reachable) before any model is loaded.
 """
 from .base import (POLICIES, FunctionReward, Reward, RewardError, RewardResult, RewardSkipped, as_reward,
                    checked, evaluate_rewards, reward_grad, validate_scores)
 from .clip import (CLIP_MEAN, CLIP_STD, AestheticHead, AestheticReward, ClipScoreReward, clip_preprocess,
                    compile_tensorrt, hps, pickscore)
 from .combine import AsyncReward, WeightedSum
+from .options import RewardOptions
+from .preflight import check_reachable, preflight
 from .registry import REGISTRY, known_names, make_reward, parse_spec, register, resolve
 from .remote import HttpReward
+from .secrets import redact_config, redact_spec, redact_url
 from .simple import BrightnessReward, ColorReward, JpegReward, jpeg_kilobytes
 
 __all__ = ["POLICIES", "FunctionReward", "Reward", "RewardError", "RewardResult", "RewardSkipped", "as_reward",
            "checked", "evaluate_rewards", "reward_grad", "validate_scores", "AsyncReward", "WeightedSum",
            "REGISTRY", "known_names", "make_reward", "parse_spec", "register", "resolve", "HttpReward",
            "BrightnessReward", "ColorReward", "JpegReward", "jpeg_kilobytes", "AestheticReward", "AestheticHead",
-           "ClipScoreReward", "clip_preprocess", "compile_tensorrt", "pickscore", "hps", "CLIP_MEAN", "CLIP_STD"]
+           "ClipScoreReward", "clip_preprocess", "compile_tensorrt", "pickscore", "hps", "CLIP_MEAN", "CLIP_STD",
+           "RewardOptions", "preflight", "check_reachable", "redact_config", "redact_spec", "redact_url"]

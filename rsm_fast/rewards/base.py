@@ -3,8 +3,9 @@
 Everything else in :mod:`rsm_fast.rewards` builds on the three pieces here:
 
 * :class:`Reward` (protocol) and :func:`as_reward` (adapts a plain ``fn(x) -> [B]`` callable);
-* :func:`evaluate_rewards` -> :class:`RewardResult`: calls a reward, validates its output
-  (a finite ``[B]`` tensor) and applies the fault policy ``"error"`` or ``"skip"``;
+* :func:`evaluate_rewards` -> :class:`RewardResult`: calls a reward (under a deadline, see
+  :mod:`.deadline`), validates its output (a finite ``[B]`` tensor) and applies the fault policy
+  ``"error"`` or ``"skip"``;
 * :func:`checked` / :func:`reward_grad`: the trainer's original entry points, now thin wrappers.
 """
 from __future__ import annotations
@@ -16,6 +17,9 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..interrupts import RunInterrupted
+from .deadline import DeadlineExceeded, RewardRaised, StillRunning, call_with_deadline
 
 POLICIES = ("error", "skip")
 
@@ -155,14 +159,19 @@ def validate_scores(r: Any, name: str, batch: int) -> Tensor:
 
 def evaluate_rewards(reward: Any, images: Tensor, prompts: list[str] | None = None,
                      metadata: list[dict] | None = None, *, policy: str = "error",
-                     name: str | None = None) -> RewardResult:
+                     name: str | None = None, timeout: float | None = None) -> RewardResult:
     """Evaluate ``reward`` on one batch and apply the fault policy.
 
-    Faults: the reward raises (any ``Exception``, including a remote reward's timeout or garbage
-    reply), returns a non-tensor, the wrong shape, or NaN/inf. ``policy="error"`` raises a one-line
-    :class:`RewardError` naming the reward; ``policy="skip"`` returns ``RewardResult(ok=False,
-    scores=None, reason=...)``. Bad *arguments* (unknown policy, prompts/metadata of the wrong
-    length) are caller bugs and raise regardless of the policy.
+    Faults: the reward raises anything -- any ``BaseException``, ``SystemExit`` and
+    ``KeyboardInterrupt`` included, a remote reward's timeout or garbage reply too -- except
+    :class:`~rsm_fast.interrupts.RunInterrupted` (the run's own stop, always re-raised untouched);
+    it runs past ``timeout`` seconds (see :mod:`.deadline`; None/0: no deadline, called inline;
+    a reward whose own total deadline ``deadline_s`` fits within ``timeout``, e.g. an HTTP
+    client, is also called inline); it returns a non-tensor, the wrong shape, or NaN/inf.
+    ``policy="error"`` raises a one-line :class:`RewardError` naming the reward;
+    ``policy="skip"`` returns ``RewardResult(ok=False, scores=None, reason=...)``. Bad
+    *arguments* (unknown policy, prompts/metadata of the wrong length, a negative timeout) are
+    caller bugs and raise regardless of the policy.
     """
     if policy not in POLICIES:
         raise ValueError(f"reward fault policy must be one of {POLICIES}, got {policy!r}")
@@ -170,40 +179,64 @@ def evaluate_rewards(reward: Any, images: Tensor, prompts: list[str] | None = No
     for what, xs in (("prompts", prompts), ("metadata", metadata)):
         if xs is not None and len(xs) != batch:
             raise ValueError(f"{what} has {len(xs)} entries for a batch of {batch} images")
+    if timeout is not None and not timeout >= 0:
+        raise ValueError(f"reward timeout must be None or >= 0 s (task.reward_timeout), got {timeout!r}")
     fn = as_reward(reward, name)
     name = name or fn.name
+    own = getattr(fn, "deadline_s", None)
+    if timeout and own is not None and own <= timeout:
+        timeout = None                       # the reward enforces a deadline no later than ours
+    args = (images,) if prompts is None and metadata is None else (images, prompts, metadata)
+    raised = None
     try:
-        raw = fn(images) if prompts is None and metadata is None else fn(images, prompts, metadata)
+        raw = call_with_deadline(fn, args, timeout, reward)
+    except RewardRaised as w:
+        raised = w.error
+    except DeadlineExceeded as e:
+        return _fault(f"reward '{name}' did not return within {timeout:g} s (task.reward_timeout); "
+                      "the call was abandoned on a daemon thread", policy, e)
+    except StillRunning as e:
+        return _fault(f"reward '{name}' is still running a call abandoned at its deadline "
+                      f"({timeout:g} s, task.reward_timeout); no new call is started until it returns", policy, e)
+    if isinstance(raised, RunInterrupted):
+        raise raised                         # the trainer's stop signal is never a reward fault
+    if raised is not None and not isinstance(raised, RewardError):
+        # anything else raised inside a user reward -- SystemExit, KeyboardInterrupt too -- is a fault
+        text = str(raised)
+        return _fault(one_line(f"reward '{name}' raised {type(raised).__name__}" + (f": {text}" if text else "")),
+                      policy, raised)
+    try:
+        if raised is not None:
+            raise raised
         scores = validate_scores(raw, name, batch)
         comps = {k: validate_scores(v, f"{name}[{k}]", batch).detach()
                  for k, v in (getattr(fn, "last_components", None) or {}).items()}
     except RewardError as e:
         reason = one_line(e) if name in str(e) else one_line(f"reward '{name}': {e}")
         return _fault(reason, policy, e)
-    except Exception as e:  # noqa: BLE001 - any failure inside a user reward is a reward fault
-        return _fault(one_line(f"reward '{name}' raised {type(e).__name__}: {e}"), policy, e)
     return RewardResult(scores=scores, ok=True, components=comps)
 
 
 def _fault(reason: str, policy: str, cause: BaseException) -> RewardResult:
     if policy == "error":
-        raise RewardError(reason) from (None if isinstance(cause, RewardError) else cause)
+        quiet = isinstance(cause, (RewardError, DeadlineExceeded, StillRunning))
+        raise RewardError(reason) from (None if quiet else cause)
     return RewardResult(scores=None, ok=False, reason=reason)
 
 
-def checked(fn: Callable[[Tensor], Tensor], name: str, x0: Tensor) -> Tensor:
+def checked(fn: Callable[[Tensor], Tensor], name: str, x0: Tensor, timeout: float | None = None) -> Tensor:
     """Evaluate a reward and validate its output: a finite float32 tensor of shape ``[B]``
-    (:func:`evaluate_rewards` with the ``"error"`` policy)."""
-    return evaluate_rewards(fn, x0, name=name).scores.to(torch.float32)
+    (:func:`evaluate_rewards` with the ``"error"`` policy and deadline ``timeout``)."""
+    return evaluate_rewards(fn, x0, name=name, timeout=timeout).scores.to(torch.float32)
 
 
-def reward_grad(fn: Callable[[Tensor], Tensor], name: str, x0: Tensor) -> Tensor:
+def reward_grad(fn: Callable[[Tensor], Tensor], name: str, x0: Tensor, timeout: float | None = None) -> Tensor:
     """``grad_x0 r(x0)`` by autograd (for rewards without an analytic gradient)."""
     if getattr(fn, "differentiable", True) is False:
         raise RewardError(f"reward '{name}' is not differentiable (first-order estimators need a differentiable reward)")
     with torch.enable_grad():
         x = x0.detach().requires_grad_(True)
-        r = checked(fn, name, x)
+        r = checked(fn, name, x, timeout)
         if not r.requires_grad:
             raise RewardError(f"reward '{name}' is not differentiable w.r.t. the samples (first-order estimators need it)")
         (g,) = torch.autograd.grad(r.sum(), x, allow_unused=True)

@@ -24,6 +24,8 @@ class WeightedSum:
         self.terms = terms
         self.differentiable = all(r.differentiable for _, r in terms)
         self.name = "+".join(f"{w:g}*{r.name}" for w, r in terms)
+        own = [getattr(r, "deadline_s", None) for _, r in terms]   # parts run one after another
+        self.deadline_s = None if any(d is None for d in own) else float(sum(own))
         self.keys, seen = [], {}
         for _, r in terms:               # unique component keys: aesthetic, aesthetic#2, ...
             seen[r.name] = seen.get(r.name, 0) + 1
@@ -47,13 +49,14 @@ class AsyncReward:
     ``result()`` is a :class:`RewardResult` (the ``policy`` applies; with ``"error"`` a fault
     re-raises there as :class:`RewardError`). Batches complete in submission order (a single
     worker). The images are detached and copied at submission -- the caller may overwrite its
-    buffers -- so asynchronous scores carry no autograd graph (zeroth-order use).
+    buffers -- so asynchronous scores carry no autograd graph (zeroth-order use). ``timeout`` is
+    each batch's deadline (:func:`evaluate_rewards`): past it the future resolves as a fault.
     """
 
-    def __init__(self, reward, policy: str = "error", name: str | None = None):
+    def __init__(self, reward, policy: str = "error", name: str | None = None, timeout: float | None = None):
         self.reward = as_reward(reward, name)
         self.name = name or self.reward.name
-        self.policy = policy
+        self.policy, self.timeout = policy, timeout
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsm-reward")
         self._lock = threading.Lock()
         self._closed = False
@@ -68,7 +71,8 @@ class AsyncReward:
             return self._pool.submit(self._run, imgs, prompts, metadata)
 
     def _run(self, images, prompts, metadata) -> RewardResult:
-        return evaluate_rewards(self.reward, images, prompts, metadata, policy=self.policy, name=self.name)
+        return evaluate_rewards(self.reward, images, prompts, metadata, policy=self.policy, name=self.name,
+                                timeout=self.timeout)
 
     def close(self, wait: bool = True) -> None:
         with self._lock:
