@@ -23,7 +23,6 @@ reweighting, trust region, KL); this loop never branches on a method *name*. Per
 from __future__ import annotations
 
 import math
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 
@@ -36,6 +35,7 @@ from . import diagnostics as D
 from .advantages import set_advantages
 from .allocator import step_scale
 from .budget import BudgetController
+from .checkpoint import FORMAT as CKPT_FORMAT, code_files, code_version
 from .config import ConfigError, RunConfig, to_dict
 from .engine.credit import Credit
 from .engine.plan import PlanError, PlanSpec, compile_plan
@@ -43,9 +43,12 @@ from .engine.rollout import Records, RolloutEngine
 from .engine.profiles import resolve_profile
 from .engine.waves import merge_plans, merge_records, wave_plans
 from .fo_guidance import FirstOrderMixin
+from .interrupts import fault_point
 from .losses import score_regression_loss, zo_row_loss
 from .models.runtime import peak_memory
-from .runlog import PhaseClock, Progress, RunDir
+from .rewards.secrets import redact_config
+from .runlog import PhaseClock
+from .rundir import RunDir
 from .train_step import TrainStep
 from .tasks import make_task
 from .tasks.base import Conditioning
@@ -118,9 +121,10 @@ class Trainer(FirstOrderMixin):
         except ValueError as e:     # bad model folder / prompt file / resolution: one line, nothing written
             raise ConfigError(str(e).splitlines()[0]) from None
         self.reward_name = cfg.task.reward or self.task.default_reward
-        self.reward_fn, self.builtin_reward = R.resolve(self.reward_name, self.task)
+        self.reward_fn, self.builtin_reward = R.resolve(self.reward_name, self.task,
+                                                        options=R.RewardOptions.from_task_config(cfg.task))
         if mc.estimator != "zo" and not (self.builtin_reward or getattr(self.reward_fn, "differentiable", False)):
-            raise ConfigError(f"config field 'task.reward': {self.reward_name!r} is not differentiable, but "
+            raise ConfigError(f"config field 'task.reward': {R.redact_spec(self.reward_name)!r} is not differentiable, but "
                               f"method.estimator {mc.estimator!r} needs its gradient")
         torch.manual_seed(tc.seed)
         self.handle = self.task.make_policy(cfg.policy)
@@ -135,6 +139,7 @@ class Trainer(FirstOrderMixin):
         self.step = TrainStep(self.policy, self.params, self.opt, compile=tc.compile, grad_accum=tc.grad_accum,
                               max_grad_norm=tc.max_grad_norm, ema_decay=tc.ema_decay, ema_every=tc.ema_every)
         self.clock = PhaseClock()
+        self.stop = None        # a StopController while rsm_fast.run_loop drives the trainer
         self.nfe = {"rollout": 0, "reference": 0, "train": 0, "eval": 0}
         self.epochs_done = 0
         self.skipped = 0
@@ -151,7 +156,8 @@ class Trainer(FirstOrderMixin):
         # built-in analytic rewards cost nothing, so both are scored after the rollout.
         self.async_reward = None
         if len(self.engines) > 1 and mc.estimator == "zo" and not self.builtin_reward:
-            self.async_reward = R.AsyncReward(self.reward_fn, policy=tc.reward_faults, name=self.reward_name)
+            self.async_reward = R.AsyncReward(self.reward_fn, policy=tc.reward_faults, name=self.reward_name,
+                                              timeout=cfg.task.reward_timeout)
         self._t_table = tr.table("t").to(self.device, torch.float32)
         fused = tc.loss_impl == "fused"
         self.zo_loss = ops.zo_loss if fused else zo_row_loss
@@ -241,7 +247,8 @@ class Trainer(FirstOrderMixin):
         if self.builtin_reward:
             return R.checked(self.reward_fn, self.reward_name, images)
         prompts, meta = (conds or self.conds).rows(group)
-        return R.evaluate_rewards(self.reward_fn, images, prompts, meta, policy=self.cfg.train.reward_faults).unwrap()
+        return R.evaluate_rewards(self.reward_fn, images, prompts, meta, policy=self.cfg.train.reward_faults,
+                                  timeout=self.cfg.task.reward_timeout).unwrap()
 
     def _reward_grad(self, x0: Tensor, group: Tensor) -> Tensor:
         if self.builtin_reward:
@@ -305,29 +312,12 @@ class Trainer(FirstOrderMixin):
             spec = plan_spec(self.cfg, tr.num_steps, tr.sde_mask, self.epochs_done)
             if spec != self._spec:
                 self._build_plan(spec)
-        pending = []
-        with self.clock("rollout"):
-            self.conds = self.task.conditions(self.plan.spec.groups, self.gen)
-            submit = None
-            if self.async_reward is not None:
-                def submit(w: Records):   # decode here, score on the worker while the next wave samples
-                    pending.append(self.async_reward.submit(self.task.decode(w.x0), *self.conds.rows(w.x0_group)))
-            rec, f_ref, n_ref = self._rollout(self.engines, self.plan, self.conds, self.gen, self.epochs_done, submit)
-        self.nfe["rollout"] += rec.nfe["total"]
-        self.nfe["reference"] += n_ref
-        self._groups = rec.group
-        c, record_kl = self._record_kl(rec, f_ref)
-        with self.clock("reward"):   # with waves: only the wait for scores not yet finished
-            try:
-                if pending:
-                    r = torch.cat([f.result().unwrap() for f in pending]).to(self.device)
-                else:
-                    r = self._score(rec.x0, rec.x0_group)
-                g = self._fo_grads(rec, c) if mc.estimator != "zo" else None
-            except R.RewardSkipped as e:           # policy "skip": this epoch makes no update
-                self.epochs_done += 1
-                self.skipped += 1
-                return {"skipped": str(e), "lr": self.opt.param_groups[0]["lr"]}
+        with self.abandonable():    # rollout and reward touch no weights: a stop may abandon them
+            out = self._sample_and_score()
+        if isinstance(out, dict):
+            return out
+        rec, f_ref, n_ref, c, record_kl, r, g = out
+        fault_point("train-start")
         with self.clock("train"):
             rows = Rows(idx=rec.step, t=self._t_table.index_select(0, rec.step), x=rec.x, z=rec.z,
                         f_old=rec.f_old, f_ref=f_ref)
@@ -352,6 +342,40 @@ class Trainer(FirstOrderMixin):
             out.update(self._per_step(rec, rows, shift, c, out["seconds_epoch"]))
         out["seconds_epoch"]["alloc"] = round(self.clock.seconds["alloc"] - a0, 4)
         return out
+
+    def abandonable(self):
+        """The stop controller's abandonable region (nothing when no controller drives the run)."""
+        return self.stop.abandonable() if self.stop is not None else nullcontext()
+
+    def _sample_and_score(self):
+        """The epoch's rollout and reward: ``(records, f_ref, reference NFE, coeffs, record KL,
+        rewards, reward gradients)``, or the epoch's record when the reward policy skipped it."""
+        mc = self.cfg.method
+        pending = []
+        with self.clock("rollout"):
+            self.conds = self.task.conditions(self.plan.spec.groups, self.gen)
+            submit = None
+            if self.async_reward is not None:
+                def submit(w: Records):   # decode here, score on the worker while the next wave samples
+                    pending.append(self.async_reward.submit(self.task.decode(w.x0), *self.conds.rows(w.x0_group)))
+            rec, f_ref, n_ref = self._rollout(self.engines, self.plan, self.conds, self.gen, self.epochs_done, submit)
+        self.nfe["rollout"] += rec.nfe["total"]
+        self.nfe["reference"] += n_ref
+        self._groups = rec.group
+        fault_point("after-rollout")
+        c, record_kl = self._record_kl(rec, f_ref)
+        with self.clock("reward"):   # with waves: only the wait for scores not yet finished
+            try:
+                if pending:
+                    r = torch.cat([f.result().unwrap() for f in pending]).to(self.device)
+                else:
+                    r = self._score(rec.x0, rec.x0_group)
+                g = self._fo_grads(rec, c) if mc.estimator != "zo" else None
+            except R.RewardSkipped as e:           # policy "skip": this epoch makes no update
+                self.epochs_done += 1
+                self.skipped += 1
+                return {"skipped": str(e), "lr": self.opt.param_groups[0]["lr"]}
+        return rec, f_ref, n_ref, c, record_kl, r, g
 
     def _per_step(self, rec: Records, rows: Rows, shift, c, seconds: dict) -> dict:
         """Per-timestep diagnostics of this epoch (:mod:`rsm_fast.diagnostics`) and, with
@@ -434,17 +458,26 @@ class Trainer(FirstOrderMixin):
         return out
 
     def state_dict(self) -> dict:
-        """Only the trained parameters (the LoRA of an image model, all of the 2-D task's MLP)."""
+        """Everything the next epoch depends on (rsm_fast/checkpoint.py): the trained parameters
+        (the LoRA of an image model, all of the 2-D task's MLP), optimizer, scheduler, every RNG,
+        EMA, allocator state and profile, NFE counters, phase clock and skipped count, with the
+        (redacted) config and the code version that wrote it. Plain data and tensors only."""
         trained = {n: p.detach().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
-        return {"policy": trained, "optimizer": self.opt.state_dict(),
+        return {"format": CKPT_FORMAT, "code_version": code_version(), "code_files": dict(code_files()),
+                "config": redact_config(to_dict(self.cfg)),
+                "policy": trained, "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict() if self.sched is not None else None,
-                "epochs_done": self.epochs_done, "generator": self.gen.get_state(), "config": to_dict(self.cfg),
+                "epochs_done": self.epochs_done, "generator": self.gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
                 "allocator": None if self.budget is None else {**self.budget.state_dict(), "k": list(self._spec.k)},
-                "ema": None if self.step.ema is None else self.step.ema.state_dict()}
+                "ema": None if self.step.ema is None else self.step.ema.state_dict(),
+                "nfe": dict(self.nfe), "clock": dict(self.clock.seconds), "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from :meth:`state_dict`: trained parameters, optimizer, scheduler, RNG, epoch count
-        and the allocator (its statistics and the profile the next epoch runs)."""
+        """Resume from :meth:`state_dict`: the next :meth:`epoch` computes what it would have
+        computed in the process that wrote ``state`` (the window of a MixGRPO plan follows from
+        the epoch count; the allocator's profile is restored with its statistics)."""
         params = dict(self.policy.named_parameters())
         for n, v in state["policy"].items():
             if n not in params or params[n].shape != v.shape:
@@ -456,6 +489,10 @@ class Trainer(FirstOrderMixin):
             self.sched.load_state_dict(state["scheduler"])
         self.epochs_done = int(state["epochs_done"])
         self.gen.set_state(state["generator"])
+        if state.get("torch_rng") is not None:
+            torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         if (state.get("ema") is None) != (self.step.ema is None):
             raise ValueError("checkpoint 'ema' does not match train.ema_decay of this config")
         if self.step.ema is not None:
@@ -467,39 +504,29 @@ class Trainer(FirstOrderMixin):
             self.budget.load_state_dict(alloc)
             if tuple(alloc["k"]) != tuple(self._spec.k):
                 self._build_plan(replace(self._spec, k=tuple(alloc["k"])))
+        if "nfe" in state:
+            self.nfe = {k: int(v) for k, v in state["nfe"].items()}
+            self.clock.seconds = {k: float(v) for k, v in state["clock"].items()}
+            self.skipped = int(state["skipped"])
 
-    def run(self, run_dir: RunDir | None = None, progress: bool = True) -> dict:
-        tc = self.cfg.train
-        bar = Progress(tc.epochs, enabled=progress)
-        if run_dir is not None:
-            run_dir.open(to_dict(self.cfg))
-        t_start = time.perf_counter()
-        try:
-            before = self.evaluate() if tc.eval_before else None
-            for e in range(tc.epochs):
-                stats = self.epoch()
-                rec = {"epoch": e, **stats, "nfe": self.nfe_total(), "seconds": self.clock.snapshot()}
-                if run_dir is not None:
-                    run_dir.log(rec)
-                bar.update(e + 1, f"skipped: {stats['skipped']}" if "skipped" in stats else
-                           f"reward {stats['reward_mean']:.3f} kl {stats['kl']:.3f}")
-            final = self.evaluate()
-            summary = self.summary(final, time.perf_counter() - t_start)
-            if before is not None:
-                summary["before"] = before
-            if run_dir is not None:
-                run_dir.save_checkpoint(self.state_dict())
-                if hasattr(self.task, "export"):
-                    with self._ema_applied():
-                        exported = self.task.export(run_dir.path / "lora")
-                    if exported is not None:
-                        summary["lora"] = str(exported)
-                run_dir.write_summary(summary)
-        finally:
-            self.close()
-            if run_dir is not None:
-                run_dir.close()
-        return summary
+    def snapshot(self) -> dict:
+        """What an epoch's rollout and reward phases move (RNG states and counters; no weights):
+        :meth:`restore` puts it back when a stop abandons the epoch (rsm_fast/run_loop.py)."""
+        return {"gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "nfe": dict(self.nfe),
+                "clock": dict(self.clock.seconds), "epochs_done": self.epochs_done, "skipped": self.skipped}
+
+    def restore(self, snap: dict) -> None:
+        self.gen.set_state(snap["gen"])
+        torch.set_rng_state(snap["torch_rng"])
+        self.nfe, self.clock.seconds = dict(snap["nfe"]), dict(snap["clock"])
+        self.epochs_done, self.skipped = snap["epochs_done"], snap["skipped"]
+
+    def run(self, run_dir: RunDir | None = None, progress: bool = True, **kw) -> dict:
+        """Train ``train.epochs`` epochs, evaluate, write the run directory (rsm_fast/run_loop.py:
+        periodic checkpoints, resume, stops)."""
+        from .run_loop import run
+
+        return run(self, run_dir, progress=progress, **kw)
 
     def close(self) -> None:
         """Stop the reward worker thread (if any); the trainer can still evaluate afterwards."""

@@ -89,6 +89,11 @@ def test_existing_run_is_not_clobbered(tmp_path):
     (["--set", "task.reward=tests.bad_rewards:wrong_shape_reward", "--set", "train.epochs=2"], "shape"),
     (["--set", "task.reward=tests.bad_rewards:not_a_tensor_reward", "--set", "train.epochs=2"], "list"),
     (["--set", "task.reward=no_such_module:fn", "--set", "train.epochs=2"], "no_such_module"),
+    # issue 17: a reward that exits, is interrupted or never returns is a reward fault, not the end of the process
+    (["--set", "task.reward=tests.bad_rewards:system_exit_reward", "--set", "train.epochs=2"], "SystemExit"),
+    (["--set", "task.reward=tests.bad_rewards:keyboard_interrupt_reward", "--set", "train.epochs=2"], "KeyboardInterrupt"),
+    (["--set", "task.reward=tests.bad_rewards:stuck_reward", "--set", "task.reward_timeout=2",
+      "--set", "train.epochs=2"], "task.reward_timeout"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, args, needle):
     out = tmp_path / "run"

@@ -49,4 +49,4 @@ def test_flow_family_trains_with_cfg_and_labels():
     st = tr.epoch()
     assert st["onpolicy_logratio_absmax"] < 1e-4 and st["records"] == 16 * 6   # every flow-SDE step is noisy
     s = tr.run(progress=False)
-    assert s["epochs"] == 3 and -20.0 < s["reward_mean"] <= 0.0
+    assert s["epochs"] == 2 and -20.0 < s["reward_mean"] <= 0.0      # run() trains up to train.epochs in all

@@ -103,7 +103,8 @@ def _params_after(sets, epochs=2):
 
 def test_trainer_scores_waves_on_the_worker_with_the_same_result():
     bad_rewards = importlib.import_module("tests.bad_rewards")   # the module the reward spec resolves to
-    reward = ["task.reward=tests.bad_rewards:thread_logging_linear"]
+    # reward_timeout=0: called inline (no deadline thread), so the thread names show who scores
+    reward = ["task.reward=tests.bad_rewards:thread_logging_linear", "task.reward_timeout=0"]
     bad_rewards.THREADS.clear()
     _, sync, s1 = _params_after(reward)
     assert bad_rewards.THREADS and all(n == "MainThread" for n in bad_rewards.THREADS)
