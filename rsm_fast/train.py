@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import checkpoint as C
+from . import rewards as R
 from .config import (ConfigError, RunConfig, apply_mapping, build_config, describe_fields, load_yaml, parse_set,
                      preset_data, preset_names, set_dotted, to_dict, validate)
 from .interrupts import RunInterrupted, StopController
@@ -109,11 +110,23 @@ def _resume_config(out: Path, config_file: str | None, overrides: list[str]):
     return cfg
 
 
+def _check_reward(cfg) -> None:
+    """The reward spec, its imports and a reward server's reachability, before a model loads."""
+    if not cfg.task.reward:
+        return
+    if cfg.task.name.startswith("digits"):
+        import importlib
+
+        importlib.import_module("rsm_fast.tasks.digits_task")     # registers the digits rewards
+    R.preflight(cfg.task.reward, R.RewardOptions.from_task_config(cfg.task))
+
+
 def _prepare(args, overrides: list[str]):
     """Config, run directory (locked) and, for ``--resume``, the checkpoint state to continue."""
     if args.resume is None:
         preset = args.preset or (None if args.config else DEFAULT_PRESET)
         cfg = build_config(preset, args.config, overrides)
+        _check_reward(cfg)
         out = Path(args.out) if args.out else default_out(cfg.preset)
         run_dir = RunDir(out, overwrite=args.overwrite, tensorboard=args.tensorboard)
         run_dir.lock()
@@ -126,6 +139,7 @@ def _prepare(args, overrides: list[str]):
     if (out / "summary.json").exists():
         raise RunDirError(f"--resume '{out}': the run is complete (summary.json); nothing to resume")
     cfg = _resume_config(out, args.config, overrides)
+    _check_reward(cfg)
     run_dir.lock()
     try:
         found = C.latest(out, warn=lambda m: print(f"rsm_fast: {m}", file=sys.stderr))

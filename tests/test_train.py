@@ -94,6 +94,8 @@ def test_existing_run_is_not_clobbered(tmp_path):
     (["--set", "task.reward=tests.bad_rewards:keyboard_interrupt_reward", "--set", "train.epochs=2"], "KeyboardInterrupt"),
     (["--set", "task.reward=tests.bad_rewards:stuck_reward", "--set", "task.reward_timeout=2",
       "--set", "train.epochs=2"], "task.reward_timeout"),
+    # reported before any model is loaded, the token redacted
+    (["--task", "digits-ddim", "--reward", "http://127.0.0.1:9/score?token=s3cr3t"], "127.0.0.1:9/score?token=***"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, args, needle):
     out = tmp_path / "run"
@@ -103,6 +105,7 @@ def test_bad_input_gives_one_line_error(tmp_path, args, needle):
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], p.stderr
     # nothing half-written: a failed run leaves no summary and no checkpoint
     assert not (out / "summary.json").exists() and not (out / "checkpoint.pt").exists()
+    assert "s3cr3t" not in p.stderr
 
 
 def test_nan_never_reaches_the_weights(monkeypatch):
