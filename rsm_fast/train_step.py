@@ -48,9 +48,32 @@ EMA (``train.ema_decay`` d, ``train.ema_every`` E): RSM-code SD3.5's ``EMAModule
 ``ema += (1 - d_n) (theta - ema)``, ``d_n = min(d, (1 + n) / (10 + n))`` (a warm-up that lets
 the average follow the first steps). Evaluation, the checkpoint's ``ema`` entry and the exported
 LoRA use it; the trained ``policy`` weights (and resumed training) stay the raw ones.
+
+Non-finite guard (:class:`StepGuard`). A non-finite loss or gradient norm stops the run before the
+optimizer step. A finite gradient can still make non-finite weights (``train.lr=1e300``, a huge
+``train.weight_decay``); no such parameter survives the step that made it:
+
+* before the step, the scalars an Adam-family step computes (the step size ``lr / (1 - beta1^t)``
+  and the decay factor ``1 - lr wd``) must fit the parameters' dtype; if not, the run stops with
+  nothing changed (torch would raise a bare ``RuntimeError`` halfway through the step);
+* after the step, one fused reduction (``torch._foreach_norm(params, inf)``, a max-abs per tensor,
+  one host sync) says whether every trained tensor is finite; if not, the parameters are copied
+  back from a snapshot taken before the step, the optimizer state is put back (Adam/AdamW: the
+  step count exactly, the two moments by undoing their update with the step's own gradient,
+  equal to the old moments up to float rounding; any other optimizer, or AMSGrad, from an exact
+  copy of its state), the gradients are cleared and ``nonfinite`` is raised naming the learning
+  rate and weight decay. The EMA is updated only after the check, so it never sees the bad step.
+
+Cost: the snapshot is one copy of the trained parameters, written in place every optimizer step
+(a device memcpy of their size): 85 KB for the 2-D task's default MLP, a few hundred KB for a
+rank-8 LoRA of the digits UNet, ~13 MB for a rank-8 LoRA on SD1.5 full, and the model's own size
+under full fine-tuning. The check is one reduction over the same bytes. Optimizers other than
+Adam / AdamW (none in this project) or AMSGrad also copy their state every step.
 """
 from __future__ import annotations
 
+import copy
+import math
 import os
 from contextlib import contextmanager
 
@@ -192,6 +215,91 @@ class EMA:
         self.steps = int(state["steps"])
 
 
+class StepGuard:
+    """Keeps a non-finite parameter from surviving the optimizer step that made it (module
+    docstring): :meth:`precheck` before ``opt.step()``, :meth:`save` just before it, then
+    :meth:`count_nonfinite` and, when that is non-zero, :meth:`restore`."""
+
+    def __init__(self, params: list[Tensor], opt: torch.optim.Optimizer):
+        self.params, self.opt = params, opt
+        self._snap: list[Tensor] | None = None
+        self._state: dict | None = None
+        self.invertible = isinstance(opt, torch.optim.Adam) and all(
+            not g.get("amsgrad", False) and not isinstance(g["betas"][0], Tensor)
+            and 0 < g["betas"][0] < 1 and 0 < g["betas"][1] < 1 for g in opt.param_groups)
+
+    def precheck(self) -> str | None:
+        """Why the coming step cannot be computed in the parameters' dtype (None: it can)."""
+        if not isinstance(self.opt, torch.optim.Adam) or not self.params:
+            return None
+        top = torch.finfo(self.params[0].dtype).max
+        for g in self.opt.param_groups:
+            lr, wd, b1 = float(g["lr"]), float(g["weight_decay"]), float(g["betas"][0])
+            steps = [float(self.opt.state[p]["step"]) for p in g["params"] if self.opt.state.get(p)]
+            t = (max(steps) if steps else 0.0) + 1.0
+            size = lr / (1.0 - b1 ** t) if b1 < 1 else math.inf
+            if not abs(size) <= top:
+                return f"the step size lr / (1 - beta1^t) = {size:.3g} overflows {self.params[0].dtype}"
+            if wd and g.get("decoupled_weight_decay", isinstance(self.opt, torch.optim.AdamW)):
+                if not abs(1.0 - lr * wd) <= top:
+                    return f"the decay factor 1 - lr * weight_decay = {1.0 - lr * wd:.3g} overflows {self.params[0].dtype}"
+        return None
+
+    @torch.no_grad()
+    def save(self) -> None:
+        """Snapshot the parameters (and, unless the state can be undone, the optimizer state)."""
+        ps = [p.detach() for p in self.params]
+        if self._snap is None:
+            self._snap = [p.clone() for p in ps]
+        else:
+            torch._foreach_copy_(self._snap, ps)
+        if not self.invertible:
+            self._state = copy.deepcopy(self.opt.state_dict())
+
+    @torch.no_grad()
+    def count_nonfinite(self) -> int:
+        """Trained tensors holding a NaN or inf (one fused max-abs reduction, one host sync)."""
+        if not self.params:
+            return 0
+        norms = torch._foreach_norm([p.detach() for p in self.params], float("inf"))
+        return int((~torch.isfinite(torch.stack([n.float() for n in norms]))).sum())
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the parameters and the optimizer state back to what they were before the step."""
+        if self._state is not None:
+            self.opt.load_state_dict(self._state)
+        else:
+            self._undo_adam()
+        torch._foreach_copy_([p.detach() for p in self.params], self._snap)
+
+    def _undo_adam(self) -> None:
+        old = {id(p): s for p, s in zip(self.params, self._snap)}
+        for g in self.opt.param_groups:
+            b1, b2 = (float(b) for b in g["betas"])
+            wd, coupled = float(g["weight_decay"]), not g.get("decoupled_weight_decay", isinstance(self.opt, torch.optim.AdamW))
+            for p in g["params"]:
+                st = self.opt.state.get(p)
+                if not st or p.grad is None or id(p) not in old:
+                    continue
+                if float(st["step"]) <= 1:          # this step created the state
+                    del self.opt.state[p]
+                    continue
+                grad = -p.grad if g.get("maximize", False) else p.grad
+                if wd and coupled:                  # Adam's L2 term entered the moments
+                    grad = grad + wd * old[id(p)]
+                st["exp_avg"].sub_(grad, alpha=1 - b1).div_(b1)
+                st["exp_avg_sq"].addcmul_(grad, grad, value=-(1 - b2)).div_(b2).clamp_(min=0)
+                if isinstance(st["step"], Tensor):
+                    st["step"].sub_(1)
+                else:
+                    st["step"] -= 1
+
+    def describe(self) -> str:
+        g = self.opt.param_groups[0]
+        return f"train.lr={float(g['lr']):g}, train.weight_decay={float(g.get('weight_decay', 0.0)):g}"
+
+
 def micro_batches(M: int, k: int) -> list[slice]:
     """``k`` contiguous slices covering ``range(M)`` (sizes differ by at most one; none empty)."""
     k = max(1, min(k, M))
@@ -221,12 +329,15 @@ class TrainStep:
         self.regions = compile_policy(policy, compile, backend)
         self.compiled = self.regions.names          # names of the compiled modules ([] = eager)
         self.ema = EMA(params, ema_decay, ema_every) if ema_decay > 0 else None
+        self.guard = StepGuard(params, opt)
 
     def run(self, M: int, inner_updates: int, loss_fn, on_forward, nonfinite, epoch: int) -> tuple[dict, Tensor | None]:
         """``inner_updates`` optimizer steps over ``M`` rows. Returns the epoch's stats and the last
         update's clip mask over all ``M`` rows (``None`` for first-order losses). A non-finite loss
         (any micro-batch) or gradient norm raises ``nonfinite(message)`` before the optimizer step,
-        with the gradients cleared: the weights (and the EMA) are left untouched."""
+        with the gradients cleared: the weights (and the EMA) are left untouched. An optimizer step
+        that cannot be computed, or that leaves a non-finite parameter, raises ``nonfinite`` too,
+        with the weights and optimizer state as they were before it (:class:`StepGuard`)."""
         stats: dict = {}
         last_clipped = None
         parts = micro_batches(M, self.grad_accum)
@@ -255,7 +366,21 @@ class TrainStep:
                     self.opt.zero_grad(set_to_none=True)
                     raise nonfinite(f"gradient norm became {float(gn)} at epoch {epoch} (update {u}); "
                                     "weights left unchanged")
+                why = self.guard.precheck()
+                if why is not None:
+                    self.opt.zero_grad(set_to_none=True)
+                    raise nonfinite(f"the optimizer step at epoch {epoch} (update {u}) cannot be computed with "
+                                    f"{self.guard.describe()}: {why}; the last finite weights were kept")
+                self.guard.save()
                 self.opt.step()
+                bad = self.guard.count_nonfinite()
+                if bad:
+                    self.guard.restore()
+                    self.opt.zero_grad(set_to_none=True)
+                    raise nonfinite(f"the optimizer step at epoch {epoch} (update {u}) made {bad} of "
+                                    f"{len(self.params)} trained parameter tensors non-finite with "
+                                    f"{self.guard.describe()} (gradient norm {float(gn):.3g}); the last finite "
+                                    "weights and optimizer state were kept")
                 if self.ema is not None:
                     self.ema.update()
                 mask = torch.cat(clipped) if clipped else None

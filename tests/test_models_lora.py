@@ -127,3 +127,47 @@ def test_full_finetune_reference_is_a_frozen_copy():
     assert (m.policy(x, t, cond) - r0).abs().max() > 1e-3
     with pytest.raises(RuntimeError, match="exclusive"):
         m.add_lora()
+
+
+# -- policy.lora_targets that match nothing: one line, a few names that would ----------------------
+def _digits_unet():
+    from rsm_fast.tasks import digits as D
+
+    return D.make_unet()
+
+
+@pytest.mark.parametrize("targets, needle", [
+    (("to_qq",), "'to_qq' matches no module"),
+    (("to_q", "nope"), "'nope' matches no module"),
+    (("conv1",), "matches Conv2d layers"),
+    ((), "is empty"),
+])
+def test_targets_that_match_no_linear_layer_are_one_line(targets, needle):
+    from rsm_fast.config import ConfigError
+
+    unet = _digits_unet()
+    with pytest.raises(ConfigError) as e:
+        L.add_lora(unet, rank=2, target_modules=targets)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("config field 'policy.lora_targets'") and needle in msg
+    assert "to_q" in msg and "to_out.0" in msg              # names that would match
+    assert not getattr(unet, "peft_config", None)         # nothing was injected
+    assert all(p.requires_grad for p in unet.parameters())
+
+
+def test_linear_targets_lists_short_names():
+    names = L.linear_targets(_digits_unet())
+    assert {"to_q", "to_k", "to_v", "to_out.0"} <= set(names)
+    assert all(not n.split(".")[0].isdigit() for n in names)
+
+
+def test_bad_targets_end_the_cli_in_one_line(tmp_path, capsys):
+    from rsm_fast.train import main
+
+    rc = main(["--preset", "grpo", "--quiet", "--out", str(tmp_path / "run"), "--set", "task.name=digits-ddim",
+               "--set", "policy.lora_targets=to_q,attn_typo", "--set", "train.threads=1",
+               "--set", "train.batch_size=16", "--set", "task.eval_samples=16"])     # fits the memory preflight
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: config field 'policy.lora_targets'")
+    assert "attn_typo" in lines[0] and "Traceback" not in err

@@ -338,3 +338,126 @@ def test_compile_off_in_yaml_or_set_is_the_string():
     assert build_config("grpo", None, ["train.compile=off"]).train.compile == "off"
     with pytest.raises(ConfigError, match="train.compile"):
         build_config("grpo", None, ["train.compile=yes"])       # YAML true -> 'on', not a choice
+
+
+# -- the optimizer-step guard: no non-finite parameter survives the step that made it ------------
+from rsm_fast.train_step import StepGuard  # noqa: E402
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _guarded(params, opt, loss_fn):
+    step = TrainStep(nn.Linear(1, 1), params, opt)
+    return step, lambda: step.run(1, 1, lambda sl: (loss_fn(), None), lambda n: None, _Boom, 0)
+
+
+def _opt_state(opt):
+    return {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()} for p, st in opt.state.items()}
+
+
+def test_step_that_makes_weights_nonfinite_is_undone():
+    """AdamW with lr 1e30 and decay 1e8: the decay factor 1 - 1e38 fits float32, the product with a
+    weight of 10 does not. After two good steps the bad one is undone: weights bit for bit, the
+    step count exactly, the moments to float rounding, gradients cleared."""
+    w = nn.Parameter(torch.tensor([10.0, -0.5]))
+    opt = torch.optim.AdamW([w], lr=1e-2, weight_decay=0.0)
+    step, run = _guarded([w], opt, lambda: (w * torch.tensor([1.0, 2.0])).sum())
+    run()
+    run()
+    before, state = w.detach().clone(), _opt_state(opt)
+    opt.param_groups[0].update(lr=1e30, weight_decay=1e8)
+    with pytest.raises(_Boom, match=r"made 1 of 1 trained parameter tensors non-finite with train\.lr=1e\+30, "
+                                    r"train\.weight_decay=1e\+08"):
+        run()
+    assert torch.equal(w.detach(), before) and w.grad is None
+    st = opt.state[w]
+    assert float(st["step"]) == float(state[id(w)]["step"]) == 2.0
+    torch.testing.assert_close(st["exp_avg"], state[id(w)]["exp_avg"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(st["exp_avg_sq"], state[id(w)]["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+    opt.param_groups[0].update(lr=1e-2, weight_decay=0.0)        # training goes on from there
+    run()
+    assert torch.isfinite(w).all() and float(opt.state[w]["step"]) == 3.0
+
+
+def test_first_step_undone_drops_the_state_it_created():
+    w = nn.Parameter(torch.tensor([10.0]))
+    opt = torch.optim.AdamW([w], lr=1e30, weight_decay=1e8)
+    _, run = _guarded([w], opt, lambda: w.sum())
+    with pytest.raises(_Boom, match="non-finite"):
+        run()
+    assert torch.equal(w.detach(), torch.tensor([10.0])) and not opt.state
+
+
+def test_step_that_cannot_be_computed_changes_nothing():
+    """lr 1e300: torch's step would raise halfway (the step size overflows float32); the guard
+    refuses it first, naming train.lr, with weights and state untouched."""
+    w = nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = torch.optim.AdamW([w], lr=1e-2)
+    _, run = _guarded([w], opt, lambda: w.square().sum())
+    run()
+    before, state = w.detach().clone(), _opt_state(opt)
+    opt.param_groups[0]["lr"] = 1e300
+    with pytest.raises(_Boom, match=r"train\.lr=1e\+300.*step size.*overflows"):
+        run()
+    assert torch.equal(w.detach(), before)
+    assert all(torch.equal(opt.state[w][k], v) for k, v in state[id(w)].items())
+
+
+def test_other_optimizers_are_restored_from_an_exact_copy():
+    w = nn.Parameter(torch.tensor([3.0, -1.0]))
+    opt = torch.optim.SGD([w], lr=1e-2, momentum=0.9)
+    guard = StepGuard([w], opt)
+    assert not guard.invertible
+    _, run = _guarded([w], opt, lambda: w.square().sum())
+    run()
+    before, buf = w.detach().clone(), opt.state[w]["momentum_buffer"].clone()
+    opt.param_groups[0]["lr"] = float("inf")
+    with pytest.raises(_Boom, match="non-finite"):
+        run()
+    assert torch.equal(w.detach(), before) and torch.equal(opt.state[w]["momentum_buffer"], buf)
+
+
+def test_guard_counts_with_one_reduction():
+    ps = [torch.tensor([1e38, 3e38]), torch.tensor([float("nan")]), torch.tensor([float("-inf"), 0.0])]
+    assert StepGuard(ps, torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1.0)).count_nonfinite() == 2
+
+
+def test_huge_lr_stops_the_trainer_with_the_weights_of_before():
+    """train.lr=1e300 passes validation (it is finite); the first optimizer step stops the run,
+    naming train.lr, and the weights are those before it; the EMA never saw it."""
+    tr = _trainer("grpo", "train.lr=1e300", "train.ema_decay=0.5")
+    before = _params(tr)
+    shadow = [s.clone() for s in tr.step.ema.shadow]
+    with pytest.raises(NonFiniteError) as e:
+        tr.epoch()
+    assert "train.lr=1e+300" in str(e.value) and "\n" not in str(e.value)
+    assert all(torch.equal(before[n], p) for n, p in _params(tr).items())
+    assert all(torch.equal(a, b) for a, b in zip(shadow, tr.step.ema.shadow)) and tr.step.ema.steps == 0
+
+
+def test_nonfinite_weights_after_a_real_epoch_are_undone():
+    """The post-step check on the trainer: a weight of 10 times the decay factor 1 - 1e38."""
+    tr = _trainer("grpo", "train.lr=1e30", "train.weight_decay=1e8")
+    with torch.no_grad():
+        tr.policy.head.bias.fill_(10.0)
+    before = _params(tr)
+    with pytest.raises(NonFiniteError, match="non-finite with train.lr=1e.30"):
+        tr.epoch()
+    assert all(torch.equal(before[n], p) for n, p in _params(tr).items())
+    assert all(torch.isfinite(v).all() for v in tr.state_dict()["policy"].values())
+
+
+def test_huge_lr_on_the_command_line(tmp_path, capsys):
+    from rsm_fast.train import main
+
+    out = tmp_path / "run"
+    rc = main(["--preset", "grpo", "--quiet", "--out", str(out), "--set", "train.lr=1e300"]
+              + [f"--set={s}" for s in TOY + ["train.epochs=2", "task.num_steps=10"]])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 1 and len(lines) == 1 and "train.lr" in lines[0] and "Traceback" not in err
+    for f in out.rglob("*.pt"):       # whatever a run directory kept holds finite weights only
+        state = torch.load(f, map_location="cpu", weights_only=False)
+        assert all(torch.isfinite(v).all() for v in state.get("policy", {}).values())

@@ -82,6 +82,7 @@ def add_lora(module: nn.Module, rank: int = 8, alpha: float | None = None, targe
     if getattr(module, "peft_config", None):
         raise RuntimeError("the model already has a LoRA adapter")
     targets = list(target_modules)
+    check_targets(module, targets)
     cfg = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha), target_modules=targets,
                      lora_dropout=dropout, init_lora_weights=True)
     module.requires_grad_(False)
@@ -112,6 +113,48 @@ def add_lora(module: nn.Module, rank: int = 8, alpha: float | None = None, targe
             p.data = p.data.to(torch.float32)   # fp32 master weights even on a bf16/fp16 base
         p.requires_grad_("lora_" in name)
     return gate
+
+
+def _suffix(name: str) -> str:
+    """The short name a target would use: the last component, or the last two when the last is
+    an index (``to_out.0``)."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def linear_targets(module: nn.Module) -> list[str]:
+    """Short names of the ``nn.Linear`` layers of ``module`` (what ``policy.lora_targets`` may
+    name), most frequent first."""
+    counts: dict[str, int] = {}
+    for name, m in module.named_modules():
+        if name and isinstance(m, nn.Linear):
+            counts[_suffix(name)] = counts.get(_suffix(name), 0) + 1
+    return sorted(counts, key=lambda k: (-counts[k], k))
+
+
+def check_targets(module: nn.Module, targets) -> None:
+    """Every target must name at least one ``nn.Linear`` layer, as peft matches them (the full
+    module name, or its ending after a dot); else a one-line :class:`~rsm_fast.config.ConfigError`
+    naming ``policy.lora_targets`` and a few names that would match."""
+    from ..config import ConfigError
+
+    targets = [t for t in targets]
+    names = {name: m for name, m in module.named_modules() if name}
+    choices = linear_targets(module)
+    few = ", ".join(choices[:8]) + (f" (and {len(choices) - 8} more)" if len(choices) > 8 else "")
+    if not targets:
+        raise ConfigError(f"config field 'policy.lora_targets' is empty; Linear layers of this model: {few}")
+    for t in targets:
+        if not isinstance(t, str) or not t:
+            raise ConfigError(f"config field 'policy.lora_targets' holds an empty or non-string name: {t!r}")
+        hit = [n for n in names if n == t or n.endswith("." + t)]
+        if not hit:
+            raise ConfigError(f"config field 'policy.lora_targets': {t!r} matches no module of this model; "
+                              f"Linear layers that would match: {few}")
+        other = sorted({type(names[n]).__name__ for n in hit if not isinstance(names[n], nn.Linear)})
+        if other:
+            raise ConfigError(f"config field 'policy.lora_targets': {t!r} matches {', '.join(other)} layers; the "
+                              f"gated LoRA takes Linear layers only, e.g. {few}")
 
 
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:

@@ -28,6 +28,18 @@ class TaskInputError(ValueError):
     """A bad ``task.*`` value (model folder, prompt file, resolution); one-line message."""
 
 
+def _read_prompt_file(path: str):
+    """``task.prompts`` through :func:`rsm_fast.preflight.read_prompt_file` (one line per failure:
+    missing, not a regular file, unreadable, not UTF-8, malformed, empty)."""
+    from ..config import ConfigError
+    from ..preflight import read_prompt_file
+
+    try:
+        return read_prompt_file(path)
+    except ConfigError as e:
+        raise TaskInputError(str(e)) from None
+
+
 class DiffusersTask:
     default_reward = "jpeg"                  # DDPO's weight-free black-box reward
     default_eval_samples = 16
@@ -35,6 +47,13 @@ class DiffusersTask:
     def __init__(self, cfg, device="cpu"):
         from .. import models as M
 
+        # the prompt file first: a typo in it must not cost a model load
+        if cfg.prompts:
+            recs = _read_prompt_file(cfg.prompts)
+            self.prompts = [r.prompt for r in recs]
+            self.metadata = [dict(r.metadata) for r in recs]
+        else:
+            self.prompts, self.metadata = list(DEFAULT_PROMPTS), [{} for _ in DEFAULT_PROMPTS]
         spec = cfg.model
         try:
             if Path(spec).exists():
@@ -50,17 +69,6 @@ class DiffusersTask:
             raise TaskInputError(f"config field 'task.model': {e}") from None
         a = self.adapter
         self.name = f"{a.family}:{Path(spec).name if Path(spec).exists() else spec}"
-        if cfg.prompts:
-            try:
-                recs = M.read_prompts(cfg.prompts)
-            except (FileNotFoundError, ValueError) as e:
-                raise TaskInputError(f"config field 'task.prompts': {e}") from None
-            if not recs:
-                raise TaskInputError(f"config field 'task.prompts': {cfg.prompts} holds no prompt")
-            self.prompts = [r.prompt for r in recs]
-            self.metadata = [dict(r.metadata) for r in recs]
-        else:
-            self.prompts, self.metadata = list(DEFAULT_PROMPTS), [{} for _ in DEFAULT_PROMPTS]
         res = cfg.resolution or self._default_resolution()
         try:
             self.latent_shape = a.latent_shape(res, res)

@@ -1,0 +1,452 @@
+"""Cheap checks that run before a model is loaded or a tensor is allocated (issue 17, item 5).
+
+The CLI calls :func:`check` (= :func:`check_inputs` + :func:`check_memory`) right after the
+config has validated and before the run directory is opened, so a typo in a prompt file or a
+batch that cannot fit ends in one ``error:`` line with nothing written and no model loaded.
+
+* :func:`check_inputs` — the files the task will read: the diffusers task's ``task.model`` (a
+  named config, or a folder holding ``model_index.json``) and ``task.prompts`` (a regular,
+  readable, UTF-8, non-empty file that parses, with the task's own parser
+  :func:`rsm_fast.models.text.read_prompts`), and ``task.resolution`` against the VAE factor.
+* :func:`check_memory` — an estimate, from the config alone, of the bytes the run holds at its
+  peak, compared with the memory available on the training device. The estimate counts what the
+  rollout engine and the trainer really allocate (``engine/rollout.py``, ``trainer.py``):
+
+  - the epoch's plan (:func:`plan_counts`, the same arithmetic as ``engine.plan.compile_plan``:
+    ``R_i`` rows per step, ``M`` training records) and its index tensors (~34 bytes per row and
+    step, plus the ``[N, R_N]`` ancestry twice while it is built);
+  - per record: ``x``, ``z``, ``f_old`` (rollout) and ``f_ref`` (the reference pass), one float32
+    latent each, plus 12 bytes of step / log-prob; and three more latents per record held for a
+    while: the rollout's per-step lists while they are concatenated, then the training step's
+    policy output, its gradient and the loss' temporaries;
+  - model calls: per step ``2 R_i + 4 R_{i+1}`` latents of sampler state, plus per row of a call
+    (``rollout.chunk_size`` rows, all of a step's rows when it is 0; doubled by classifier-free
+    guidance) its input, output and activations; the training forward keeps the activations of
+    ``M / train.grad_accum`` rows (the 2-D task's MLP and the digits UNet: measured per row; a
+    diffusers model's own activations are not counted, so for it the estimate is a lower bound);
+  - the final evaluation: ``task.eval_samples`` full SDE trajectories, every noisy step a record,
+    the same per-record and per-call terms, model calls of ``rollout.chunk_size`` rows (else 1024);
+  - the trained parameters with their gradient, two AdamW moments and the non-finite guard's
+    snapshot (2-D task and digits; a diffusers model's size is not read before it loads).
+
+  Training and evaluation do not overlap, so the peak is the larger of the two plus the
+  parameters. Everything is float32 (the rollout's dtype, whatever the model's).
+
+Available memory: on CPU the smaller of ``/proc/meminfo`` MemAvailable (else ``os.sysconf``) and
+the cgroup's limit minus its usage; on CUDA ``torch.cuda.mem_get_info`` (free bytes; the host
+must also hold the plan while it is compiled). A config whose estimate exceeds it raises a one-line
+:class:`~rsm_fast.config.ConfigError` naming the estimate, what is available and the setting to
+lower (``train.batch_size``, ``rollout.chunk_size``, ``train.grad_accum``, ``task.eval_samples``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError, RunConfig
+
+EVAL_CHUNK = 1024            # trainer.EVAL_CHUNK: evaluation rows per model call when chunk_size is 0
+F32 = 4
+PLAN_BYTES_PER_ROW = 34      # src, key, record (int64), noisy, trained (bool), group (int64) per row and step
+RECORD_EXTRA = 12            # log_prob (float32) + step (int64) per record
+PLAN_RECORD_BYTES = 40       # record_step / group / parent / set (int64) + set sizes per record
+DIGITS_ACT_GRAD = 1_320_000  # bytes per row the digits UNet's training forward saves (measured: 1.29 MB)
+DIGITS_ACT_NOGRAD = 200_000  # bytes per row of a no-grad digits UNet call (largest block output 48 KB, x4)
+
+
+# ----------------------------------------------------------------------------------------------
+# the task's shapes, from the config alone
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskGeometry:
+    """What the memory estimate needs to know about the task, read without loading a model."""
+
+    latent_shape: tuple[int, ...]
+    sde_mask: tuple[bool, ...] | None     # noisy steps of the sampler (None: unknown, taken as all)
+    sampler: str                          # 'ddim' (noise from task.eta) or 'flow' (task.noise_level)
+    cfg_guidance: bool                    # model calls take two rows per row
+    default_eval: int                     # evaluation samples when task.eval_samples is 0
+    image_bytes: int                      # one decoded sample, float32
+    param_bytes: int = 0                  # trained parameters (0: not known before the model loads)
+    act_nograd: int = 0                   # bytes per row of a no-grad model call, beyond in/out
+    act_grad: int = 0                     # bytes per row the training forward keeps for backward
+    full_copy_bytes: int = 0              # a frozen reference copy (full fine-tuning)
+    metric_bytes: int = 0                 # per evaluation sample, the task's own metrics
+
+    @property
+    def latent_bytes(self) -> int:
+        return math.prod(self.latent_shape) * F32
+
+
+def _diffusers_family(spec: str) -> tuple[str, dict, dict, dict] | None:
+    """``(family, denoiser config, vae config, scheduler config)`` of a named config or a local
+    folder's JSON files; None when they cannot be read (the task's own load reports it)."""
+    from .models.configs import CONFIGS, get_config
+
+    try:
+        if spec in CONFIGS and not Path(spec).exists():
+            family, c = get_config(spec)
+            return family, c.get("unet") or c.get("transformer") or {}, c.get("vae", {}), c.get("scheduler", {})
+        p = Path(spec)
+        cls = json.loads((p / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
+        family = {"StableDiffusionPipeline": "sd15", "StableDiffusion3Pipeline": "sd3"}.get(cls)
+        if family is None:
+            return None
+        den = p / ("unet" if family == "sd15" else "transformer") / "config.json"
+        read = lambda f: json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}  # noqa: E731
+        return family, read(den), read(p / "vae" / "config.json"), read(p / "scheduler" / "scheduler_config.json")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def task_geometry(cfg: RunConfig) -> TaskGeometry | None:
+    """The task's latent shape, noisy steps, guidance and default evaluation size from the config
+    alone (the 2-D task and digits build their sampler tables, which is arithmetic on ``N``
+    numbers; a diffusers model's are read from its named config or its folder's JSON). None when
+    the task cannot be described without loading it."""
+    t, N = cfg.task, cfg.task.num_steps
+    if t.name == "toy2d":
+        from .tasks.toy2d import Toy2D, Toy2DConfig
+
+        tr = Toy2D(Toy2DConfig(alpha=max(t.alpha, 1e-30), num_steps=N, eta=t.eta)).transition
+        pc = cfg.policy
+        h, layers, e = pc.hidden, pc.layers, pc.emb_dim
+        params = (2 + e) * h + h + (layers - 1) * (h * h + h) + 2 * h + 2
+        return TaskGeometry((2,), tuple(bool(v) for v in tr.sde_mask), "ddim", False, 8192, 2 * F32,
+                            param_bytes=params * F32, act_nograd=F32 * (2 + e + 2 * h + 48),
+                            act_grad=F32 * (2 + e + 2 * h * layers + 48),
+                            metric_bytes=4 * 256 * 8)   # sliced Wasserstein: [n, 256] float64 projections, sorted
+    if t.name in ("digits-ddim", "digits-flow"):
+        from .tasks import digits as D
+
+        family = "ddim" if t.name == "digits-ddim" else "flow"
+        tr = D.make_transition(family, N, eta=t.eta, noise_level=t.noise_level)
+        guided = t.condition == "label" and t.cfg_scale != 0
+        full = 177_553 * F32 if cfg.policy.lora_rank == 0 else 0
+        return TaskGeometry(tuple(D.Digits.latent_shape), tuple(bool(v) for v in tr.sde_mask),
+                            "ddim" if family == "ddim" else "flow", guided, 1024, D.SIZE * D.SIZE * F32,
+                            param_bytes=full, act_nograd=DIGITS_ACT_NOGRAD, act_grad=DIGITS_ACT_GRAD,
+                            full_copy_bytes=full)
+    if t.name == "diffusers":
+        info = _diffusers_family(t.model)
+        if info is None:
+            return None
+        family, den, vae, _ = info
+        try:
+            f = 2 ** (len(vae.get("block_out_channels", (0,))) - 1)
+            res = t.resolution or int(den["sample_size"]) * f
+            shape = (int(den["in_channels"]), res // f, res // f)
+        except (KeyError, TypeError, ValueError):
+            return None
+        noisy = (t.eta > 0) if family == "sd15" else (t.noise_level > 0)
+        return TaskGeometry(shape, (noisy,) * N, "ddim" if family == "sd15" else "flow", t.cfg_scale != 0, 16,
+                            3 * res * res * F32)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the plan's size, from the config alone
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlanCounts:
+    rows: tuple[int, ...]        # R_0 .. R_N: rows entering each step, then the final samples
+    records: int                 # training records M
+
+    @property
+    def row_steps(self) -> int:
+        return sum(self.rows[1:])
+
+
+def _branching(cfg: RunConfig, N: int) -> list[int]:
+    from .engine.profiles import resolve_profile
+
+    ro = cfg.rollout
+    k = list(resolve_profile(ro.profile, N)) if ro.profile else list(ro.k)
+    return k + [0] * (N - len(k))
+
+
+def plan_counts(cfg: RunConfig, sde_mask: tuple[bool, ...] | None = None, *, budgeted: bool = True) -> PlanCounts:
+    """Rows per step and records of the training plan ``trainer.plan_spec(cfg, ...)`` compiles,
+    computed with Python ints (no tensor; any size). ``sde_mask`` defaults to every step noisy.
+    With ``rollout.allocator=online`` in branch units and a budget, the profile is scaled to spend
+    the budget (what later epochs run); ``budgeted=False`` gives the starting profile."""
+    tc, mc, ro, N = cfg.train, cfg.method, cfg.rollout, cfg.task.num_steps
+    noisy = list(sde_mask) if sde_mask is not None else [True] * N
+    G = mc.group_size if mc.estimator == "zo" and mc.group_size else tc.batch_size
+    T = (tc.batch_size // G) * G
+    if ro.plan == "sde":
+        stoch = [i for i, v in enumerate(noisy) if v]
+        n = min(len(stoch), max(1, math.ceil(tc.timestep_fraction * len(stoch)))) if stoch else 0
+        if ro.window:
+            n = min(ro.window, n)
+        return PlanCounts((T,) * (N + 1), T * n)
+    k = _branching(cfg, N)
+    if ro.plan == "tree":
+        rows, records = [T], 0
+        for i in range(N):
+            rows.append(rows[-1] * max(k[i], 1))
+            records += rows[-1] if noisy[i] else 0
+        return PlanCounts(tuple(rows), records)
+    if budgeted and ro.allocator and ro.alloc_units == "branches" and ro.alloc_budget > sum(k) > 0:
+        scale = ro.alloc_budget / sum(k)
+        k = [math.ceil(v * scale) for v in k]
+    last = max((i for i, v in enumerate(k) if v > 0), default=-1)
+    rows, trunks, records = [T], T, 0
+    for i in range(N):
+        cont = int(i < last)
+        rows.append(trunks * (cont + k[i]) + rows[-1] - trunks)
+        records += trunks * k[i]
+        trunks *= cont
+    return PlanCounts(tuple(rows), records)
+
+
+def eval_counts(n: int, sde_mask: tuple[bool, ...]) -> PlanCounts:
+    """The final evaluation's plan: ``n`` SDE trajectories, every noisy step a record."""
+    return PlanCounts((n,) * (len(sde_mask) + 1), n * sum(bool(v) for v in sde_mask))
+
+
+# ----------------------------------------------------------------------------------------------
+# the estimate
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryEstimate:
+    train: dict            # part -> bytes of one training epoch at its peak
+    eval: dict             # part -> bytes of the final evaluation at its peak
+    params: int            # trained parameters and what the optimizer keeps of them
+    host_plan: int         # host bytes while the larger plan is compiled (on CUDA too)
+    param_field: str = "policy.hidden"   # the setting that sizes the trained parameters
+
+    @staticmethod
+    def phase_total(part: dict) -> int:
+        """Plan + records + record copies, plus the larger of the model calls (rollout, reference)
+        and the training forward's activations (they do not overlap)."""
+        return (part["plan"] + part["records"] + part["record copies"] + part.get("task metrics", 0)
+                + max(part["model calls"], part.get("training activations", 0)))
+
+    @property
+    def total(self) -> int:
+        return self.params + max(self.phase_total(self.train), self.phase_total(self.eval))
+
+    def setting(self, available: int | None = None) -> str:
+        """The config field to change: the trained parameters' size when they alone do not fit;
+        the size itself (``train.batch_size`` / ``task.eval_samples``) when the records do not fit
+        or neither of the two terms below alone is the problem; else the rows per training forward
+        (``train.grad_accum``) or per model call (``rollout.chunk_size``)."""
+        tr, ev = self.phase_total(self.train), self.phase_total(self.eval)
+        if available is not None and self.params > available // 2 and self.params > max(tr, ev):
+            return self.param_field
+        part = self.eval if ev > tr else self.train
+        size = "task.eval_samples" if ev > tr else "train.batch_size"
+        base = self.params + part["plan"] + part["records"] + part["record copies"] + part.get("task metrics", 0)
+        calls, act = part["model calls"], part.get("training activations", 0)
+        if available is None or base > available:
+            return size
+        if base + calls <= available < base + act:
+            return "train.grad_accum"
+        if base + act <= available < base + calls:
+            return "rollout.chunk_size"
+        return size
+
+
+def _phase(rows: tuple[int, ...], records: int, chunk: int, g: int, geo: TaskGeometry, *,
+           train_rows: int = 0, decoded: int = 0) -> dict:
+    L = geo.latent_bytes
+    N = len(rows) - 1
+    plan = sum(rows[1:]) * PLAN_BYTES_PER_ROW + 2 * N * rows[-1] * 8 + records * PLAN_RECORD_BYTES
+    per_call = 2 * L + geo.act_nograd
+    calls = 0
+    for i in range(N):     # sampler state of step i, then one model call of `chunk` rows (x g)
+        c = min(chunk or rows[i], rows[i])
+        calls = max(calls, (2 * rows[i] + 4 * rows[i + 1]) * L + g * c * per_call)
+    if records:            # the reference pass over the records, `chunk` rows a call
+        calls = max(calls, g * min(chunk or records, records) * per_call)
+    out = {"plan": plan, "records": records * (4 * L + RECORD_EXTRA), "record copies": 3 * records * L,
+           "model calls": max(calls, decoded * rows[-1])}
+    if train_rows:
+        out["training activations"] = g * train_rows * geo.act_grad
+    return out
+
+
+def estimate_memory(cfg: RunConfig, geo: TaskGeometry) -> MemoryEstimate:
+    """The bytes the run holds at its peak (module docstring), by phase and part."""
+    g = 2 if geo.cfg_guidance else 1
+    mask = geo.sde_mask if geo.sde_mask is not None else (True,) * cfg.task.num_steps
+    tp = plan_counts(cfg, mask)
+    train = _phase(tp.rows, tp.records, cfg.rollout.chunk_size, g, geo,
+                   train_rows=math.ceil(tp.records / max(1, cfg.train.grad_accum)), decoded=2 * geo.image_bytes)
+    n = cfg.task.eval_samples or geo.default_eval
+    ep = eval_counts(n, mask)
+    ev = _phase(ep.rows, ep.records, cfg.rollout.chunk_size or min(n, EVAL_CHUNK), g, geo, decoded=2 * geo.image_bytes)
+    if geo.metric_bytes:
+        ev["task metrics"] = n * geo.metric_bytes
+    copies = 5 + (1 if cfg.train.ema_decay > 0 else 0)   # param, grad, 2 AdamW moments, guard snapshot, EMA
+    params = geo.param_bytes * copies + geo.full_copy_bytes
+    host = max(train["plan"], ev["plan"]) + 2 * max(tp.rows[-1], ep.rows[-1]) * len(mask) * 8
+    return MemoryEstimate(train, ev, params, host, "policy.hidden" if cfg.task.name == "toy2d" else "policy.lora_rank")
+
+
+# ----------------------------------------------------------------------------------------------
+# available memory
+# ----------------------------------------------------------------------------------------------
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def host_available() -> int | None:
+    """Bytes this process may still allocate on the host: MemAvailable (else free pages), capped
+    by a cgroup memory limit minus its usage. None when nothing can be read."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        lim, use = _read_int(limit), _read_int(usage)
+        if lim is not None and use is not None and lim < 2**60:
+            left = max(0, lim - use)
+            avail = left if avail is None else min(avail, left)
+            break
+    return avail
+
+
+def available_memory(device) -> int | None:
+    """Free bytes on ``device`` (CUDA: ``torch.cuda.mem_get_info``; else the host's)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free)
+    return host_available()
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{int(n)} B"
+
+
+# ----------------------------------------------------------------------------------------------
+# the checks
+# ----------------------------------------------------------------------------------------------
+def check_memory(cfg: RunConfig, device=None, *, available: int | None = None,
+                 host: int | None = None) -> MemoryEstimate | None:
+    """Raise a one-line :class:`ConfigError` when the run's estimated peak memory (module
+    docstring) exceeds what ``device`` has available (``available`` / ``host`` override the
+    measured bytes, for tests). Returns the estimate (None when the task cannot be described
+    without loading it). Allocates no tensor."""
+    import torch
+
+    geo = task_geometry(cfg)
+    if geo is None:
+        return None
+    dev = torch.device(device if device is not None else cfg.train.device)
+    est = estimate_memory(cfg, geo)
+    on_cuda = dev.type == "cuda"
+    avail = available if available is not None else available_memory(dev)
+    host_avail = host if host is not None else (host_available() if on_cuda else avail)
+    where = f"{dev} memory" if on_cuda else "memory"
+    if avail is not None and est.total > avail:
+        setting = est.setting(avail)
+        f = lambda d: ", ".join(f"{k} {fmt_bytes(v)}" for k, v in d.items() if v)  # noqa: E731
+        hint = {"train.batch_size": "lower train.batch_size" + (" or the branching (rollout.k / rollout.profile / "
+                                                                "rollout.alloc_budget)" if cfg.rollout.plan != "sde" else ""),
+                "rollout.chunk_size": "set rollout.chunk_size to fewer rows per model call (0 = a whole step at once)",
+                "train.grad_accum": "raise train.grad_accum (fewer rows per training forward) or lower train.batch_size",
+                "task.eval_samples": "lower task.eval_samples",
+                "policy.hidden": "lower policy.hidden / policy.layers", "policy.lora_rank": "lower policy.lora_rank"}[setting]
+        raise ConfigError(f"config field '{setting}': the run needs about {fmt_bytes(est.total)} of {where} "
+                          f"(training epoch: {f(est.train)}; evaluation: {f(est.eval)}; parameters "
+                          f"{fmt_bytes(est.params)}) but {fmt_bytes(avail)} is available; {hint}")
+    if on_cuda and host_avail is not None and est.host_plan > host_avail:
+        raise ConfigError(f"config field 'train.batch_size': compiling the rollout plan needs about "
+                          f"{fmt_bytes(est.host_plan)} of host memory but {fmt_bytes(host_avail)} is available; "
+                          f"lower train.batch_size")
+    return est
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """The files the task will read, before anything loads (module docstring); one-line
+    :class:`ConfigError` naming the field."""
+    if cfg.task.name != "diffusers":
+        return
+    t = cfg.task
+    _check_model(t.model)
+    if t.prompts:
+        read_prompt_file(t.prompts)
+    geo = task_geometry(cfg)
+    info = _diffusers_family(t.model)
+    if geo is not None and info is not None and t.resolution:
+        f = 2 ** (len(info[2].get("block_out_channels", (0,))) - 1)
+        if t.resolution % f:
+            raise ConfigError(f"config field 'task.resolution': {t.resolution} must be a multiple of the VAE "
+                              f"factor {f}")
+
+
+def _check_model(spec: str) -> None:
+    from .models.configs import CONFIGS
+
+    try:
+        p = Path(spec)
+        exists = bool(spec) and p.exists()
+    except (OSError, ValueError):
+        exists = False
+    if exists:
+        if not p.is_dir():
+            raise ConfigError(f"config field 'task.model': '{p}' is not a folder (a diffusers model folder "
+                              f"holds model_index.json)")
+        if not (p / "model_index.json").is_file():
+            raise ConfigError(f"config field 'task.model': '{p}' has no model_index.json (not a diffusers folder)")
+        if not os.access(p / "model_index.json", os.R_OK):
+            raise ConfigError(f"config field 'task.model': '{p / 'model_index.json'}' is not readable")
+        return
+    if spec not in CONFIGS:
+        raise ConfigError(f"config field 'task.model': {spec!r} is neither a local diffusers folder nor a named "
+                          f"config ({', '.join(sorted(CONFIGS))})")
+
+
+def read_prompt_file(path: str) -> list:
+    """The prompts of ``task.prompts`` through the task's parser, every failure one line."""
+    from .models.text import read_prompts
+
+    try:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config field 'task.prompts': prompt file not found: {p}")
+        if not p.is_file():
+            raise ConfigError(f"config field 'task.prompts': '{p}' is not a regular file")
+        recs = read_prompts(p)
+    except ConfigError:
+        raise
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config field 'task.prompts': '{path}' is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"config field 'task.prompts': cannot read '{path}': {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConfigError(f"config field 'task.prompts': {str(e).splitlines()[0] if str(e) else 'unreadable'}") from None
+    if not recs:
+        raise ConfigError(f"config field 'task.prompts': {path} holds no prompt")
+    return recs
+
+
+def check(cfg: RunConfig, device=None) -> MemoryEstimate | None:
+    """:func:`check_inputs` then :func:`check_memory` (what the CLI calls before the run directory)."""
+    check_inputs(cfg)
+    return check_memory(cfg, device)
