@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import checkpoint as C
+from . import preflight
 from . import rewards as R
 from .config import (ConfigError, RunConfig, apply_mapping, build_config, describe_fields, load_yaml, parse_set,
                      preset_data, preset_names, set_dotted, to_dict, validate)
@@ -126,6 +127,7 @@ def _prepare(args, overrides: list[str]):
     if args.resume is None:
         preset = args.preset or (None if args.config else DEFAULT_PRESET)
         cfg = build_config(preset, args.config, overrides)
+        preflight.check(cfg)            # prompt file, model spec, memory: before any directory or model
         _check_reward(cfg)
         out = Path(args.out) if args.out else default_out(cfg.preset)
         run_dir = RunDir(out, overwrite=args.overwrite, tensorboard=args.tensorboard)
@@ -139,6 +141,7 @@ def _prepare(args, overrides: list[str]):
     if (out / "summary.json").exists():
         raise RunDirError(f"--resume '{out}': the run is complete (summary.json); nothing to resume")
     cfg = _resume_config(out, args.config, overrides)
+    preflight.check(cfg)
     _check_reward(cfg)
     run_dir.lock()
     try:

@@ -186,8 +186,9 @@ class Trainer(FirstOrderMixin):
         self._spec = spec
         try:
             plans = wave_plans(spec, cfg.rollout.waves)
-        except PlanError as e:
-            raise ConfigError(f"config field 'rollout.waves': {e}") from None
+        except PlanError as e:      # split_groups' messages name rollout.waves; the plan compiler's do not
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith("rollout.waves") else f"training plan: {msg}") from None
         model = self.engine.model if hasattr(self, "engine") else self.handle.model
         self.engines = []
         for p in plans:   # one engine per wave; with graphs they share one GraphedModel
@@ -363,6 +364,12 @@ class Trainer(FirstOrderMixin):
         self.nfe["reference"] += n_ref
         self._groups = rec.group
         fault_point("after-rollout")
+        if not bool(torch.isfinite(rec.x0).all()):     # one host read per epoch, before any reward sees them
+            when = (f"after epoch {self.epochs_done - 1}'s update" if self.epochs_done else "before any update")
+            raise NonFiniteError(f"the rollout produced non-finite samples {when}: the weights are finite but too "
+                                 f"large for the sampler (train.lr={self.cfg.train.lr:g}, train.weight_decay="
+                                 f"{self.cfg.train.weight_decay:g}) or the sampler settings are degenerate "
+                                 "(task.eta, task.noise_level)")
         c, record_kl = self._record_kl(rec, f_ref)
         with self.clock("reward"):   # with waves: only the wait for scores not yet finished
             try:
@@ -418,8 +425,14 @@ class Trainer(FirstOrderMixin):
         def on_forward(n: int):
             self.nfe["train"] += n * g
 
-        stats, self._last_clipped = self.step.run(M, self.cfg.train.inner_updates, loss_fn, on_forward,
-                                                  NonFiniteError, self.epochs_done)
+        try:
+            stats, self._last_clipped = self.step.run(M, self.cfg.train.inner_updates, loss_fn, on_forward,
+                                                      NonFiniteError, self.epochs_done)
+        except ops.FusedOpInputError as e:
+            if "NaN or inf" not in str(e):
+                raise
+            raise NonFiniteError(f"a loss input became non-finite at epoch {self.epochs_done} ({e}); "
+                                 "the weights were left unchanged") from None
         return stats
 
     # ------------------------------------------------------------------------------------------
