@@ -95,7 +95,8 @@ def test_existing_run_is_not_clobbered(tmp_path):
     (["--set", "task.reward=tests.bad_rewards:stuck_reward", "--set", "task.reward_timeout=2",
       "--set", "train.epochs=2"], "task.reward_timeout"),
     # reported before any model is loaded, the token redacted
-    (["--task", "digits-ddim", "--reward", "http://127.0.0.1:9/score?token=s3cr3t"], "127.0.0.1:9/score?token=***"),
+    (["--task", "digits-ddim", "--reward", "http://127.0.0.1:9/score?token=s3cr3t", "--set", "train.batch_size=32",
+      "--set", "task.eval_samples=32"], "127.0.0.1:9/score?token=***"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, args, needle):
     out = tmp_path / "run"
