@@ -365,16 +365,19 @@ def check_memory(cfg: RunConfig, device=None, *, available: int | None = None,
     where = f"{dev} memory" if on_cuda else "memory"
     if avail is not None and est.total > avail:
         setting = est.setting(avail)
-        f = lambda d: ", ".join(f"{k} {fmt_bytes(v)}" for k, v in d.items() if v)  # noqa: E731
         hint = {"train.batch_size": "lower train.batch_size" + (" or the branching (rollout.k / rollout.profile / "
                                                                 "rollout.alloc_budget)" if cfg.rollout.plan != "sde" else ""),
                 "rollout.chunk_size": "set rollout.chunk_size to fewer rows per model call (0 = a whole step at once)",
                 "train.grad_accum": "raise train.grad_accum (fewer rows per training forward) or lower train.batch_size",
                 "task.eval_samples": "lower task.eval_samples",
                 "policy.hidden": "lower policy.hidden / policy.layers", "policy.lora_rank": "lower policy.lora_rank"}[setting]
-        raise ConfigError(f"config field '{setting}': the run needs about {fmt_bytes(est.total)} of {where} "
-                          f"(training epoch: {f(est.train)}; evaluation: {f(est.eval)}; parameters "
-                          f"{fmt_bytes(est.params)}) but {fmt_bytes(avail)} is available; {hint}")
+        # what to do first, then the three largest parts (the CLI prints one line of at most 300 characters)
+        parts = ([(k if k.startswith("training") else f"training {k}", v) for k, v in est.train.items()]
+                 + [(f"evaluation {k}", v) for k, v in est.eval.items()])
+        parts.append(("parameters", est.params))
+        top = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(parts, key=lambda kv: -kv[1])[:3] if v)
+        raise ConfigError(f"config field '{setting}': the run needs about {fmt_bytes(est.total)} of {where} but "
+                          f"{fmt_bytes(avail)} is available; {hint} (largest: {top})")
     if on_cuda and host_avail is not None and est.host_plan > host_avail:
         raise ConfigError(f"config field 'train.batch_size': compiling the rollout plan needs about "
                           f"{fmt_bytes(est.host_plan)} of host memory but {fmt_bytes(host_avail)} is available; "
