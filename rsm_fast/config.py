@@ -368,13 +368,6 @@ def build_config(preset: str | None = None, config_file: str | None = None, over
     return cfg
 
 
-def _get(cfg: RunConfig, path: str) -> Any:
-    obj: Any = cfg
-    for p in path.split("."):
-        obj = getattr(obj, p)
-    return obj
-
-
 def validate(cfg: RunConfig) -> None:
     """Every field's range, then the checks across fields (:mod:`rsm_fast.config_checks`); raises a
     one-line :class:`ConfigError` naming the field. Reads no file and writes nothing."""

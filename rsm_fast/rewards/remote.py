@@ -83,7 +83,9 @@ class _Clock:
 # Sockets whose every read and send first sets the socket timeout to the time left. http.client
 # reads through ``sock.makefile()``, which calls ``recv_into`` of the socket object, so both the
 # header lines and the body go through these overrides.
-class _TimedSocket(socket.socket):
+class _TimedIO:
+    """The overrides shared by the plain and the TLS socket classes below."""
+
     clock = _Clock(None)
 
     def recv_into(self, *args, **kwargs):
@@ -102,23 +104,12 @@ class _TimedSocket(socket.socket):
             view = view[n:]
 
 
-class _TimedSSLSocket(ssl.SSLSocket):
-    clock = _Clock(None)
+class _TimedSocket(_TimedIO, socket.socket):
+    pass
 
-    def recv_into(self, *args, **kwargs):
-        self.settimeout(_left_or_timeout(self.clock))
-        return super().recv_into(*args, **kwargs)
 
-    def recv(self, *args, **kwargs):
-        self.settimeout(_left_or_timeout(self.clock))
-        return super().recv(*args, **kwargs)
-
-    def sendall(self, data, *args):
-        view = memoryview(data).cast("B")
-        while view:
-            self.settimeout(_left_or_timeout(self.clock))
-            n = self.send(view[:CHUNK], *args)
-            view = view[n:]
+class _TimedSSLSocket(_TimedIO, ssl.SSLSocket):
+    pass
 
 
 def _left_or_timeout(clock: _Clock) -> float:
