@@ -37,18 +37,22 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 
+def _state(trainer: "Trainer", run_dir: "RunDir", extra: dict) -> dict:
+    """The trainer's state plus what the loop needs to continue (log position, wall-clock, before)."""
+    return {**trainer.state_dict(), "run": {**extra, "log_bytes": run_dir.log_position()}}
+
+
+def _export(trainer: "Trainer", path):
+    """The task's adapter export (image models) with the EMA weights applied; None without one."""
+    if not hasattr(trainer.task, "export"):
+        return None
+    with trainer._ema_applied():
+        return trainer.task.export(path)
+
+
 def _save(trainer: "Trainer", run_dir: "RunDir", extra: dict) -> None:
-    state = trainer.state_dict()
-    state["run"] = {**extra, "log_bytes": run_dir.log_position()}
-    export = getattr(trainer.task, "export", None)
-
-    def export_lora(path):
-        if export is not None:
-            with trainer._ema_applied():
-                export(path)
-
-    C.save(run_dir, trainer.epochs_done, state, keep=trainer.cfg.train.keep_checkpoints, export=export_lora,
-           fault=fault_point)
+    C.save(run_dir, trainer.epochs_done, _state(trainer, run_dir, extra), keep=trainer.cfg.train.keep_checkpoints,
+           export=lambda path: _export(trainer, path), fault=fault_point)
     run_dir.committed()
 
 
@@ -104,14 +108,11 @@ def run(trainer: "Trainer", run_dir: "RunDir | None" = None, *, progress: bool =
         if extra["before"] is not None:
             summary["before"] = extra["before"]
         if run_dir is not None:
-            run_dir.save_checkpoint({**trainer.state_dict(), "run": {**extra, "wall": wall(),
-                                                                     "log_bytes": run_dir.log_position()}})
-            if hasattr(trainer.task, "export"):
-                with trainer._ema_applied():
-                    exported = trainer.task.export(run_dir.path / "lora")
-                if exported is not None:
-                    run_dir.own("lora")
-                    summary["lora"] = str(exported)
+            run_dir.save_checkpoint(_state(trainer, run_dir, {**extra, "wall": wall()}))
+            exported = _export(trainer, run_dir.path / "lora")
+            if exported is not None:
+                run_dir.own("lora")
+                summary["lora"] = str(exported)
             fault_point("summary")
             run_dir.write_summary(summary)
         ok = True
@@ -125,9 +126,5 @@ def run(trainer: "Trainer", run_dir: "RunDir | None" = None, *, progress: bool =
         trainer.close()
         trainer.stop = None
         if run_dir is not None:
-            run_dir.close(ok=ok or run_dir_has_checkpoint(run_dir))
+            run_dir.close(ok=ok or run_dir.has_checkpoint())
     return summary
-
-
-def run_dir_has_checkpoint(run_dir: "RunDir") -> bool:
-    return bool(C.checkpoint_dirs(run_dir.path))

@@ -113,6 +113,11 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     _atomic_write(Path(path), lambda fh: torch.save(obj, fh))
 
 
+def _remove(p: Path) -> None:
+    """Delete a file, a link or a whole folder."""
+    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
 def _is_temp(name: str) -> bool:
     return (name.startswith(".") and name.endswith(".tmp")) or name.startswith(".tmp-")
 
@@ -125,7 +130,7 @@ def remove_temp_files(root: Path) -> list[Path]:
             continue
         for p in d.iterdir():
             if _is_temp(p.name):
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+                _remove(p)
                 gone.append(p)
     return gone
 
@@ -274,7 +279,7 @@ class RunDir:
             self._log = None
         if self._staged and not ok:
             self._restore_previous()
-        if self._created_dir and self._lock_fd is not None and not self._has_checkpoint():
+        if self._created_dir and self._lock_fd is not None and not self.has_checkpoint():
             # a directory this run made and that holds nothing a person could want (no epoch logged)
             entries = {p.name for p in self.path.iterdir()} - {LOCK, MANIFEST}
             log = self.path / "log.jsonl"
@@ -299,7 +304,7 @@ class RunDir:
             self._owned |= new
             atomic_write_text(self.path / MANIFEST, json.dumps({"owned": sorted(self._owned)}) + "\n")
 
-    def _has_checkpoint(self) -> bool:
+    def has_checkpoint(self) -> bool:
         ck = self.path / "checkpoints"
         return (self.path / "checkpoint.pt").exists() or (ck.is_dir() and any(p.name.startswith("epoch-")
                                                                                 for p in ck.iterdir()))
@@ -307,7 +312,7 @@ class RunDir:
     def _finish_previous(self) -> None:
         """A ``.previous-run`` left by a killed overwrite: dropped once the new run has a checkpoint."""
         prev = self.path / PREVIOUS
-        if prev.exists() and self._has_checkpoint():
+        if prev.exists() and self.has_checkpoint():
             shutil.rmtree(prev, ignore_errors=True)
 
     def _stage_previous(self) -> None:
@@ -316,8 +321,7 @@ class RunDir:
             # an earlier overwrite never reached its first checkpoint: drop its partial files, keep
             # the run it replaced
             for n in self._owned:
-                p = self.path / n
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+                _remove(self.path / n)
         else:
             names = [n for n in self._owned if (self.path / n).exists() or (self.path / n).is_symlink()]
             if names:
@@ -334,8 +338,7 @@ class RunDir:
     def _restore_previous(self) -> None:
         prev = self.path / PREVIOUS
         for n in self._owned:
-            p = self.path / n
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            _remove(self.path / n)
         (self.path / MANIFEST).unlink(missing_ok=True)
         for p in prev.iterdir():
             os.replace(p, self.path / p.name)

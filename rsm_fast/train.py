@@ -161,8 +161,9 @@ def _prepare(args, overrides: list[str]):
 
 def _stopped(e: RunInterrupted, out: Path | None) -> int:
     name = str(e)
-    if out is not None and C.checkpoint_dirs(out):
-        newest = C.checkpoint_dirs(out)[-1].name
+    found = C.checkpoint_dirs(out) if out is not None else []
+    if found:
+        newest = found[-1].name
         print(f"rsm_fast: stopped by {name}; checkpoint {out}/checkpoints/{newest}; continue with: "
               f"python -m rsm_fast.train --resume {out}", file=sys.stderr)
     else:

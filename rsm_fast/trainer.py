@@ -428,9 +428,7 @@ class Trainer(FirstOrderMixin):
         try:
             stats, self._last_clipped = self.step.run(M, self.cfg.train.inner_updates, loss_fn, on_forward,
                                                       NonFiniteError, self.epochs_done)
-        except ops.FusedOpInputError as e:
-            if "NaN or inf" not in str(e):
-                raise
+        except ops.FusedOpNonFiniteError as e:
             raise NonFiniteError(f"a loss input became non-finite at epoch {self.epochs_done} ({e}); "
                                  "the weights were left unchanged") from None
         return stats

@@ -4,6 +4,6 @@
 as the fallback); ``library`` registers the custom ops with autograd and fake kernels; ``api``
 holds the checked, user-facing functions with the reference losses' signatures.
 """
-from .api import FusedOpInputError, sampler_step, score_loss, zo_loss
+from .api import FusedOpInputError, FusedOpNonFiniteError, sampler_step, score_loss, zo_loss
 
-__all__ = ["FusedOpInputError", "sampler_step", "score_loss", "zo_loss"]
+__all__ = ["FusedOpInputError", "FusedOpNonFiniteError", "sampler_step", "score_loss", "zo_loss"]

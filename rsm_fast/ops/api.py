@@ -27,6 +27,10 @@ class FusedOpInputError(ValueError):
     """An input of a fused op has the wrong shape, dtype, device or layout, or is not finite."""
 
 
+class FusedOpNonFiniteError(FusedOpInputError):
+    """A per-row input of a fused op holds NaN or inf (the numbers went bad, not the call)."""
+
+
 def _latents(**tensors: Tensor | None) -> Tensor:
     """Check the latent-sized inputs against the first one; return the first."""
     items = [(k, v) for k, v in tensors.items() if v is not None]
@@ -72,7 +76,7 @@ def _check_finite(rows: dict[str, Tensor]) -> None:
     bad = torch.stack([~torch.isfinite(v).all() for v in rows.values()])
     if bool(bad.any()):
         names = [k for k, b in zip(rows, bad.tolist()) if b]
-        raise FusedOpInputError(f"{names[0]} holds NaN or inf (per-row input of a fused op)")
+        raise FusedOpNonFiniteError(f"{names[0]} holds NaN or inf (per-row input of a fused op)")
 
 
 def _choice(name: str, v, choices) -> None:

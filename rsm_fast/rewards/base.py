@@ -200,21 +200,25 @@ def evaluate_rewards(reward: Any, images: Tensor, prompts: list[str] | None = No
                       f"({timeout:g} s, task.reward_timeout); no new call is started until it returns", policy, e)
     if isinstance(raised, RunInterrupted):
         raise raised                         # the trainer's stop signal is never a reward fault
-    if raised is not None and not isinstance(raised, RewardError):
+    if isinstance(raised, RewardError):
+        return _fault(_named(name, raised), policy, raised)
+    if raised is not None:
         # anything else raised inside a user reward -- SystemExit, KeyboardInterrupt too -- is a fault
         text = str(raised)
         return _fault(one_line(f"reward '{name}' raised {type(raised).__name__}" + (f": {text}" if text else "")),
                       policy, raised)
     try:
-        if raised is not None:
-            raise raised
         scores = validate_scores(raw, name, batch)
         comps = {k: validate_scores(v, f"{name}[{k}]", batch).detach()
                  for k, v in (getattr(fn, "last_components", None) or {}).items()}
     except RewardError as e:
-        reason = one_line(e) if name in str(e) else one_line(f"reward '{name}': {e}")
-        return _fault(reason, policy, e)
+        return _fault(_named(name, e), policy, e)
     return RewardResult(scores=scores, ok=True, components=comps)
+
+
+def _named(name: str, e: RewardError) -> str:
+    """``e`` on one line, prefixed with the reward's name unless it already names it."""
+    return one_line(e) if name in str(e) else one_line(f"reward '{name}': {e}")
 
 
 def _fault(reason: str, policy: str, cause: BaseException) -> RewardResult:
