@@ -39,7 +39,8 @@ _NAME = re.compile(r"^epoch-(\d{6,})$")
 # may differ between the run and its resume: they change no number the run computes
 RESUMABLE = {"train.checkpoint_every", "train.keep_checkpoints", "train.eval_every", "train.threads",
              "task.reward_timeout", "task.reward_retries", "task.reward_max_mb", "task.reward_auth",
-             "task.reward_auth_env"}
+             "task.reward_auth_env", "train.dist_timeout", "train.dist_backend", "task.text_cache",
+             "task.offload", "task.vae_slicing", "policy.attention", "policy.gradient_checkpointing"}
 
 
 class ResumeError(ValueError):

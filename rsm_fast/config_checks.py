@@ -110,6 +110,7 @@ RANGES: dict[str, Range] = {
     "train.threads": _count(0),    # hi: os.cpu_count(), at check time
     "train.grad_accum": _count(1), "train.ema_decay": Range(0.0, 1.0, hi_open=True), "train.ema_every": _count(1),
     "train.checkpoint_every": _count(0), "train.keep_checkpoints": _count(1), "train.eval_every": _count(0),
+    "train.dist_timeout": Range(1.0, TIMEOUT_MAX),
 }
 K_RANGE = _count(0, WIDTH_MAX)          # each entry of rollout.k
 ANY_STRING = ("task.reward_auth",)

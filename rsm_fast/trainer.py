@@ -45,7 +45,7 @@ from .engine.waves import merge_plans, merge_records, wave_plans
 from .fo_guidance import FirstOrderMixin
 from .interrupts import fault_point
 from .losses import score_regression_loss, zo_row_loss
-from .models.runtime import peak_memory
+from .models.runtime import make_optimizer, peak_memory
 from .rewards.secrets import redact_config
 from .runlog import PhaseClock
 from .rundir import RunDir
@@ -115,9 +115,11 @@ class Trainer(FirstOrderMixin):
         tc, mc = cfg.train, cfg.method
         if tc.threads:
             torch.set_num_threads(tc.threads)
+        if torch.cuda.is_available():     # flow_grpo sets both; no effect on CPU
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tc.tf32)
         self.device = torch.device(tc.device)
         try:
-            self.task = make_task(cfg.task, self.device)
+            self.task = make_task(cfg.task, self.device, policy=cfg.policy)
         except ValueError as e:     # bad model folder / prompt file / resolution: one line, nothing written
             raise ConfigError(str(e).splitlines()[0]) from None
         self.reward_name = cfg.task.reward or self.task.default_reward
@@ -130,7 +132,10 @@ class Trainer(FirstOrderMixin):
         self.handle = self.task.make_policy(cfg.policy)
         self.policy = self.handle.module.to(self.device)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
+        try:
+            self.opt = make_optimizer(self.params, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
+        except ImportError as e:
+            raise ConfigError(f"config field 'train.optimizer': {e}") from None
         self.sched = None
         if tc.lr_schedule == "cosine":
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=tc.epochs, eta_min=tc.lr * tc.lr_final_frac)

@@ -6,8 +6,10 @@ from .toy2d import Toy2D, Toy2DConfig
 TASKS = ("toy2d", "digits-ddim", "digits-flow", "diffusers")
 
 
-def make_task(cfg, device="cpu"):
-    """Build the task named by ``cfg.name`` (a :class:`rsm_fast.config.TaskConfig`)."""
+def make_task(cfg, device="cpu", policy=None):
+    """Build the task named by ``cfg.name`` (a :class:`rsm_fast.config.TaskConfig`); ``policy`` (a
+    :class:`rsm_fast.config.PolicyConfig`, or None for the defaults) carries the image models'
+    load-time precision and memory settings."""
     if cfg.name == "toy2d":
         return Toy2D(Toy2DConfig(alpha=cfg.alpha, num_steps=cfg.num_steps, eta=cfg.eta, eval_samples=cfg.eval_samples or 8192))
     if cfg.name in ("digits-ddim", "digits-flow"):
