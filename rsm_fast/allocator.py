@@ -412,11 +412,12 @@ class OnlineAllocator:
 
     @torch.no_grad()
     def observe(self, step_ids, parent_ids, psi=None, *, adv=None, z=None, scale=None, clipped=None,
-                max_elems: int = 1 << 24) -> dict:
+                max_elems: int = 1 << 24, reduce=None) -> dict:
         """One epoch's records: ``step_ids``/``parent_ids`` ``[M]`` (record step, baseline-set or
         parent id), and either ``psi [M, ...]`` or ``adv [M]`` + ``z [M, ...]`` (+ per-record
         ``scale [M]``; default the per-step ``scale``); ``clipped [M]`` bool. Works on the inputs'
-        device in blocks of ~``max_elems`` elements; returns this epoch's per-step estimates."""
+        device in blocks of ~``max_elems`` elements; returns this epoch's per-step estimates.
+        ``reduce`` (several ranks): sums a float64 ``[5, n]`` tensor of per-step sums over ranks."""
         steps = torch.as_tensor(step_ids).reshape(-1).long()
         dev, M = steps.device, steps.numel()
         parents = torch.as_tensor(parent_ids, device=dev).reshape(-1).long()
@@ -444,13 +445,15 @@ class OnlineAllocator:
             coef = a * s
         var_sum, sig_sum, n_par = sibling_variance(steps, parents, rows, coef, self.n, max_elems)
         n_rec = torch.bincount(steps, minlength=self.n).to(torch.float64)
-        clip_ep = [None] * self.n
+        n_clip = torch.zeros_like(n_rec)
         if clipped is not None:
             cl = torch.as_tensor(clipped, device=dev).reshape(-1)
             if cl.numel() != M:
                 raise ValueError(f"clipped has {cl.numel()} entries, step_ids has {M}")
-            clip_ep = (torch.bincount(steps, weights=cl.to(torch.float64), minlength=self.n)
-                       / n_rec.clamp(min=1)).tolist()
+            n_clip = torch.bincount(steps, weights=cl.to(torch.float64), minlength=self.n)
+        if reduce is not None:      # every rank's sums (parents never span ranks)
+            var_sum, sig_sum, n_par, n_rec, n_clip = reduce(torch.stack([var_sum, sig_sum, n_par, n_rec, n_clip])).unbind(0)
+        clip_ep = [None] * self.n if clipped is None else (n_clip / n_rec.clamp(min=1)).tolist()
         npar, nrec = n_par.tolist(), n_rec.tolist()
         v_ep = [a / p if p > 0 else None for a, p in zip(var_sum.tolist(), npar)]
         m_ep = [a / p if p > 0 else None for a, p in zip(sig_sum.tolist(), npar)]

@@ -120,11 +120,12 @@ class BudgetController:
 
     # -- one epoch -------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, plan, rec_step: Tensor, adv: Tensor, z: Tensor, clipped: Tensor | None,
-             seconds: dict | None) -> tuple[list[int], dict]:
-        """Observe one epoch (records in plan order) and propose the next K per step; returns the
-        profile and this epoch's per-step estimates for the log."""
-        obs = self.alloc.observe(rec_step, plan.record_set, adv=adv, z=z, clipped=clipped)
+    def step(self, plan, rec_step: Tensor, record_set: Tensor, adv: Tensor, z: Tensor, clipped: Tensor | None,
+             seconds: dict | None, reduce=None) -> tuple[list[int], dict]:
+        """Observe one epoch (``record_set``: the baseline set of each of this process's records)
+        and propose the next K per step from the run's ``plan``; returns the profile and this
+        epoch's per-step estimates for the log. ``reduce`` sums the per-step statistics over ranks."""
+        obs = self.alloc.observe(rec_step, record_set, adv=adv, z=z, clipped=clipped, reduce=reduce)
         if self._w0 is not None:     # influence: a clipped record pulls with 0
             self.alloc.set_weights([w * (1.0 - (c or 0.0)) for w, c in zip(self._w0, self.alloc.clip)])
         if self.units == "seconds" and seconds is not None:

@@ -35,6 +35,7 @@ from .rundir import FILE_MODE, RunDir, fsync_dir
 
 FORMAT = 2
 CKPT_DIR = "checkpoints"
+SHARDS = "sharded"          # FSDP2: the parameters, optimizer and EMA as torch.distributed.checkpoint shards
 _NAME = re.compile(r"^epoch-(\d{6,})$")
 # may differ between the run and its resume: they change no number the run computes
 RESUMABLE = {"train.checkpoint_every", "train.keep_checkpoints", "train.eval_every", "train.threads",
@@ -135,14 +136,19 @@ def checkpoint_dirs(run: Path) -> list[Path]:
 
 def load_state(path: Path) -> dict:
     """``state.pt`` of one checkpoint folder (tensors on the CPU; no pickled code is executed)."""
-    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+    state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+    state["_dir"] = str(Path(path))      # where an FSDP2 checkpoint's shards are (sharded/)
+    return state
 
 
 def latest(run: Path, warn: Callable[[str], None] | None = None) -> tuple[Path, dict] | None:
     """The newest checkpoint of ``run`` that loads (an unreadable one is reported and skipped)."""
     for p in reversed(checkpoint_dirs(run)):
         try:
-            return p, load_state(p)
+            state = load_state(p)
+            if state.get("sharded") and not (p / SHARDS / ".metadata").is_file():
+                raise FileNotFoundError(f"{p / SHARDS}/.metadata")
+            return p, state
         except Exception as e:  # noqa: BLE001 - a damaged file: fall back to the one before
             if warn is not None:
                 warn(f"checkpoint {p} is unreadable ({type(e).__name__}); trying the one before")
@@ -150,8 +156,9 @@ def latest(run: Path, warn: Callable[[str], None] | None = None) -> tuple[Path, 
 
 
 def save(run_dir: RunDir, epoch: int, state: dict, keep: int, export: Callable[[Path], Any] | None = None,
-         fault: Callable[[str], None] | None = None) -> Path:
-    """Write checkpoint ``epoch`` atomically (see the module docstring); prune to ``keep``."""
+         fault: Callable[[str], None] | None = None, shards: Path | None = None) -> Path:
+    """Write checkpoint ``epoch`` atomically (see the module docstring); prune to ``keep``.
+    ``shards``: a folder of ``torch.distributed.checkpoint`` shards (FSDP2) moved in as ``sharded/``."""
     root = run_dir.path / CKPT_DIR
     run_dir.own(CKPT_DIR)
     root.mkdir(exist_ok=True)
@@ -166,6 +173,8 @@ def save(run_dir: RunDir, epoch: int, state: dict, keep: int, export: Callable[[
             os.fsync(fh.fileno())
         if fault is not None:
             fault("checkpoint-write")
+        if shards is not None:
+            os.replace(shards, tmp / SHARDS)
         if export is not None:
             export(tmp / "lora")
         meta = {"epoch": epoch, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "code_version": state.get("code_version"),

@@ -52,7 +52,8 @@ def zo_influence(transition, method, omega_train: Tensor | None, step_weight: Te
     return {"h_g": _lists(h_g, on), "h_rz": _lists(h_rz, on)}
 
 
-def fo_influence(num_steps: int, steps: Tensor, weight: Tensor, shift: Tensor, g: Tensor, sigma: Tensor) -> dict:
+def fo_influence(num_steps: int, steps: Tensor, weight: Tensor, shift: Tensor, g: Tensor, sigma: Tensor,
+                 reduce=None) -> dict:
     """``h_g`` / ``h_rz`` per step measured from first-order rows: ``weight [M]`` the loss weight
     per row, ``shift [M, ...]`` the native target shift, ``g [M, ...]`` the reward gradient it came
     from, ``sigma [M]`` the rows' noise scale."""
@@ -63,26 +64,40 @@ def fo_influence(num_steps: int, steps: Tensor, weight: Tensor, shift: Tensor, g
     h = torch.where(ok, 2.0 * weight.detach().to(torch.float64).abs() * sn / gn.clamp(min=1e-300), torch.zeros_like(sn))
     st = steps.cpu()
     cnt = torch.bincount(st[ok.cpu()], minlength=num_steps).to(torch.float64)
-    h_g = torch.bincount(st, weights=h.cpu(), minlength=num_steps) / cnt.clamp(min=1)
-    sig = torch.bincount(st, weights=sigma.detach().to("cpu", torch.float64), minlength=num_steps) / \
-        torch.bincount(st, minlength=num_steps).clamp(min=1)
+    sums = torch.stack([cnt, torch.bincount(st, weights=h.cpu(), minlength=num_steps),
+                        torch.bincount(st, weights=sigma.detach().to("cpu", torch.float64), minlength=num_steps),
+                        torch.bincount(st, minlength=num_steps).to(torch.float64)])
+    if reduce is not None:          # every rank's per-step sums
+        sums = reduce(sums)
+    cnt, h_sum, sig_sum, rows = sums.unbind(0)
+    h_g = h_sum / cnt.clamp(min=1)
+    sig = sig_sum / rows.clamp(min=1)
     h_rz = torch.where(sig > 0, h_g / sig.clamp(min=1e-300), torch.zeros_like(h_g))
     return {"h_g": _lists(h_g, cnt > 0), "h_rz": _lists(h_rz, (cnt > 0) & (sig > 0))}
 
 
 @torch.no_grad()
 def step_stats(num_steps: int, steps: Tensor, parents: Tensor, *, trunks: int, adv: Tensor | None = None,
-               z: Tensor | None = None, scale: list[float] | None = None, clipped: Tensor | None = None) -> dict:
-    """``K`` (records per trunk), ``clip`` and ``v`` per step for one epoch's records."""
+               z: Tensor | None = None, scale: list[float] | None = None, clipped: Tensor | None = None,
+               reduce=None) -> dict:
+    """``K`` (records per trunk), ``clip`` and ``v`` per step for one epoch's records; ``reduce``
+    sums the per-step sums over ranks (``trunks`` is then the run's)."""
     st = steps.reshape(-1).long()
     n_rec = torch.bincount(st.cpu(), minlength=num_steps).to(torch.float64)
+    cl = (torch.zeros_like(n_rec) if clipped is None else
+          torch.bincount(st.cpu(), weights=clipped.reshape(-1).cpu().to(torch.float64), minlength=num_steps))
+    var, npar = torch.zeros_like(n_rec), torch.zeros_like(n_rec)
+    with_v = adv is not None and z is not None and scale is not None
+    if with_v:
+        coef = adv.reshape(-1).to(torch.float64) * torch.tensor(scale, dtype=torch.float64, device=st.device).index_select(0, st)
+        var, _, npar = sibling_variance(st, parents.reshape(-1).long().to(st.device), z, coef, num_steps)
+        var, npar = var.cpu(), npar.cpu()
+    if reduce is not None:
+        n_rec, cl, var, npar = reduce(torch.stack([n_rec, cl, var, npar])).unbind(0)
     present = n_rec > 0
     out = {"K": _lists(n_rec / max(trunks, 1), present)}
     if clipped is not None:
-        cl = torch.bincount(st.cpu(), weights=clipped.reshape(-1).cpu().to(torch.float64), minlength=num_steps)
         out["clip"] = _lists(cl / n_rec.clamp(min=1), present)
-    if adv is not None and z is not None and scale is not None:
-        coef = adv.reshape(-1).to(torch.float64) * torch.tensor(scale, dtype=torch.float64, device=st.device).index_select(0, st)
-        var, _, npar = sibling_variance(st, parents.reshape(-1).long().to(st.device), z, coef, num_steps)
-        out["v"] = _lists((var / npar.clamp(min=1)).cpu(), (npar > 0).cpu())
+    if with_v:
+        out["v"] = _lists(var / npar.clamp(min=1), npar > 0)
     return out

@@ -113,11 +113,18 @@ _FAULT: dict = {}
 def fault_point(name: str) -> None:
     """Fault injection for the kill-and-resume tests: ``RSM_FAST_FAULT=<name>:<n>[:<SIGNAL>]``
     sends the process SIGKILL (or ``SIGNAL``, e.g. TERM) the ``n``-th time it passes point
-    ``name`` (1-based). Unset (always, outside tests), this is one dict lookup."""
+    ``name`` (1-based). Under torchrun, ``RSM_FAST_FAULT_RANK=<r>`` limits it to rank ``r``, and
+    it fires only in the first attempt (``TORCHELASTIC_RESTART_COUNT`` 0), so a restarted run
+    goes on. Unset (always, outside tests), this is one dict lookup."""
     if "spec" not in _FAULT:
         import os
 
         raw = os.environ.get("RSM_FAST_FAULT", "").strip()
+        only = os.environ.get("RSM_FAST_FAULT_RANK", "").strip()
+        if only and only != os.environ.get("RANK", "0"):
+            raw = ""
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+            raw = ""
         spec = None
         if raw:
             parts = raw.split(":")

@@ -24,10 +24,12 @@ resume and exits ``128 + signal``.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import checkpoint as C
 from .config import to_dict
+from .distributed import set_phase
 from .interrupts import RunInterrupted, fault_point
 from .rewards.secrets import redact_config
 from .runlog import Progress
@@ -43,25 +45,47 @@ def _state(trainer: "Trainer", run_dir: "RunDir", extra: dict) -> dict:
 
 
 def _export(trainer: "Trainer", path):
-    """The task's adapter export (image models) with the EMA weights applied; None without one."""
+    """The task's adapter export (image models) with the EMA weights applied; None without one.
+    FSDP2: every rank gathers the full weights (a collective), rank 0 exports them."""
     if not hasattr(trainer.task, "export"):
         return None
     with trainer._ema_applied():
-        return trainer.task.export(path)
+        if not trainer.sharded:
+            return trainer.task.export(path)
+        from . import parallel as PAR
+
+        full = PAR.full_state_dict(trainer.policy)
+        return trainer.task.export(path, state_dict=full) if trainer.world.main else None
 
 
-def _save(trainer: "Trainer", run_dir: "RunDir", extra: dict) -> None:
-    C.save(run_dir, trainer.epochs_done, _state(trainer, run_dir, extra), keep=trainer.cfg.train.keep_checkpoints,
-           export=lambda path: _export(trainer, path), fault=fault_point)
-    run_dir.committed()
+def _save(trainer: "Trainer", run_dir: "RunDir | None", extra: dict) -> None:
+    """A checkpoint: rank 0 writes it; under FSDP2 every rank first writes its shards into a
+    staging folder that rank 0 moves into the checkpoint before the atomic rename."""
+    shards = None
+    if trainer.sharded:
+        shards = trainer.out_path / C.CKPT_DIR / f".tmp-shards-{trainer.epochs_done:06d}"
+        trainer.save_shards(shards)
+        trainer.world.barrier("checkpoint shards written")
+    if run_dir is not None:
+        C.save(run_dir, trainer.epochs_done, _state(trainer, run_dir, extra), keep=trainer.cfg.train.keep_checkpoints,
+               export=None if trainer.sharded else (lambda path: _export(trainer, path)), fault=fault_point,
+               shards=shards)
+        run_dir.committed()
+    if trainer.sharded:
+        trainer.world.barrier("checkpoint written")
 
 
 def run(trainer: "Trainer", run_dir: "RunDir | None" = None, *, progress: bool = True, stop=None,
-        resume: dict | None = None) -> dict:
+        resume: dict | None = None, out=None) -> dict:
     """Train to ``train.epochs`` and evaluate; ``resume``: a checkpoint's state to continue from;
-    ``stop``: the :class:`~rsm_fast.interrupts.StopController` (None: no signal handling)."""
+    ``stop``: the :class:`~rsm_fast.interrupts.StopController` (None: no signal handling). Several
+    ranks: rank 0 alone has the ``run_dir``; ``out`` is its path on every rank (FSDP2 shards)."""
     cfg, tc = trainer.cfg, trainer.cfg.train
     trainer.stop = stop
+    trainer.out_path = Path(out) if out is not None else (run_dir.path if run_dir is not None else None)
+    if trainer.sharded and trainer.out_path is None:
+        raise ValueError("an FSDP2 run needs its run directory's path on every rank (out=)")
+    writes = run_dir is not None or trainer.sharded       # this rank takes part in checkpoints
     extra = {"before": None, "wall": 0.0}
     if resume is not None:
         trainer.load_state_dict(resume)
@@ -82,6 +106,7 @@ def run(trainer: "Trainer", run_dir: "RunDir | None" = None, *, progress: bool =
             with trainer.abandonable():
                 extra["before"] = trainer.evaluate()
         while trainer.epochs_done < tc.epochs:
+            set_phase(f"epoch {trainer.epochs_done}")    # several ranks: named in a failed collective
             snap = trainer.snapshot()
             fault_point("epoch-start")
             stats = trainer.epoch()
@@ -94,22 +119,24 @@ def run(trainer: "Trainer", run_dir: "RunDir | None" = None, *, progress: bool =
             if run_dir is not None:
                 run_dir.log(rec)
                 fault_point("after-log")
-                if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.epochs:
-                    _save(trainer, run_dir, {**extra, "wall": wall()})
-                    saved_at = done
+            if writes and ((tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.epochs):
+                _save(trainer, run_dir, {**extra, "wall": wall()})
+                saved_at = done
             bar.update(done, f"skipped: {stats['skipped']}" if "skipped" in stats else
                        f"reward {stats['reward_mean']:.3f} kl {stats['kl']:.3f}")
-            if stop is not None:
-                stop.check()
+            trainer.check_stop()        # several ranks: agreed by all
+        set_phase("final evaluation")
         with trainer.abandonable():
             fault_point("final-eval")
             final = trainer.evaluate()
         summary = trainer.summary(final, wall())
         if extra["before"] is not None:
             summary["before"] = extra["before"]
+        exported = _export(trainer, trainer.out_path / "lora") if trainer.sharded else None
         if run_dir is not None:
             run_dir.save_checkpoint(_state(trainer, run_dir, {**extra, "wall": wall()}))
-            exported = _export(trainer, run_dir.path / "lora")
+            if not trainer.sharded:
+                exported = _export(trainer, run_dir.path / "lora")
             if exported is not None:
                 run_dir.own("lora")
                 summary["lora"] = str(exported)
@@ -119,7 +146,7 @@ def run(trainer: "Trainer", run_dir: "RunDir | None" = None, *, progress: bool =
     except RunInterrupted:
         if snap is not None:        # abandoned inside an epoch: back to its start
             trainer.restore(snap)
-        if run_dir is not None and saved_at != trainer.epochs_done:
+        if writes and saved_at != trainer.epochs_done:
             _save(trainer, run_dir, {**extra, "wall": wall()})
         raise
     finally:

@@ -21,9 +21,12 @@ class PhaseClock:
 
     @contextmanager
     def __call__(self, phase: str):
+        from .distributed import phase as named   # several ranks: a failed collective names the phase
+
         t0 = time.perf_counter()
         try:
-            yield
+            with named(phase):
+                yield
         finally:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
 

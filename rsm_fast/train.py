@@ -19,6 +19,7 @@ from .rewards import RewardError
 from .rewards.base import one_line
 from .rewards.secrets import MASK, redact_config
 from .rundir import RunDir, RunDirError, default_out
+from . import distributed as D
 from .trainer import NonFiniteError, Trainer
 
 DEFAULT_PRESET = "rsm-soft-zo"
@@ -122,41 +123,75 @@ def _check_reward(cfg) -> None:
     R.preflight(cfg.task.reward, R.RewardOptions.from_task_config(cfg.task))
 
 
+def _elastic_start(args) -> bool:
+    """Under torchrun, ``--resume DIR`` where DIR holds no run yet starts it: the same command
+    line then serves the first launch and every ``--max-restarts`` restart (elastic restart)."""
+    if args.resume is None or not D.launched():
+        return False
+    target = args.resume or args.out
+    return bool(target) and not (Path(target) / "config.yaml").exists()
+
+
+def _join(cfg) -> tuple["D.World", str]:
+    """This process's rank in torchrun's process group (the one-process world outside torchrun)."""
+    tc = cfg.train
+    return D.init_from_env(tc.device, tc.dist_backend, tc.dist_timeout)
+
+
 def _prepare(args, overrides: list[str]):
-    """Config, run directory (locked) and, for ``--resume``, the checkpoint state to continue."""
-    if args.resume is None:
+    """Config, world, run directory (locked; rank 0 only) and, for ``--resume``, the checkpoint
+    state to continue. Under torchrun every rank builds the config and joins the process group;
+    rank 0 opens the run directory and tells the others its path and the checkpoint to load."""
+    if args.resume is None or _elastic_start(args):
         preset = args.preset or (None if args.config else DEFAULT_PRESET)
         cfg = build_config(preset, args.config, overrides)
         preflight.check(cfg)            # prompt file, model spec, memory: before any directory or model
         _check_reward(cfg)
-        out = Path(args.out) if args.out else default_out(cfg.preset)
-        run_dir = RunDir(out, overwrite=args.overwrite, tensorboard=args.tensorboard)
-        run_dir.lock()
-        return cfg, out, run_dir, None
-    if args.preset or args.overwrite:
+        world, device = _join(cfg)
+        target = args.out or args.resume
+        out = Path(target) if target else default_out(cfg.preset)
+        out = Path(world.broadcast_object(str(out), op="run directory name"))
+        run_dir = None
+        if world.main:
+            run_dir = RunDir(out, overwrite=args.overwrite, tensorboard=args.tensorboard)
+            run_dir.lock()
+        world.barrier("run directory open")
+        return cfg, out, run_dir, None, world, device
+    # torchrun --max-restarts relaunches the first command line, --preset included: it must name the run's
+    if args.overwrite or (args.preset and not D.launched()):
         raise ConfigError(f"--resume continues a run with its own config; it cannot be combined with "
-                          f"{'--preset' if args.preset else '--overwrite'}")
+                          f"{'--overwrite' if args.overwrite else '--preset'}")
     out = _resume_dir(args.resume, args.out)
-    run_dir = RunDir(out, tensorboard=args.tensorboard, resume=True)
     if (out / "summary.json").exists():
         raise RunDirError(f"--resume '{out}': the run is complete (summary.json); nothing to resume")
     cfg = _resume_config(out, args.config, overrides)
+    if args.preset and args.preset != cfg.preset:
+        raise ConfigError(f"--preset {args.preset!r} differs from the run's preset {cfg.preset!r} in {out / 'config.yaml'}")
     preflight.check(cfg)
     _check_reward(cfg)
-    run_dir.lock()
+    world, device = _join(cfg)
+    run_dir = RunDir(out, tensorboard=args.tensorboard, resume=True) if world.main else None
+    if run_dir is not None:
+        run_dir.lock()
     try:
-        found = C.latest(out, warn=lambda m: print(f"rsm_fast: {m}", file=sys.stderr))
+        found = C.latest(out, warn=lambda m: print(f"rsm_fast: {m}", file=sys.stderr)) if world.main else None
+        path = world.broadcast_object(None if found is None else str(found[0]), op="checkpoint choice")
         state = None
-        if found is None:
-            print(f"rsm_fast: {out} has no checkpoint yet: starting it again from epoch 0", file=sys.stderr)
+        if path is None:
+            if world.main:
+                print(f"rsm_fast: {out} has no checkpoint yet: starting it again from epoch 0", file=sys.stderr)
         else:
-            path, state = found
+            state = found[1] if found is not None else C.load_state(Path(path))
             C.check_compatible(state, redact_config(to_dict(cfg)), f"--resume '{out}'")
-            print(f"rsm_fast: resuming {out} after epoch {state['epochs_done']} ({path.name})", file=sys.stderr)
+            if world.main:
+                print(f"rsm_fast: resuming {out} after epoch {state['epochs_done']} ({Path(path).name})"
+                      + (f" on {world.size} ranks" if world.active else ""), file=sys.stderr)
+        world.barrier("run directory open")
     except BaseException:
-        run_dir.unlock()
+        if run_dir is not None:
+            run_dir.unlock()
         raise
-    return cfg, out, run_dir, state
+    return cfg, out, run_dir, state, world, device
 
 
 def _stopped(e: RunInterrupted, out: Path | None) -> int:
@@ -178,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in preset_names():
             print(f"{name:{width}s}  {preset_data(name).get('description', '')}")
         return 0
-    out = None
+    out, world = None, D.ONE
     with StopController() as stop:
         try:
             overrides = list(args.overrides) + ([f"train.loss_impl={args.loss_impl}"] if args.loss_impl else [])
@@ -193,33 +228,60 @@ def main(argv: list[str] | None = None) -> int:
             if args.plots:
                 from . import plots
                 plots.require_matplotlib()
-            cfg, out, run_dir, state = _prepare(args, overrides)
+            cfg, out, run_dir, state, world, device = _prepare(args, overrides)
             try:
                 with stop.abandonable():     # loading a model: nothing to save yet
-                    trainer = Trainer(cfg)
+                    with D.phase("model load"):
+                        trainer = Trainer(cfg, world=world, device=device)
+                world.start_training()
             except BaseException:
-                run_dir.close(ok=False)
+                if run_dir is not None:
+                    run_dir.close(ok=False)
                 raise
-            summary = trainer.run(run_dir, progress=not args.quiet, stop=stop, resume=state)
+            summary = trainer.run(run_dir, progress=not args.quiet and world.main, stop=stop, resume=state, out=out)
             if args.plots:
                 for f in plots.draw_run(out):
                     print(f"plot: {f}")
         except RunInterrupted as e:
-            return _stopped(e, out)
+            world = D.current()
+            return _finish(world, _stopped(e, out) if world.main else e.exit_code)
         except (ConfigError, RunDirError, RewardError, C.ResumeError) as e:
-            print(f"error: {one_line(e)}", file=sys.stderr)
-            return 2
-        except NonFiniteError as e:
-            print(f"error: {one_line(e)}", file=sys.stderr)
-            return 1
+            world = D.current()
+            print(f"error: {_who(world)}{one_line(e)}", file=sys.stderr)
+            return _finish(world, 2)
+        except (NonFiniteError, D.DistributedError) as e:
+            world = D.current()
+            who = "" if isinstance(e, D.DistributedError) else _who(world)    # it names rank and phase itself
+            print(f"error: {who}{one_line(e, 400)}", file=sys.stderr)
+            return _finish(world, 1)
         except Exception as e:  # noqa: BLE001 - one line for the user, the traceback kept for a bug report
-            return _internal_error(e, out)
-    print(f"\n{cfg.preset} on {summary['task']}: {summary['epochs']} epochs  ->  {out}/summary.json")
-    print(format_table(summary))
-    return 0
+            world = D.current()
+            return _finish(world, _internal_error(e, out, world))
+    if world.main:
+        print(f"\n{cfg.preset} on {summary['task']}: {summary['epochs']} epochs  ->  {out}/summary.json")
+        print(format_table(summary))
+    return _finish(world, 0)
 
 
-def _internal_error(e: Exception, out: Path | None) -> int:
+def _who(world: "D.World") -> str:
+    return f"rank {world.rank} of {world.size} (phase '{D.current_phase()}'): " if world.active else ""
+
+
+def _finish(world: "D.World", code: int) -> int:
+    """Leave the process group. A failed rank leaves at once (``os._exit``): waiting on peers that
+    are gone could hang in the group's teardown."""
+    if world.active:
+        if code not in (0,):
+            import os
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        world.close()
+    return code
+
+
+def _internal_error(e: Exception, out: Path | None, world: "D.World | None" = None) -> int:
     """An exception nothing anticipated: one ``error:`` line (exit 1); the traceback goes to
     ``<out>/error.log`` (or is printed with ``RSM_FAST_TRACEBACK=1``)."""
     import os
@@ -230,12 +292,14 @@ def _internal_error(e: Exception, out: Path | None) -> int:
     if os.environ.get("RSM_FAST_TRACEBACK") == "1":
         print(tb, file=sys.stderr)
     elif out is not None and out.is_dir():
+        name = "error.log" if world is None or world.main else f"error-rank{world.rank}.log"
         try:
-            (out / "error.log").write_text(tb)
-            where = f" (traceback in {out / 'error.log'})"
+            (out / name).write_text(tb)
+            where = f" (traceback in {out / name})"
         except OSError:
             pass
-    print(f"error: internal error: {one_line(f'{type(e).__name__}: {e}', 240)}{where}", file=sys.stderr)
+    who = _who(world) if world is not None else ""
+    print(f"error: {who}internal error: {one_line(f'{type(e).__name__}: {e}', 240)}{where}", file=sys.stderr)
     return 1
 
 

@@ -72,6 +72,7 @@ Adam / AdamW (none in this project) or AMSGrad also copy their state every step.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -222,6 +223,7 @@ class StepGuard:
 
     def __init__(self, params: list[Tensor], opt: torch.optim.Optimizer):
         self.params, self.opt = params, opt
+        self.local = lambda ts: [t.detach() for t in ts]    # FSDP2: the DTensors' local shards
         self._snap: list[Tensor] | None = None
         self._state: dict | None = None
         self.invertible = isinstance(opt, torch.optim.Adam) and all(
@@ -248,7 +250,7 @@ class StepGuard:
     @torch.no_grad()
     def save(self) -> None:
         """Snapshot the parameters (and, unless the state can be undone, the optimizer state)."""
-        ps = [p.detach() for p in self.params]
+        ps = self.local(self.params)
         if self._snap is None:
             self._snap = [p.clone() for p in ps]
         else:
@@ -271,7 +273,7 @@ class StepGuard:
             self.opt.load_state_dict(self._state)
         else:
             self._undo_adam()
-        torch._foreach_copy_([p.detach() for p in self.params], self._snap)
+        torch._foreach_copy_(self.local(self.params), self._snap)
 
     def _undo_adam(self) -> None:
         old = {id(p): s for p, s in zip(self.params, self._snap)}
@@ -285,11 +287,12 @@ class StepGuard:
                 if float(st["step"]) <= 1:          # this step created the state
                     del self.opt.state[p]
                     continue
-                grad = -p.grad if g.get("maximize", False) else p.grad
+                grad, m1, m2 = self.local([p.grad, st["exp_avg"], st["exp_avg_sq"]])   # FSDP2: local shards
+                grad = -grad if g.get("maximize", False) else grad
                 if wd and coupled:                  # Adam's L2 term entered the moments
                     grad = grad + wd * old[id(p)]
-                st["exp_avg"].sub_(grad, alpha=1 - b1).div_(b1)
-                st["exp_avg_sq"].addcmul_(grad, grad, value=-(1 - b2)).div_(b2).clamp_(min=0)
+                m1.sub_(grad, alpha=1 - b1).div_(b1)
+                m2.addcmul_(grad, grad, value=-(1 - b2)).div_(b2).clamp_(min=0)
                 if isinstance(st["step"], Tensor):
                     st["step"].sub_(1)
                 else:
@@ -321,47 +324,71 @@ class TrainStep:
 
     def __init__(self, policy: nn.Module, params: list[Tensor], opt: torch.optim.Optimizer, *, compile: str = "off",
                  grad_accum: int = 1, max_grad_norm: float = 1.0, ema_decay: float = 0.0, ema_every: int = 1,
-                 backend: str | None = None):
+                 backend: str | None = None, world=None, sharded: bool = False):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
-        self.params, self.opt = params, opt
+        self.params, self.opt, self.policy = params, opt, policy
+        self.world, self.sharded = world, sharded
         self.grad_accum, self.max_grad_norm = int(grad_accum), float(max_grad_norm)
         self.regions = compile_policy(policy, compile, backend)
         self.compiled = self.regions.names          # names of the compiled modules ([] = eager)
         self.ema = EMA(params, ema_decay, ema_every) if ema_decay > 0 else None
         self.guard = StepGuard(params, opt)
+        if sharded:     # FSDP2: snapshots of the local shards; the non-finite count spans every rank
+            from . import parallel as PAR
 
-    def run(self, M: int, inner_updates: int, loss_fn, on_forward, nonfinite, epoch: int) -> tuple[dict, Tensor | None]:
+            self.guard.local = PAR.local_tensors
+            self.guard.count_nonfinite = lambda: PAR.count_nonfinite(self.params)
+
+    def run(self, M: int, inner_updates: int, loss_fn, on_forward, nonfinite, epoch: int,
+            total_rows: int | None = None) -> tuple[dict, Tensor | None]:
         """``inner_updates`` optimizer steps over ``M`` rows. Returns the epoch's stats and the last
         update's clip mask over all ``M`` rows (``None`` for first-order losses). A non-finite loss
         (any micro-batch) or gradient norm raises ``nonfinite(message)`` before the optimizer step,
         with the gradients cleared: the weights (and the EMA) are left untouched. An optimizer step
         that cannot be computed, or that leaves a non-finite parameter, raises ``nonfinite`` too,
-        with the weights and optimizer state as they were before it (:class:`StepGuard`)."""
+        with the weights and optimizer state as they were before it (:class:`StepGuard`).
+
+        Several ranks (``total_rows``: every rank's rows): micro-batch j's mean loss is scaled by
+        ``size n_j / total_rows``, so DDP's / FSDP's gradient average is the one-process gradient of
+        the same global batch; gradients are synchronised on the last micro-batch only; a
+        non-finite loss on any rank stops every rank (one flag reduction per micro-batch)."""
         stats: dict = {}
         last_clipped = None
         parts = micro_batches(M, self.grad_accum)
+        world = self.world if self.world is not None and self.world.active else None
+        denom = M if world is None else (total_rows or M) / world.size
         g0 = graphs_compiled() if self.regions else 0
         with self.regions.active():
             for u in range(inner_updates):
                 self.opt.zero_grad(set_to_none=True)
                 total, clipped, absmax = 0.0, [], []
-                for sl in parts:
-                    loss, out = loss_fn(sl)
-                    on_forward(sl.stop - sl.start)
-                    if not torch.isfinite(loss):
-                        self.opt.zero_grad(set_to_none=True)
-                        raise nonfinite(f"loss became {float(loss.detach())} at epoch {epoch} (update {u}); "
-                                        "weights left unchanged")
-                    share = (sl.stop - sl.start) / M
-                    (loss * share if len(parts) > 1 else loss).backward()
+                for j, sl in enumerate(parts):
+                    # several ranks: DDP / FSDP synchronise only the last micro-batch (its forward and backward)
+                    with self._sync(world is not None and j < len(parts) - 1):
+                        loss, out = loss_fn(sl)
+                        on_forward(sl.stop - sl.start)
+                        bad = not torch.isfinite(loss)
+                        if world is not None:
+                            bad = world.any(bool(bad), "loss check")
+                        if bad:
+                            self.opt.zero_grad(set_to_none=True)
+                            raise nonfinite(f"loss became {float(loss.detach())} at epoch {epoch} (update {u}); "
+                                            "weights left unchanged")
+                        share = (sl.stop - sl.start) / denom
+                        (loss * share if (len(parts) > 1 or world is not None) else loss).backward()
                     total += float(loss.detach()) * share
                     if out is not None:
                         clipped.append(out.clipped)
                         if u == 0:
                             absmax.append(out.log_ratio.detach().abs().max())
-                gn = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm if self.max_grad_norm > 0
-                                                    else float("inf"))
+                if self.sharded:
+                    from . import parallel as PAR
+
+                    gn = PAR.clip_grad_norm(self.params, self.max_grad_norm)
+                else:
+                    gn = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm if self.max_grad_norm > 0
+                                                        else float("inf"))
                 if not torch.isfinite(gn):
                     self.opt.zero_grad(set_to_none=True)
                     raise nonfinite(f"gradient norm became {float(gn)} at epoch {epoch} (update {u}); "
@@ -385,15 +412,34 @@ class TrainStep:
                     self.ema.update()
                 mask = torch.cat(clipped) if clipped else None
                 if u == 0:
-                    stats["loss"] = total
+                    stats["loss"] = total if world is None else self._sum(world, total / world.size)
                     stats["grad_norm"] = float(gn)
                     if mask is not None:
-                        stats["clip_frac"] = float(mask.float().mean())
+                        stats["clip_frac"] = self._frac(world, mask, total_rows)
                         # on the first update the policy IS the rollout policy: 0 (eager), ~1e-7 compiled
-                        stats["onpolicy_logratio_absmax"] = float(torch.stack(absmax).max())
+                        amax = torch.stack(absmax).max()
+                        stats["onpolicy_logratio_absmax"] = float(amax if world is None else world.max(amax, "stats"))
                 elif mask is not None:
-                    stats["clip_frac_last"] = float(mask.float().mean())
+                    stats["clip_frac_last"] = self._frac(world, mask, total_rows)
                 last_clipped = mask
         if self.regions:
             stats["recompiles"] = graphs_compiled() - g0
         return stats, last_clipped
+
+    def _sync(self, skip: bool):
+        """No gradient synchronisation inside (an accumulating micro-batch under several ranks)."""
+        if not skip:
+            return contextlib.nullcontext()
+        from . import parallel as PAR
+
+        return PAR.gradient_sync(self.policy, False)
+
+    @staticmethod
+    def _sum(world, value: float) -> float:
+        return float(world.sum(torch.tensor([value], dtype=torch.float64), "stats"))
+
+    def _frac(self, world, mask: Tensor, total_rows: int | None) -> float:
+        """Fraction of rows clipped, over every rank's rows."""
+        if world is None:
+            return float(mask.float().mean())
+        return self._sum(world, float(mask.float().sum())) / float(total_rows)

@@ -23,6 +23,7 @@ reweighting, trust region, KL); this loop never branches on a method *name*. Per
 from __future__ import annotations
 
 import math
+import signal
 from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 
@@ -35,18 +36,19 @@ from . import diagnostics as D
 from .advantages import set_advantages
 from .allocator import step_scale
 from .budget import BudgetController
-from .checkpoint import FORMAT as CKPT_FORMAT, code_files, code_version
-from .config import ConfigError, RunConfig, to_dict
+from .config import ConfigError, RunConfig
 from .engine.credit import Credit
 from .engine.plan import PlanError, PlanSpec, compile_plan
 from .engine.rollout import Records, RolloutEngine
 from .engine.profiles import resolve_profile
 from .engine.waves import merge_plans, merge_records, wave_plans
 from .fo_guidance import FirstOrderMixin
-from .interrupts import fault_point
+from .distributed import ONE, World, rank_groups
+from .dist_stats import gather_eval, global_set_advantages
+from .interrupts import RunInterrupted, fault_point
+from .trainer_state import TrainerState
 from .losses import score_regression_loss, zo_row_loss
 from .models.runtime import make_optimizer, peak_memory
-from .rewards.secrets import redact_config
 from .runlog import PhaseClock
 from .rundir import RunDir
 from .train_step import TrainStep
@@ -109,15 +111,19 @@ def _slice_coeffs(c, sl: slice):
     return replace(c, **{f.name: getattr(c, f.name)[sl] for f in fields(c)})
 
 
-class Trainer(FirstOrderMixin):
-    def __init__(self, cfg: RunConfig):
+class Trainer(TrainerState, FirstOrderMixin):
+    def __init__(self, cfg: RunConfig, world: World | None = None, device: str | None = None):
+        """``world``: this process's rank and the run's size (:mod:`rsm_fast.distributed`; default
+        one process); ``device``: the rank's device when it differs from ``train.device``
+        (``cuda`` -> ``cuda:LOCAL_RANK``)."""
         self.cfg = cfg
+        self.world = world or ONE
         tc, mc = cfg.train, cfg.method
         if tc.threads:
             torch.set_num_threads(tc.threads)
         if torch.cuda.is_available():     # flow_grpo sets both; no effect on CPU
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tc.tf32)
-        self.device = torch.device(tc.device)
+        self.device = torch.device(device or tc.device)
         try:
             self.task = make_task(cfg.task, self.device, policy=cfg.policy)
         except ValueError as e:     # bad model folder / prompt file / resolution: one line, nothing written
@@ -131,6 +137,14 @@ class Trainer(FirstOrderMixin):
         torch.manual_seed(tc.seed)
         self.handle = self.task.make_policy(cfg.policy)
         self.policy = self.handle.module.to(self.device)
+        self.sharded = self.world.active and tc.parallel == "fsdp"
+        if self.world.active:     # DDP (replicate) or FSDP2 on the module the adapter calls: same names, same calls
+            from . import parallel as PAR
+
+            if self.sharded:
+                PAR.shard_policy(self.policy, reference=self.handle.frozen)
+            else:
+                PAR.replicate_policy(self.policy)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         try:
             self.opt = make_optimizer(self.params, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -142,7 +156,8 @@ class Trainer(FirstOrderMixin):
         self.gen = torch.Generator().manual_seed(tc.seed)
         # inner updates, micro-batches, compiled regions, EMA (rsm_fast/train_step.py)
         self.step = TrainStep(self.policy, self.params, self.opt, compile=tc.compile, grad_accum=tc.grad_accum,
-                              max_grad_norm=tc.max_grad_norm, ema_decay=tc.ema_decay, ema_every=tc.ema_every)
+                              max_grad_norm=tc.max_grad_norm, ema_decay=tc.ema_decay, ema_every=tc.ema_every,
+                              world=self.world, sharded=self.sharded)
         self.clock = PhaseClock()
         self.stop = None        # a StopController while rsm_fast.run_loop drives the trainer
         self.nfe = {"rollout": 0, "reference": 0, "train": 0, "eval": 0}
@@ -153,7 +168,7 @@ class Trainer(FirstOrderMixin):
         self._build_plan(plan_spec(cfg, tr.num_steps, tr.sde_mask))
         self._omega_train = self._pcpo_target(tr) if mc.reweight == "pcpo" else None
         # rollout.allocator=online: K per step re-allocated after every update (rsm_fast/budget.py)
-        self.budget = (BudgetController(cfg, tr, self.plan, self.task.cfg_scale is not None, self._omega_train)
+        self.budget = (BudgetController(cfg, tr, self._gplan, self.task.cfg_scale is not None, self._omega_train)
                        if cfg.rollout.allocator else None)
         self._psi_scale = step_scale(tr, cfg.rollout.alloc_psi_units)     # psi = scale A z (diagnostics' v)
         # Zeroth order with a reward model/server and several waves: score wave w on a worker thread
@@ -190,8 +205,11 @@ class Trainer(FirstOrderMixin):
         cfg, tc, mc = self.cfg, self.cfg.train, self.cfg.method
         self._spec = spec
         try:
-            plans = wave_plans(spec, cfg.rollout.waves)
-        except PlanError as e:      # split_groups' messages name rollout.waves; the plan compiler's do not
+            g0, ng = rank_groups(spec.groups, self.world)
+            plans = wave_plans(replace(spec, groups=ng, group_offset=g0), cfg.rollout.waves)
+            # the whole run's plan (every rank's groups): step counts, trunks, allocator costs
+            self._gplan = compile_plan(spec) if self.world.size > 1 else None
+        except (PlanError, ValueError) as e:      # split_groups' messages name rollout.waves; the plan compiler's do not
             msg = str(e)
             raise ConfigError(msg if msg.startswith("rollout.waves") else f"training plan: {msg}") from None
         model = self.engine.model if hasattr(self, "engine") else self.handle.model
@@ -202,7 +220,9 @@ class Trainer(FirstOrderMixin):
                                               graphs=cfg.rollout.graphs))
             model = self.engines[0].model
         self.engine = self.engines[0]
-        self.plan = merge_plans([e.plan for e in self.engines])   # the whole epoch, wave-major
+        self.plan = merge_plans([e.plan for e in self.engines])   # this rank's epoch, wave-major
+        self._gplan = self._gplan or self.plan
+        self._rows0 = (g0 * spec.trunks, self._gplan.rows[0])   # this rank's first x_T row, all ranks' rows
         if mc.estimator == "zo" and mc.baseline == "loo" and min(self.plan.set_sizes) < 2:
             raise ConfigError(f"method.baseline 'loo' needs >= 2 records per baseline set; rollout.plan "
                               f"{cfg.rollout.plan} with method.group_size {mc.group_size} makes a set of "
@@ -210,7 +230,7 @@ class Trainer(FirstOrderMixin):
         self.credit = Credit(self.plan)
         # step weights Kbar / K_i (records per step n_i, mean over trained steps nbar; spec §7.3):
         # every trained step contributes the mean of its records, whatever its branch count
-        counts = torch.bincount(self.plan.record_step.cpu(), minlength=self.plan.num_steps).to(torch.float32)
+        counts = torch.bincount(self._gplan.record_step.cpu(), minlength=self.plan.num_steps).to(torch.float32)
         w = counts[counts > 0].mean() / counts.clamp(min=1)
         self._row_weight = (None if mc.step_weight == "records" or bool((w[counts > 0] == 1).all())
                             else w.to(self.device).index_select(0, self.plan.record_step))
@@ -218,10 +238,16 @@ class Trainer(FirstOrderMixin):
 
     # ------------------------------------------------------------------------------------------
     def _rollout(self, engines: list[RolloutEngine], plan, cond: Conditioning, gen: torch.Generator, epoch: int,
-                 on_wave=None, ref_chunk: int | None = None) -> tuple[Records, Tensor, int]:
+                 on_wave=None, ref_chunk: int | None = None, rows0: tuple[int, int] | None = None
+                 ) -> tuple[Records, Tensor, int]:
         """Roll out the waves ``engines`` (whose merged plan is ``plan``) one after the other, calling
-        ``on_wave(records)`` after each (the reward overlap), then the frozen reference at every record."""
-        x_init = self.task.initial_latents(plan.rows[0], gen)
+        ``on_wave(records)`` after each (the reward overlap), then the frozen reference at every record.
+        ``rows0 = (first, total)``: a task's own initial latents are drawn for all ``total`` rows of
+        the run (every rank) and this rank keeps its block from ``first``."""
+        first, total = rows0 or (0, plan.rows[0])
+        x_init = self.task.initial_latents(total, gen)
+        if x_init is not None and (first, total) != (0, plan.rows[0]):
+            x_init = x_init[first:first + plan.rows[0]]
         c, u = cond.cond, cond.uncond
         c = None if c is None else c.to(self.device)
         u = None if u is None else u.to(self.device)
@@ -274,9 +300,12 @@ class Trainer(FirstOrderMixin):
             values = self.credit.mean_over_leaves(r)
         else:
             values = self.credit.soft_values(r, record_kl, self.kl_alpha)
-        plan = self.plan
+        plan, clip = self.plan, (mc.adv_clip if mc.adv_clip > 0 else None)
+        if self.world.active and mc.adv_norm == "global":   # the std over every rank's records, as one process
+            return global_set_advantages(self.world, values, plan.record_set, plan.set_sizes, baseline=mc.baseline,
+                                         clip=clip)
         return set_advantages(values, plan.record_set, plan.set_sizes, baseline=mc.baseline, normalize=mc.adv_norm,
-                              clip=mc.adv_clip if mc.adv_clip > 0 else None)
+                              clip=clip)
 
     def _policy_out(self, x: Tensor, t: Tensor, group: Tensor) -> Tensor:
         """The policy's native output as the rollout saw it (CFG-combined when the task uses CFG)."""
@@ -321,6 +350,7 @@ class Trainer(FirstOrderMixin):
         with self.abandonable():    # rollout and reward touch no weights: a stop may abandon them
             out = self._sample_and_score()
         if isinstance(out, dict):
+            self._sum_nfe(nfe0)
             return out
         rec, f_ref, n_ref, c, record_kl, r, g = out
         fault_point("train-start")
@@ -338,9 +368,13 @@ class Trainer(FirstOrderMixin):
         if self.sched is not None:
             self.sched.step()
         path_kl = self.credit.path_kl(record_kl).sum(0)          # KL along each final sample's path
+        r, path_kl = self.world.gather(r, op="reward gather"), self.world.gather(path_kl, op="KL gather")
+        self._sum_nfe(nfe0)
         out = {"lr": lr, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
-               "kl": float(path_kl.mean()), "records": int(rec.x.shape[0]),
-               "peak_memory_mb": round(peak_memory(self.device) / 2**20, 1), **stats,
+               "kl": float(path_kl.mean()), "records": self._gplan.num_records,
+               "peak_memory_mb": round(float(self.world.max(torch.tensor([peak_memory(self.device) / 2**20],
+                                                                         dtype=torch.float64), "memory max")), 1),
+               **stats,
                "seconds_epoch": {k: round(v - sec0.get(k, 0.0), 4) for k, v in self.clock.seconds.items()},
                "nfe_epoch": {k: v - nfe0.get(k, 0) for k, v in self.nfe.items()}}
         a0 = self.clock.seconds.get("alloc", 0.0)
@@ -350,8 +384,28 @@ class Trainer(FirstOrderMixin):
         return out
 
     def abandonable(self):
-        """The stop controller's abandonable region (nothing when no controller drives the run)."""
-        return self.stop.abandonable() if self.stop is not None else nullcontext()
+        """The stop controller's abandonable region (nothing when no controller drives the run).
+        Several ranks never abandon a phase on their own: a stop is agreed at the epoch's end
+        (:meth:`check_stop`), so every rank writes the same checkpoint."""
+        return self.stop.abandonable() if self.stop is not None and not self.world.active else nullcontext()
+
+    def check_stop(self) -> None:
+        """Raise :class:`RunInterrupted` when a stop was requested (on any rank, agreed by all)."""
+        if self.stop is None:
+            return
+        if not self.world.active:
+            self.stop.check()
+        elif self.world.any(self.stop.requested, "stop agreement"):
+            raise RunInterrupted(self.stop.signum or signal.SIGTERM)
+
+    def _sum_nfe(self, nfe0: dict) -> None:
+        """Make the NFE counters the run's (every rank's) totals: this epoch's increments are summed."""
+        if not self.world.active:
+            return
+        keys = list(self.nfe)
+        d = torch.tensor([self.nfe[k] - nfe0.get(k, 0) for k in keys], dtype=torch.int64)
+        d = self.world.sum(d.to(self.world._comm_device()), "NFE sum").tolist()
+        self.nfe = {k: nfe0.get(k, 0) + int(v) for k, v in zip(keys, d)}
 
     def _sample_and_score(self):
         """The epoch's rollout and reward: ``(records, f_ref, reference NFE, coeffs, record KL,
@@ -359,23 +413,25 @@ class Trainer(FirstOrderMixin):
         mc = self.cfg.method
         pending = []
         with self.clock("rollout"):
-            self.conds = self.task.conditions(self.plan.spec.groups, self.gen)
+            self.conds = self.task.conditions(self._spec.groups, self.gen)    # every rank: all groups
             submit = None
             if self.async_reward is not None:
                 def submit(w: Records):   # decode here, score on the worker while the next wave samples
                     pending.append(self.async_reward.submit(self.task.decode(w.x0), *self.conds.rows(w.x0_group)))
-            rec, f_ref, n_ref = self._rollout(self.engines, self.plan, self.conds, self.gen, self.epochs_done, submit)
+            rec, f_ref, n_ref = self._rollout(self.engines, self.plan, self.conds, self.gen, self.epochs_done, submit,
+                                              rows0=self._rows0)
         self.nfe["rollout"] += rec.nfe["total"]
         self.nfe["reference"] += n_ref
         self._groups = rec.group
         fault_point("after-rollout")
-        if not bool(torch.isfinite(rec.x0).all()):     # one host read per epoch, before any reward sees them
+        if self.world.any(not bool(torch.isfinite(rec.x0).all()), "sample check"):   # one host read per epoch
             when = (f"after epoch {self.epochs_done - 1}'s update" if self.epochs_done else "before any update")
             raise NonFiniteError(f"the rollout produced non-finite samples {when}: the weights are finite but too "
                                  f"large for the sampler (train.lr={self.cfg.train.lr:g}, train.weight_decay="
                                  f"{self.cfg.train.weight_decay:g}) or the sampler settings are degenerate "
                                  "(task.eta, task.noise_level)")
         c, record_kl = self._record_kl(rec, f_ref)
+        skip = None
         with self.clock("reward"):   # with waves: only the wait for scores not yet finished
             try:
                 if pending:
@@ -384,9 +440,11 @@ class Trainer(FirstOrderMixin):
                     r = self._score(rec.x0, rec.x0_group)
                 g = self._fo_grads(rec, c) if mc.estimator != "zo" else None
             except R.RewardSkipped as e:           # policy "skip": this epoch makes no update
-                self.epochs_done += 1
-                self.skipped += 1
-                return {"skipped": str(e), "lr": self.opt.param_groups[0]["lr"]}
+                skip = str(e)
+        if self.world.any(skip is not None, "reward skip agreement"):     # on every rank when on any
+            self.epochs_done += 1
+            self.skipped += 1
+            return {"skipped": skip or "a reward fault on another rank", "lr": self.opt.param_groups[0]["lr"]}
         return rec, f_ref, n_ref, c, record_kl, r, g
 
     def _per_step(self, rec: Records, rows: Rows, shift, c, seconds: dict) -> dict:
@@ -395,16 +453,23 @@ class Trainer(FirstOrderMixin):
         mc, plan, n = self.cfg.method, self.plan, self.plan.num_steps
         clipped = getattr(self, "_last_clipped", None)
         alloc = None
+        reduce = (lambda t: self.world.sum(t, "per-step statistics")) if self.world.active else None
         if self.budget is not None:     # its observation measures this epoch's v: not computed twice
-            k, alloc = self.budget.step(plan, rec.step, rows.adv, rec.z, clipped, seconds)
+            if self.world.active:       # prices in seconds: the ranks' mean
+                keys = sorted(seconds)
+                mean = self.world.sum(torch.tensor([seconds[k] for k in keys], dtype=torch.float64), "seconds") / self.world.size
+                seconds = dict(zip(keys, mean.tolist()))
+            k, alloc = self.budget.step(self._gplan, rec.step, plan.record_set, rows.adv, rec.z, clipped, seconds,
+                                        reduce=reduce)
         zo = rows.adv is not None and alloc is None
-        per = D.step_stats(n, rec.step, plan.record_set, trunks=plan.spec.groups * plan.spec.trunks,
-                           adv=rows.adv if zo else None, z=rec.z if zo else None, scale=self._psi_scale, clipped=clipped)
+        per = D.step_stats(n, rec.step, plan.record_set, trunks=self._gplan.spec.groups * plan.spec.trunks,
+                           adv=rows.adv if zo else None, z=rec.z if zo else None, scale=self._psi_scale, clipped=clipped,
+                           reduce=reduce)
         if rows.adv is not None:
             per.update(D.zo_influence(self.task.transition, mc, self._omega_train if mc.reweight == "pcpo" else None,
                                       self._step_w))
         elif shift is not None and rows.g is not None:
-            per.update(D.fo_influence(n, rec.step, self._fo_row_weight(c), shift, rows.g, c.sigma))
+            per.update(D.fo_influence(n, rec.step, self._fo_row_weight(c), shift, rows.g, c.sigma, reduce=reduce))
         out = {"per_step": per}
         if alloc is not None:
             per["v"], per["v_alloc"] = alloc["v_epoch"], alloc["v"]
@@ -432,7 +497,7 @@ class Trainer(FirstOrderMixin):
 
         try:
             stats, self._last_clipped = self.step.run(M, self.cfg.train.inner_updates, loss_fn, on_forward,
-                                                      NonFiniteError, self.epochs_done)
+                                                      NonFiniteError, self.epochs_done, self._gplan.num_records)
         except ops.FusedOpNonFiniteError as e:
             raise NonFiniteError(f"a loss input became non-finite at epoch {self.epochs_done} ({e}); "
                                  "the weights were left unchanged") from None
@@ -454,88 +519,31 @@ class Trainer(FirstOrderMixin):
         n = n or self.cfg.task.eval_samples or self.task.default_eval_samples
         seed = self.cfg.train.seed + 1_000_003
         tr = self.task.transition
-        spec = PlanSpec("sde", tr.num_steps, n, 1, sde_mask=tuple(bool(v) for v in tr.sde_mask))
+        g0, ng = rank_groups(n, self.world)     # several ranks: a contiguous block of the n samples each
+        spec = PlanSpec("sde", tr.num_steps, ng, 1, sde_mask=tuple(bool(v) for v in tr.sde_mask), group_offset=g0)
         # evaluation rows go through the model EVAL_CHUNK at a time unless rollout.chunk_size says
         # otherwise: 8192 digits samples in one call (x 10 steps for the reference) peaked at 14 GB
         chunk = self.cfg.rollout.chunk_size or min(n, EVAL_CHUNK)
         engine = RolloutEngine(self.handle.model, tr, compile_plan(spec), seed=seed, cfg_scale=self.task.cfg_scale,
                                chunk_size=chunk, device=self.device)
         self.policy.eval()
+        nfe0 = dict(self.nfe)
         with self.clock("eval"):
             gen = torch.Generator().manual_seed(seed)
             conds = self.task.conditions(n, gen)
-            rec, f_ref, n_ref = self._rollout([engine], engine.plan, conds, gen, 0, ref_chunk=chunk)
+            rec, f_ref, n_ref = self._rollout([engine], engine.plan, conds, gen, 0, ref_chunk=chunk, rows0=(g0, n))
             kl = Credit(engine.plan).path_kl(self._record_kl(rec, f_ref)[1]).sum(0)
             r = self._score(rec.x0, rec.x0_group, conds)
+            metrics = self.builtin_reward and hasattr(self.task, "evaluate")
+            x0 = rec.x0
+            if self.world.active:
+                r, kl, x0 = gather_eval(self.world, r, kl, x0 if metrics else None)
             out = {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "kl_to_reference": float(kl.mean())}
-            if self.builtin_reward and hasattr(self.task, "evaluate"):
-                out.update(self.task.evaluate(rec.x0.cpu(), seed=self.cfg.train.seed))
+            if metrics:
+                out.update(self.task.evaluate(x0.cpu(), seed=self.cfg.train.seed))
         self.nfe["eval"] += rec.nfe["total"] + n_ref
+        self._sum_nfe(nfe0)
         return out
-
-    def state_dict(self) -> dict:
-        """Everything the next epoch depends on (rsm_fast/checkpoint.py): the trained parameters
-        (the LoRA of an image model, all of the 2-D task's MLP), optimizer, scheduler, every RNG,
-        EMA, allocator state and profile, NFE counters, phase clock and skipped count, with the
-        (redacted) config and the code version that wrote it. Plain data and tensors only."""
-        trained = {n: p.detach().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
-        return {"format": CKPT_FORMAT, "code_version": code_version(), "code_files": dict(code_files()),
-                "config": redact_config(to_dict(self.cfg)),
-                "policy": trained, "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict() if self.sched is not None else None,
-                "epochs_done": self.epochs_done, "generator": self.gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
-                "allocator": None if self.budget is None else {**self.budget.state_dict(), "k": list(self._spec.k)},
-                "ema": None if self.step.ema is None else self.step.ema.state_dict(),
-                "nfe": dict(self.nfe), "clock": dict(self.clock.seconds), "skipped": self.skipped}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume from :meth:`state_dict`: the next :meth:`epoch` computes what it would have
-        computed in the process that wrote ``state`` (the window of a MixGRPO plan follows from
-        the epoch count; the allocator's profile is restored with its statistics)."""
-        params = dict(self.policy.named_parameters())
-        for n, v in state["policy"].items():
-            if n not in params or params[n].shape != v.shape:
-                raise ValueError(f"checkpoint parameter {n!r} does not match this policy")
-            with torch.no_grad():
-                params[n].copy_(v)
-        self.opt.load_state_dict(state["optimizer"])
-        if self.sched is not None and state.get("scheduler") is not None:
-            self.sched.load_state_dict(state["scheduler"])
-        self.epochs_done = int(state["epochs_done"])
-        self.gen.set_state(state["generator"])
-        if state.get("torch_rng") is not None:
-            torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        if (state.get("ema") is None) != (self.step.ema is None):
-            raise ValueError("checkpoint 'ema' does not match train.ema_decay of this config")
-        if self.step.ema is not None:
-            self.step.ema.load_state_dict(state["ema"])
-        alloc = state.get("allocator")
-        if (alloc is None) != (self.budget is None):
-            raise ValueError("checkpoint 'allocator' does not match rollout.allocator of this config")
-        if alloc is not None:
-            self.budget.load_state_dict(alloc)
-            if tuple(alloc["k"]) != tuple(self._spec.k):
-                self._build_plan(replace(self._spec, k=tuple(alloc["k"])))
-        if "nfe" in state:
-            self.nfe = {k: int(v) for k, v in state["nfe"].items()}
-            self.clock.seconds = {k: float(v) for k, v in state["clock"].items()}
-            self.skipped = int(state["skipped"])
-
-    def snapshot(self) -> dict:
-        """What an epoch's rollout and reward phases move (RNG states and counters; no weights):
-        :meth:`restore` puts it back when a stop abandons the epoch (rsm_fast/run_loop.py)."""
-        return {"gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "nfe": dict(self.nfe),
-                "clock": dict(self.clock.seconds), "epochs_done": self.epochs_done, "skipped": self.skipped}
-
-    def restore(self, snap: dict) -> None:
-        self.gen.set_state(snap["gen"])
-        torch.set_rng_state(snap["torch_rng"])
-        self.nfe, self.clock.seconds = dict(snap["nfe"]), dict(snap["clock"])
-        self.epochs_done, self.skipped = snap["epochs_done"], snap["skipped"]
 
     def run(self, run_dir: RunDir | None = None, progress: bool = True, **kw) -> dict:
         """Train ``train.epochs`` epochs, evaluate, write the run directory (rsm_fast/run_loop.py:

@@ -121,7 +121,7 @@ def test_clipped_step_is_deactivated_and_the_plan_drops_it():
         rec_step = tr.plan.record_step
         adv = torch.randn(M, dtype=torch.float64)
         z = torch.randn(M, 2, dtype=torch.float64)
-        k, _ = tr.budget.step(tr.plan, rec_step, adv, z, rec_step == 8, None)
+        k, _ = tr.budget.step(tr.plan, rec_step, tr.plan.record_set, adv, z, rec_step == 8, None)
     assert k[8] == 0 and sum(k) <= 54
     assert tr.budget.alloc.clip[8] > 0.5
 

@@ -46,6 +46,8 @@ class PolicyHandle:
     module: nn.Module                         # owns the trainable parameters
     model: Callable[..., Tensor]              # (x, t, cond) -> native output of the policy
     reference: Callable[..., Tensor]          # (x, t, cond) -> native output of the frozen reference
+    frozen: nn.Module | None = None           # the reference's own module when it is a frozen copy (full
+                                              # fine-tuning): FSDP2 shards it like the policy
 
 
 def lora_targets(policy_cfg) -> tuple[str, ...]:
