@@ -191,6 +191,16 @@ def current() -> World:
     return _CURRENT[0]
 
 
+def is_collective_failure(e: BaseException) -> bool:
+    """An exception a backend raised for a lost or stalled peer (inside DDP / FSDP hooks, where
+    :class:`World` cannot wrap the call)."""
+    if isinstance(e, DistributedError) or type(e).__name__ == "DistBackendError":
+        return True
+    text = str(e)
+    return any(k in text for k in ("gloo", "Gloo", "NCCL", "Connection closed by peer", "Connection reset by peer",
+                                   "Timed out waiting"))
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__

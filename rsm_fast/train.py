@@ -256,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
             return _finish(world, 1)
         except Exception as e:  # noqa: BLE001 - one line for the user, the traceback kept for a bug report
             world = D.current()
+            if world.active and D.is_collective_failure(e):   # e.g. DDP's all-reduce inside backward
+                print(f"error: {world.describe('a collective', e)}", file=sys.stderr)
+                return _finish(world, 1)
             return _finish(world, _internal_error(e, out, world))
     if world.main:
         print(f"\n{cfg.preset} on {summary['task']}: {summary['epochs']} epochs  ->  {out}/summary.json")

@@ -138,6 +138,8 @@ class Trainer(TrainerState, FirstOrderMixin):
         self.handle = self.task.make_policy(cfg.policy)
         self.policy = self.handle.module.to(self.device)
         self.sharded = self.world.active and tc.parallel == "fsdp"
+        if self.sharded:
+            self._check_even_split(cfg)
         if self.world.active:     # DDP (replicate) or FSDP2 on the module the adapter calls: same names, same calls
             from . import parallel as PAR
 
@@ -184,6 +186,19 @@ class Trainer(TrainerState, FirstOrderMixin):
         self.score_loss = ops.score_loss if fused else score_regression_loss
         if fused:  # build / load the device's kernels now, outside the timed phases
             ops.backends.for_device(self.device)
+
+    def _check_even_split(self, cfg: RunConfig) -> None:
+        """FSDP2 gathers the weights in every forward, a collective: every rank must make the same
+        model calls, so the groups and the evaluation samples must split evenly over the ranks."""
+        n, G = self.world.size, cfg.method.group_size
+        groups = cfg.train.batch_size // (G if cfg.method.estimator == "zo" and G else cfg.train.batch_size)
+        if groups % n:
+            raise ConfigError(f"config field 'train.batch_size': train.parallel=fsdp needs the epoch's {groups} "
+                              f"group(s) to split evenly over {n} ranks")
+        ev = cfg.task.eval_samples or self.task.default_eval_samples
+        if ev % n:
+            raise ConfigError(f"config field 'task.eval_samples': train.parallel=fsdp needs the {ev} evaluation "
+                              f"samples to split evenly over {n} ranks")
 
     def _pcpo_target(self, tr) -> Tensor:
         """PCPO-reweight's target native weight omega' per step, float64 (spec §5.3; [UNCERTAIN]
