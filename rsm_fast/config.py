@@ -68,11 +68,11 @@ class TaskConfig:
     reward_max_mb: float = field(default=64.0, metadata={"help": "HTTP reward: the largest response body read, in MiB; a larger one is a reward fault"})
     reward_auth: str = field(default="", metadata={"help": "HTTP reward: Authorization header value (e.g. 'Bearer <token>'); never written to config.yaml, checkpoints or errors (prefer task.reward_auth_env)"})
     reward_auth_env: str = field(default="RSM_FAST_REWARD_AUTH", metadata={"help": "HTTP reward: environment variable read for the Authorization header when task.reward_auth is empty"})
-    text_cache: str = field(default="", metadata={"help": "diffusers: folder of the on-disk text-embedding cache; every prompt is encoded once, then the text encoders are freed ('' = $RSM_FAST_CACHE/text or ~/.cache/rsm_fast/text; 'off' = no cache, encoders stay loaded)"})
-    t5: bool = field(default=True, metadata={"help": "SD3: load the T5 text encoder (false: CLIP only, zero T5 rows, as diffusers' pipeline without text_encoder_3)"})
-    vae_slicing: bool = field(default=False, metadata={"help": "diffusers: decode the batch one image at a time (less peak memory, same images)"})
-    vae_tiling: bool = field(default=False, metadata={"help": "diffusers: decode in overlapping tiles (less peak memory at large sizes; images differ slightly at tile seams)"})
-    offload: str = field(default="", metadata={"help": "diffusers: '' = every part on train.device; 'cpu' = frozen parts (VAE, text encoders, a full fine-tune's reference) live in CPU memory and visit the device only while used"})
+    text_cache: str = field(default="", metadata={"help": "diffusers: folder of the on-disk text-embedding cache; at start every prompt (and '') is encoded once, loading the text encoders only if one is not cached, then they are freed; folders may be shared by concurrent runs ('' = $RSM_FAST_CACHE/text or ~/.cache/rsm_fast/text; 'off' = no cache, encoders stay loaded and encode every epoch)"})
+    t5: bool = field(default=True, metadata={"help": "SD3: load the T5 text encoder (false: CLIP only, T5 never loaded, zero T5 rows as diffusers' pipeline without text_encoder_3); SD1.5 has no T5"})
+    vae_slicing: bool = field(default=False, metadata={"help": "diffusers: VAE enable_slicing, decode the batch one image at a time (less peak memory, same images)"})
+    vae_tiling: bool = field(default=False, metadata={"help": "diffusers: VAE enable_tiling, decode in overlapping tiles (less peak memory above the VAE's sample_size; images differ slightly at tile seams)"})
+    offload: str = field(default="", metadata={"help": "diffusers: '' = every part on train.device; 'cpu' = frozen parts (VAE, text encoders, a full fine-tune's reference) live in CPU memory and visit train.device only while used (a host-device copy per use; no effect on a CPU device)"})
 
 
 @dataclass
@@ -83,10 +83,10 @@ class PolicyConfig:
     lora_rank: int = field(default=8, metadata={"help": "image models: LoRA rank (0 = full fine-tuning)"})
     lora_alpha: float = field(default=0.0, metadata={"help": "image models: LoRA alpha (0 = rank, scale 1)"})
     lora_targets: str = field(default="to_q,to_k,to_v,to_out.0", metadata={"help": "image models: LoRA target modules (comma-separated)"})
-    dtype: str = field(default="fp32", metadata={"help": "image models: weight dtype fp32 / bf16 / fp16 (log-prob, ratio and loss math stay fp32; a LoRA's own weights stay fp32)"})
-    autocast: str = field(default="", metadata={"help": "image models: run the denoiser's forward under torch.autocast in this dtype ('' = off, bf16, fp16); weights keep policy.dtype"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "image models: recompute each block's activations in the backward (less memory, ~1.3x the training step's compute)"})
-    attention: str = field(default="sdpa", metadata={"help": "image models: attention kernels, 'sdpa' (torch scaled_dot_product_attention) or 'xformers' (needs the xformers package)"})
+    dtype: str = field(default="fp32", metadata={"help": "image models (digits, diffusers): weight dtype fp32 / bf16 / fp16, loaded in it (log-prob, ratio and loss math stay fp32; a LoRA's own weights and the VAE stay fp32; a full fine-tune trains and keeps AdamW state in it; fp16 has no loss scaling: prefer bf16)"})
+    autocast: str = field(default="", metadata={"help": "image models (digits, diffusers): run every denoiser forward (policy and reference) under torch.autocast in this dtype ('' = off, bf16, fp16; CPU takes both); weights keep policy.dtype"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "image models (digits, diffusers): diffusers' per-block activation checkpointing of the trained model (less memory, ~1.3x the training step's compute)"})
+    attention: str = field(default="sdpa", metadata={"help": "image models (digits, diffusers): attention kernels, 'sdpa' (torch scaled_dot_product_attention) or 'xformers' (needs the xformers package; checked before a model loads)"})
 
 
 @dataclass
@@ -169,7 +169,7 @@ class TrainConfig:
     checkpoint_every: int = field(default=10, metadata={"help": "epochs between checkpoints in <out>/checkpoints (0 = only at the end and at a stop); --resume continues from the latest"})
     keep_checkpoints: int = field(default=2, metadata={"help": "periodic checkpoints kept (the oldest are deleted)"})
     eval_every: int = field(default=0, metadata={"help": "epochs between held-out evaluations during training, logged in the epoch's record under 'eval' (0 = only the final one)"})
-    optimizer: str = field(default="adamw", metadata={"help": "'adamw' (torch) or 'adamw8bit' (bitsandbytes AdamW8bit, CUDA only)"})
+    optimizer: str = field(default="adamw", metadata={"help": "'adamw' (torch; states in the trained weights' dtype: 8 B per fp32 parameter) or 'adamw8bit' (bitsandbytes AdamW8bit, ~2 B per parameter; needs bitsandbytes and a CUDA device)"})
     tf32: bool = field(default=True, metadata={"help": "CUDA: TF32 matmuls and convolutions (flow_grpo's setting); no effect on CPU"})
     parallel: str = field(default="ddp", metadata={"help": "under torchrun: 'ddp' (every rank holds the weights; LoRA and small policies) or 'fsdp' (FSDP2 fully_shard per model block; full fine-tuning)"})
     dist_backend: str = field(default="", metadata={"help": "under torchrun: process-group backend ('' = nccl on CUDA, gloo on CPU)"})

@@ -16,6 +16,14 @@ the 1000 training timesteps of the digits and diffusers schedules (500 for the 2
 training plan of more than 2**40 rows (a deep ``tree``) is refused here: its index tensors could
 not be built on any machine; the realistic range is left to :func:`rsm_fast.preflight.check_memory`.
 
+Precision and memory keys (issue 18): ``policy.dtype`` / ``autocast`` / ``gradient_checkpointing`` /
+``attention`` act on the image models (digits, diffusers); the 2-D task's MLP refuses values other
+than their defaults. ``task.text_cache`` / ``t5`` / ``vae_slicing`` / ``vae_tiling`` / ``offload``
+act on the diffusers task only and are refused elsewhere. ``policy.attention=xformers`` needs the
+xformers package and ``train.optimizer=adamw8bit`` bitsandbytes and a CUDA device; both are
+checked here, before a model loads. A full fine-tune in fp16 is refused: it trains the fp16 weights
+themselves, with no loss scaling or fp32 master copy, and AdamW's eps underflows in float16.
+
 Strings hold no NUL character and no unpaired surrogate (a non-UTF-8 byte in ``argv``), which no
 file name, device or YAML writer takes; ``task.reward_auth`` may be any string. ``train.device``
 is parsed by ``torch.device`` and must be usable here (cpu, cuda when CUDA is available, mps when
@@ -195,6 +203,7 @@ def validate_config(cfg: RunConfig) -> None:
     _check_method(cfg)
     _check_rollout(cfg)
     _check_device(cfg.train.device)
+    _check_precision(cfg)
     _check_trains_something(cfg)
 
 
@@ -262,6 +271,46 @@ def _check_rollout(cfg: RunConfig) -> None:
     if ro.plan != "sde" and cfg.train.timestep_fraction < 1:
         raise ConfigError("config field 'train.timestep_fraction' applies to rollout.plan=sde only; "
                           "a branching plan trains its branching steps")
+
+
+PRECISION_DEFAULTS = {"policy.dtype": "fp32", "policy.autocast": "", "policy.gradient_checkpointing": False,
+                      "policy.attention": "sdpa"}
+DIFFUSERS_ONLY = {"task.text_cache": "", "task.t5": True, "task.vae_slicing": False, "task.vae_tiling": False,
+                  "task.offload": ""}
+
+
+def _check_precision(cfg: RunConfig) -> None:
+    """The precision and memory keys against the task, the installed packages and the device."""
+    import importlib.util
+
+    import torch
+
+    name = cfg.task.name
+    if name == "toy2d":
+        for path, default in PRECISION_DEFAULTS.items():
+            if _get(cfg, path) != default:
+                raise ConfigError(f"config field '{path}' applies to the image models (task.name digits-ddim, "
+                                  f"digits-flow, diffusers); the 2-D task's MLP runs in float32 with its defaults, "
+                                  f"got {_get(cfg, path)!r}")
+    if name != "diffusers":
+        for path, default in DIFFUSERS_ONLY.items():
+            if _get(cfg, path) != default:
+                raise ConfigError(f"config field '{path}' applies to task.name=diffusers only (task.name is "
+                                  f"{name!r}), got {_get(cfg, path)!r}")
+    if cfg.policy.dtype == "fp16" and cfg.policy.lora_rank == 0 and name != "toy2d":
+        raise ConfigError("config field 'policy.dtype' is 'fp16' with policy.lora_rank=0: a full fine-tune trains the "
+                          "weights in their dtype, and AdamW's eps (1e-8) underflows in float16 (the first step makes "
+                          "them non-finite); use policy.dtype=bf16, or a LoRA (fp32) on the fp16 model")
+    if cfg.policy.attention == "xformers" and importlib.util.find_spec("xformers") is None:
+        raise ConfigError("config field 'policy.attention' is 'xformers' but the xformers package is not installed; "
+                          "use policy.attention=sdpa (torch's scaled_dot_product_attention)")
+    if cfg.train.optimizer == "adamw8bit":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("config field 'train.optimizer' is 'adamw8bit' but bitsandbytes is not installed "
+                              "(pip install bitsandbytes, CUDA only); use train.optimizer=adamw")
+        if torch.device(cfg.train.device).type != "cuda":
+            raise ConfigError(f"config field 'train.optimizer' is 'adamw8bit' (bitsandbytes AdamW8bit, CUDA only) "
+                              f"but train.device is {cfg.train.device!r}; use train.optimizer=adamw")
 
 
 def _check_device(text: str) -> None:

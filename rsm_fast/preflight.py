@@ -26,17 +26,37 @@ batch that cannot fit ends in one ``error:`` line with nothing written and no mo
     diffusers model's own activations are not counted, so for it the estimate is a lower bound);
   - the final evaluation: ``task.eval_samples`` full SDE trajectories, every noisy step a record,
     the same per-record and per-call terms, model calls of ``rollout.chunk_size`` rows (else 1024);
-  - the trained parameters with their gradient, two AdamW moments and the non-finite guard's
-    snapshot (2-D task and digits; a diffusers model's size is not read before it loads).
+  - the trained parameters (in their dtype: ``policy.dtype`` under full fine-tuning, fp32 for a
+    LoRA) with their gradient, the non-finite guard's snapshot, the EMA (fp32) and the optimizer
+    state (``train.optimizer``: AdamW two moments in the parameters' dtype, 8 B per fp32
+    parameter; ``adamw8bit`` ~2 B per parameter, bitsandbytes' two 8-bit states), one more
+    gradient copy under DDP (its buckets), and a full fine-tune's frozen reference copy;
+  - image models (:mod:`rsm_fast.memory_profile`, measured on the meta device): the frozen
+    weights (a LoRA's base model, the VAE in fp32, the text encoders while they stay loaded:
+    ``task.text_cache=off``), the text encoders while they fill the cache at start (a peak of
+    its own, before training), per-row activation bytes of no-grad calls and of the training
+    forward + backward (``policy.dtype``, ``policy.gradient_checkpointing``), the conditioning
+    rows, and the VAE decode of the final samples (``task.vae_slicing`` / ``vae_tiling``);
+    ``task.offload=cpu`` moves the VAE, text encoders and reference copy to the host, the device
+    holding the largest of them while it visits;
+  - several ranks (``world_size``): each holds its share of the groups (whole groups per rank)
+    and of the evaluation samples; ``sharded`` (FSDP) divides the denoiser's weights, the trained
+    state and the reference copy by the number of ranks.
 
-  Training and evaluation do not overlap, so the peak is the larger of the two plus the
-  parameters. Everything is float32 (the rollout's dtype, whatever the model's).
+  Training and evaluation do not overlap, so the peak is the larger of the two (or of the start's
+  text encoders) plus the parameters and weights. The rollout's tensors are float32 whatever the
+  model's dtype. The estimate counts live tensor bytes: a small diffusers run (sd15-tiny, 64 px,
+  estimate 267 MB) peaked 1.14x that above its starting resident memory with glibc's mmap
+  threshold fixed (``MALLOC_MMAP_THRESHOLD_``) and 1.9x with glibc's defaults, whose dynamic
+  threshold keeps freed heap resident (``tests/test_precision_cli.py``): a refusal is certain.
 
 Available memory: on CPU the smaller of ``/proc/meminfo`` MemAvailable (else ``os.sysconf``) and
 the cgroup's limit minus its usage; on CUDA ``torch.cuda.mem_get_info`` (free bytes; the host
 must also hold the plan while it is compiled). A config whose estimate exceeds it raises a one-line
 :class:`~rsm_fast.config.ConfigError` naming the estimate, what is available and the setting to
-lower (``train.batch_size``, ``rollout.chunk_size``, ``train.grad_accum``, ``task.eval_samples``).
+lower (``train.batch_size``, ``rollout.chunk_size``, ``train.grad_accum``, ``task.eval_samples``,
+and for image models ``policy.dtype``, ``task.offload``, ``task.t5``, ``task.vae_slicing`` /
+``vae_tiling``, ``policy.lora_rank``, ``train.optimizer``).
 """
 from __future__ import annotations
 
@@ -75,6 +95,14 @@ class TaskGeometry:
     act_grad: int = 0                     # bytes per row the training forward keeps for backward
     full_copy_bytes: int = 0              # a frozen reference copy (full fine-tuning)
     metric_bytes: int = 0                 # per evaluation sample, the task's own metrics
+    param_elem: int = F32                 # bytes per trained parameter (its dtype)
+    act_fixed: int = 0                    # the training forward's bytes independent of the rows
+    frozen_bytes: int = 0                 # frozen weights resident on the device (LoRA base, VAE, text)
+    text_bytes: int = 0                   # text encoders loaded at start to fill the cache, then freed
+    offload_bytes: int = 0                # frozen parts kept on the host (task.offload=cpu)
+    visit_bytes: int = 0                  # the largest of them, on the device while it runs
+    decode_fixed: int = 0                 # the VAE decode of the final samples: fixed + per image
+    decode_row: int = 0
 
     @property
     def latent_bytes(self) -> int:
@@ -218,41 +246,56 @@ class MemoryEstimate:
     params: int            # trained parameters and what the optimizer keeps of them
     host_plan: int         # host bytes while the larger plan is compiled (on CUDA too)
     param_field: str = "policy.hidden"   # the setting that sizes the trained parameters
+    weights: int = 0       # frozen weights resident on the device (image models)
+    start: int = 0         # the text encoders at start (filling the cache), before training
+    host_extra: int = 0    # parts kept in host memory (task.offload=cpu)
+    model_field: str = ""  # the setting to change when the model alone does not fit ('' = param_field)
+    start_field: str = "task.t5"   # ... when the start's text encoders do not fit
+    decode_field: str = "task.vae_slicing"   # ... when decoding the final samples does not fit
 
     @staticmethod
     def phase_total(part: dict) -> int:
-        """Plan + records + record copies, plus the larger of the model calls (rollout, reference)
-        and the training forward's activations (they do not overlap)."""
+        """Plan + records + record copies, plus the largest of the model calls (rollout, reference),
+        the training forward's activations and the VAE decode (they do not overlap)."""
         return (part["plan"] + part["records"] + part["record copies"] + part.get("task metrics", 0)
-                + max(part["model calls"], part.get("training activations", 0)))
+                + max(part["model calls"], part.get("training activations", 0), part.get("decode", 0)))
 
     @property
     def total(self) -> int:
-        return self.params + max(self.phase_total(self.train), self.phase_total(self.eval))
+        return (self.params + self.weights
+                + max(self.phase_total(self.train), self.phase_total(self.eval), self.start))
 
     def setting(self, available: int | None = None) -> str:
-        """The config field to change: the trained parameters' size when they alone do not fit;
+        """The config field to change: the model's (trained parameters, optimizer state, frozen
+        weights) when they alone do not fit; the text encoders' when only the start does not fit;
         the size itself (``train.batch_size`` / ``task.eval_samples``) when the records do not fit
-        or neither of the two terms below alone is the problem; else the rows per training forward
-        (``train.grad_accum``) or per model call (``rollout.chunk_size``)."""
+        or neither of the terms below alone is the problem; else the rows per training forward
+        (``train.grad_accum``), per model call (``rollout.chunk_size``) or per decode
+        (``task.vae_slicing``)."""
         tr, ev = self.phase_total(self.train), self.phase_total(self.eval)
-        if available is not None and self.params > available // 2 and self.params > max(tr, ev):
-            return self.param_field
+        model = self.params + self.weights
+        if available is not None and (model > available or (model > available // 2 and model > max(tr, ev))):
+            return self.model_field or self.param_field
+        if available is not None and model + max(tr, ev) <= available < model + self.start:
+            return self.start_field
         part = self.eval if ev > tr else self.train
         size = "task.eval_samples" if ev > tr else "train.batch_size"
-        base = self.params + part["plan"] + part["records"] + part["record copies"] + part.get("task metrics", 0)
-        calls, act = part["model calls"], part.get("training activations", 0)
+        base = model + part["plan"] + part["records"] + part["record copies"] + part.get("task metrics", 0)
+        calls, act, dec = part["model calls"], part.get("training activations", 0), part.get("decode", 0)
         if available is None or base > available:
             return size
-        if base + calls <= available < base + act:
+        if base + max(calls, dec) <= available < base + act:
             return "train.grad_accum"
-        if base + act <= available < base + calls:
+        if base + max(act, dec) <= available < base + calls:
             return "rollout.chunk_size"
+        if base + max(act, calls) <= available < base + dec:
+            return self.decode_field
         return size
 
 
 def _phase(rows: tuple[int, ...], records: int, chunk: int, g: int, geo: TaskGeometry, *,
            train_rows: int = 0, decoded: int = 0) -> dict:
+    """One phase's parts (training epoch or evaluation); ``decoded``: bytes per decoded sample."""
     L = geo.latent_bytes
     N = len(rows) - 1
     plan = sum(rows[1:]) * PLAN_BYTES_PER_ROW + 2 * N * rows[-1] * 8 + records * PLAN_RECORD_BYTES
@@ -265,13 +308,35 @@ def _phase(rows: tuple[int, ...], records: int, chunk: int, g: int, geo: TaskGeo
         calls = max(calls, g * min(chunk or records, records) * per_call)
     out = {"plan": plan, "records": records * (4 * L + RECORD_EXTRA), "record copies": 3 * records * L,
            "model calls": max(calls, decoded * rows[-1])}
+    if geo.decode_row or geo.decode_fixed:      # the VAE decode of every final sample at once
+        out["decode"] = decoded * rows[-1] + geo.decode_fixed + rows[-1] * geo.decode_row
     if train_rows:
-        out["training activations"] = g * train_rows * geo.act_grad
+        out["training activations"] = g * train_rows * geo.act_grad + geo.act_fixed
     return out
 
 
-def estimate_memory(cfg: RunConfig, geo: TaskGeometry) -> MemoryEstimate:
-    """The bytes the run holds at its peak (module docstring), by phase and part."""
+def _per_rank(cfg: RunConfig, world_size: int, default_eval: int) -> RunConfig:
+    """The share of one rank of ``world_size``: whole groups of the batch, evaluation samples split."""
+    if world_size <= 1:
+        return cfg
+    import copy
+
+    c = copy.deepcopy(cfg)
+    mc, tc = cfg.method, cfg.train
+    G = mc.group_size if mc.estimator == "zo" and mc.group_size else tc.batch_size
+    c.train.batch_size = math.ceil(tc.batch_size // G / world_size) * G
+    c.task.eval_samples = math.ceil((cfg.task.eval_samples or default_eval) / world_size)
+    return c
+
+
+def estimate_memory(cfg: RunConfig, geo: TaskGeometry, *, world_size: int = 1,
+                    sharded: bool | None = None) -> MemoryEstimate:
+    """The bytes one rank holds at its peak (module docstring), by phase and part. ``world_size``:
+    ranks sharing the run (whole groups per rank); ``sharded`` (default: ``train.parallel=fsdp``
+    on several ranks) divides the denoiser's weights, trained state and reference copy by it."""
+    N = max(1, int(world_size))
+    sharded = (cfg.train.parallel == "fsdp" and N > 1) if sharded is None else bool(sharded)
+    cfg = _per_rank(cfg, N, geo.default_eval)
     g = 2 if geo.cfg_guidance else 1
     mask = geo.sde_mask if geo.sde_mask is not None else (True,) * cfg.task.num_steps
     tp = plan_counts(cfg, mask)
@@ -282,10 +347,42 @@ def estimate_memory(cfg: RunConfig, geo: TaskGeometry) -> MemoryEstimate:
     ev = _phase(ep.rows, ep.records, cfg.rollout.chunk_size or min(n, EVAL_CHUNK), g, geo, decoded=2 * geo.image_bytes)
     if geo.metric_bytes:
         ev["task metrics"] = n * geo.metric_bytes
-    copies = 5 + (1 if cfg.train.ema_decay > 0 else 0)   # param, grad, 2 AdamW moments, guard snapshot, EMA
-    params = geo.param_bytes * copies + geo.full_copy_bytes
+    tc = cfg.train
+    elems = geo.param_bytes // max(1, geo.param_elem)
+    optim = 2 * elems if tc.optimizer == "adamw8bit" else 2 * geo.param_bytes   # two 8-bit states / two moments
+    ema = elems * F32 if tc.ema_decay > 0 else 0                                 # train_step.EMA: fp32 shadows
+    trained = 3 * geo.param_bytes + optim + ema        # parameter, gradient, guard snapshot
+    if N > 1 and not sharded:
+        trained += geo.param_bytes                     # DDP's gradient buckets
+    share = N if sharded else 1
+    params = math.ceil(trained / share) + math.ceil(geo.full_copy_bytes / share)
     host = max(train["plan"], ev["plan"]) + 2 * max(tp.rows[-1], ep.rows[-1]) * len(mask) * 8
-    return MemoryEstimate(train, ev, params, host, "policy.hidden" if cfg.task.name == "toy2d" else "policy.lora_rank")
+    return MemoryEstimate(train, ev, params, host, "policy.hidden" if cfg.task.name == "toy2d" else "policy.lora_rank",
+                          weights=geo.frozen_bytes + geo.visit_bytes, start=geo.text_bytes,
+                          host_extra=geo.offload_bytes, **_fields(cfg))
+
+
+def _fields(cfg: RunConfig) -> dict:
+    """The settings the one-line advice names for an image model (``setting``)."""
+    pc, t = cfg.policy, cfg.task
+    if cfg.task.name == "toy2d":
+        return {}
+    if pc.dtype == "fp32":
+        model = "policy.dtype"
+    elif pc.lora_rank == 0:
+        model = "policy.lora_rank"
+    elif t.name == "diffusers" and not t.offload:
+        model = "task.offload"
+    else:
+        model = "policy.lora_rank"
+    start = "task.t5" if t.t5 and _family(t) == "sd3" else "policy.dtype" if pc.dtype == "fp32" else "task.text_cache"
+    return {"model_field": model, "start_field": start,
+            "decode_field": "task.vae_tiling" if t.vae_slicing else "task.vae_slicing"}
+
+
+def _family(t) -> str | None:
+    info = _diffusers_family(t.model) if t.name == "diffusers" else None
+    return None if info is None else info[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,23 +443,30 @@ def fmt_bytes(n: float) -> str:
 # ----------------------------------------------------------------------------------------------
 # the checks
 # ----------------------------------------------------------------------------------------------
-def check_memory(cfg: RunConfig, device=None, *, available: int | None = None,
-                 host: int | None = None) -> MemoryEstimate | None:
+def check_memory(cfg: RunConfig, device=None, *, available: int | None = None, host: int | None = None,
+                 world_size: int = 1, sharded: bool | None = None, local_ranks: int = 1) -> MemoryEstimate | None:
     """Raise a one-line :class:`ConfigError` when the run's estimated peak memory (module
     docstring) exceeds what ``device`` has available (``available`` / ``host`` override the
-    measured bytes, for tests). Returns the estimate (None when the task cannot be described
-    without loading it). Allocates no tensor."""
+    measured bytes, for tests; ``world_size`` / ``sharded`` as :func:`estimate_memory`). Returns the
+    estimate (None when the task cannot be described without loading it). Allocates no tensor on
+    a device (image models are measured on the meta device)."""
     import torch
+
+    from .memory_profile import image_geometry
 
     geo = task_geometry(cfg)
     if geo is None:
         return None
     dev = torch.device(device if device is not None else cfg.train.device)
-    est = estimate_memory(cfg, geo)
+    geo = image_geometry(cfg, geo, dev)
+    est = estimate_memory(cfg, geo, world_size=world_size, sharded=sharded)
     on_cuda = dev.type == "cuda"
     avail = available if available is not None else available_memory(dev)
     host_avail = host if host is not None else (host_available() if on_cuda else avail)
     where = f"{dev} memory" if on_cuda else "memory"
+    if local_ranks > 1 and not on_cuda and avail is not None:     # the ranks of one machine share its memory
+        avail //= local_ranks
+        where = f"memory per rank ({local_ranks} ranks share this machine's)"
     if avail is not None and est.total > avail:
         setting = est.setting(avail)
         hint = {"train.batch_size": "lower train.batch_size" + (" or the branching (rollout.k / rollout.profile / "
@@ -370,15 +474,29 @@ def check_memory(cfg: RunConfig, device=None, *, available: int | None = None,
                 "rollout.chunk_size": "set rollout.chunk_size to fewer rows per model call (0 = a whole step at once)",
                 "train.grad_accum": "raise train.grad_accum (fewer rows per training forward) or lower train.batch_size",
                 "task.eval_samples": "lower task.eval_samples",
-                "policy.hidden": "lower policy.hidden / policy.layers", "policy.lora_rank": "lower policy.lora_rank"}[setting]
+                "policy.hidden": "lower policy.hidden / policy.layers",
+                "policy.lora_rank": ("train a LoRA (policy.lora_rank > 0) or shard it (train.parallel=fsdp under "
+                                     "torchrun)" if cfg.policy.lora_rank == 0 else "lower policy.lora_rank"),
+                "policy.dtype": "load the weights in bf16 (policy.dtype=bf16; a LoRA stays fp32)",
+                "task.offload": "keep the frozen parts in CPU memory (task.offload=cpu)",
+                "task.t5": "drop T5 (task.t5=false: CLIP only) or load in bf16 (policy.dtype=bf16)",
+                "task.text_cache": "fill the text cache in a run with more memory, or lower policy.dtype",
+                "task.vae_slicing": "decode one image at a time (task.vae_slicing=true)",
+                "task.vae_tiling": "decode in tiles (task.vae_tiling=true) or lower train.batch_size"}[setting]
+        if setting == "train.grad_accum" and cfg.task.name != "toy2d" and not cfg.policy.gradient_checkpointing:
+            hint += " or set policy.gradient_checkpointing=true"
         # what to do first, then the three largest parts (the CLI prints one line of at most 300 characters)
         parts = ([(k if k.startswith("training") else f"training {k}", v) for k, v in est.train.items()]
                  + [(f"evaluation {k}", v) for k, v in est.eval.items()])
-        parts.append(("parameters", est.params))
+        parts += [("parameters", est.params), ("weights", est.weights), ("text encoders at start", est.start)]
         top = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(parts, key=lambda kv: -kv[1])[:3] if v)
         raise ConfigError(f"config field '{setting}': the run needs about {fmt_bytes(est.total)} of {where} but "
                           f"{fmt_bytes(avail)} is available; {hint} (largest: {top})")
-    if on_cuda and host_avail is not None and est.host_plan > host_avail:
+    if on_cuda and host_avail is not None and est.host_plan + est.host_extra > host_avail:
+        if est.host_extra > est.host_plan:
+            raise ConfigError(f"config field 'task.offload': the parts kept in host memory need about "
+                              f"{fmt_bytes(est.host_extra + est.host_plan)} but {fmt_bytes(host_avail)} is available; "
+                              f"set task.offload='' (keep them on {dev}) or lower policy.dtype")
         raise ConfigError(f"config field 'train.batch_size': compiling the rollout plan needs about "
                           f"{fmt_bytes(est.host_plan)} of host memory but {fmt_bytes(host_avail)} is available; "
                           f"lower train.batch_size")
@@ -394,6 +512,7 @@ def check_inputs(cfg: RunConfig) -> None:
     _check_model(t.model)
     if t.prompts:
         read_prompt_file(t.prompts)
+    _check_cache_dir(t.text_cache)
     geo = task_geometry(cfg)
     info = _diffusers_family(t.model)
     if geo is not None and info is not None and t.resolution:
@@ -401,6 +520,25 @@ def check_inputs(cfg: RunConfig) -> None:
         if t.resolution % f:
             raise ConfigError(f"config field 'task.resolution': {t.resolution} must be a multiple of the VAE "
                               f"factor {f}")
+
+
+def _check_cache_dir(setting: str) -> None:
+    """``task.text_cache`` must be (or be creatable as) a writable folder; nothing is created here."""
+    from .tasks.diffusers_task import text_cache_dir
+
+    try:
+        p = text_cache_dir(setting)
+        if p is None:
+            return
+        q = p
+        while not q.exists() and q != q.parent:
+            q = q.parent
+        ok = q.is_dir() and os.access(q, os.W_OK | os.X_OK)
+    except (OSError, ValueError, RuntimeError):     # (RuntimeError: no home directory to expand)
+        ok, q = False, setting
+    if not ok:
+        raise ConfigError(f"config field 'task.text_cache': {str(q)!r} is not a writable folder (the text-embedding "
+                          f"cache is written there; 'off' disables it)")
 
 
 def _check_model(spec: str) -> None:
@@ -449,7 +587,10 @@ def read_prompt_file(path: str) -> list:
     return recs
 
 
-def check(cfg: RunConfig, device=None) -> MemoryEstimate | None:
-    """:func:`check_inputs` then :func:`check_memory` (what the CLI calls before the run directory)."""
+def check(cfg: RunConfig, device=None, *, world_size: int = 1, sharded: bool | None = None,
+          local_ranks: int = 1) -> MemoryEstimate | None:
+    """:func:`check_inputs` then :func:`check_memory` (what the CLI calls before the run directory;
+    under torchrun with the world size, so the estimate is one rank's, and the CPU ranks of one
+    machine, ``local_ranks``, share its memory)."""
     check_inputs(cfg)
-    return check_memory(cfg, device)
+    return check_memory(cfg, device, world_size=world_size, sharded=sharded, local_ranks=local_ranks)

@@ -132,6 +132,15 @@ def _elastic_start(args) -> bool:
     return bool(target) and not (Path(target) / "config.yaml").exists()
 
 
+def _preflight(cfg) -> None:
+    """Inputs and memory before anything is written; under torchrun one rank's share of the run."""
+    import os
+
+    n = int(os.environ.get("WORLD_SIZE", "1")) if D.launched() else 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if D.launched() else 1
+    preflight.check(cfg, world_size=n, local_ranks=local)
+
+
 def _join(cfg) -> tuple["D.World", str]:
     """This process's rank in torchrun's process group (the one-process world outside torchrun)."""
     tc = cfg.train
@@ -145,7 +154,7 @@ def _prepare(args, overrides: list[str]):
     if args.resume is None or _elastic_start(args):
         preset = args.preset or (None if args.config else DEFAULT_PRESET)
         cfg = build_config(preset, args.config, overrides)
-        preflight.check(cfg)            # prompt file, model spec, memory: before any directory or model
+        _preflight(cfg)                 # prompt file, model spec, memory: before any directory or model
         _check_reward(cfg)
         world, device = _join(cfg)
         target = args.out or args.resume
@@ -167,7 +176,7 @@ def _prepare(args, overrides: list[str]):
     cfg = _resume_config(out, args.config, overrides)
     if args.preset and args.preset != cfg.preset:
         raise ConfigError(f"--preset {args.preset!r} differs from the run's preset {cfg.preset!r} in {out / 'config.yaml'}")
-    preflight.check(cfg)
+    _preflight(cfg)
     _check_reward(cfg)
     world, device = _join(cfg)
     run_dir = RunDir(out, tensorboard=args.tensorboard, resume=True) if world.main else None

@@ -30,6 +30,11 @@ as in diffusers' ``train_dreambooth_lora.py``; SD3: ``StableDiffusion3Pipeline.s
 (transformer_lora_layers=...)`` as in ``train_dreambooth_lora_sd3.py``), with the LoraConfig as
 adapter metadata so ``pipe.load_lora_weights(dir)`` restores alpha as well as rank.
 
+Full fine-tuning export: :func:`save_module` writes the whole denoiser with its own diffusers
+``save_pretrained`` (config + safetensors shards), from a given state dict when the caller gathered
+one (sharded ranks): the module's ``state_dict`` is swapped for that one during the call, so
+diffusers' own writer (sharding, index file) is used unchanged.
+
 Precision: the LoRA matrices are float32 whatever the base dtype (peft casts the layer input to
 the LoRA weights' dtype and the sum back to the base output dtype), so the optimiser updates
 float32 master weights.
@@ -178,9 +183,15 @@ def lora_state_dict(module: nn.Module) -> dict:
     return get_peft_model_state_dict(module, adapter_name=ADAPTER)
 
 
-def export_lora(module: nn.Module, family: str, directory) -> Path:
-    """Write ``directory/pytorch_lora_weights.safetensors`` loadable by ``pipe.load_lora_weights``."""
-    sd = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(module).items()}
+def export_lora(module: nn.Module, family: str, directory, state_dict: dict | None = None) -> Path:
+    """Write ``directory/pytorch_lora_weights.safetensors`` loadable by ``pipe.load_lora_weights``;
+    ``state_dict`` (the module's parameter names, e.g. gathered from other ranks) replaces the
+    module's own LoRA values."""
+    from peft.utils import get_peft_model_state_dict
+
+    raw = (lora_state_dict(module) if state_dict is None
+           else get_peft_model_state_dict(module, state_dict=dict(state_dict), adapter_name=ADAPTER))
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in raw.items()}
     if not sd:
         raise RuntimeError("the model has no LoRA weights to export")
     meta = module.peft_config[ADAPTER].to_dict()
@@ -201,11 +212,51 @@ def export_lora(module: nn.Module, family: str, directory) -> Path:
     return out
 
 
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A detached deep copy for the full-fine-tuning reference (eval mode, no grads)."""
+def frozen_copy(module: nn.Module, device=None) -> nn.Module:
+    """A detached copy for the full-fine-tuning reference (eval mode, no grads). ``device``: build the
+    copy there (a diffusers model: on the meta device, then its tensors copied straight to
+    ``device``, so a model on a GPU gets a CPU copy without a second GPU copy); None: a deep copy."""
     import copy
 
-    ref = copy.deepcopy(module)
+    ref = None
+    if device is not None and hasattr(type(module), "from_config") and hasattr(module, "config"):
+        dev = torch.device(device)
+        with torch.device("meta"):
+            ref = type(module).from_config(module.config)
+        ref.load_state_dict({k: v.detach().to(dev, copy=True) for k, v in module.state_dict().items()}, assign=True)
+        for name, buf in module.named_buffers():      # non-persistent buffers are not in the state dict
+            owner, _, leaf = name.rpartition(".")
+            sub = ref.get_submodule(owner)
+            if sub._buffers.get(leaf) is not None and sub._buffers[leaf].is_meta:
+                sub._buffers[leaf] = buf.detach().to(dev, copy=True)
+        if any(t.is_meta for t in (*ref.parameters(), *ref.buffers())):
+            ref = None                                 # something the state dict does not hold: copy instead
+    if ref is None:
+        ref = copy.deepcopy(module)
+        if device is not None:
+            ref.to(device)
     ref.requires_grad_(False)
     ref.eval()
     return ref
+
+
+def save_module(module: nn.Module, directory, state_dict: dict | None = None) -> Path:
+    """``module.save_pretrained(directory)`` (a diffusers model), writing ``state_dict`` instead of
+    the module's own when given (its keys must be the module's). Returns ``directory``."""
+    out = Path(directory)
+    if state_dict is None:
+        module.save_pretrained(str(out))
+        return out
+    own = set(module.state_dict().keys())
+    given = set(state_dict)
+    if own != given:
+        extra, lack = sorted(given - own), sorted(own - given)
+        raise ValueError(f"export state_dict does not match the denoiser: {len(lack)} key(s) missing "
+                         f"{lack[:2]}, {len(extra)} unexpected {extra[:2]}")
+    sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    module.state_dict = lambda *a, **k: sd        # the instance attribute shadows the method for this call
+    try:
+        module.save_pretrained(str(out))
+    finally:
+        del module.state_dict
+    return out

@@ -13,19 +13,28 @@
   a missing xformers is one clear error). diffusers' newer ``set_attention_backend`` dispatcher is
   not used: some of its backends fetch kernels from the hub.
 * :func:`set_gradient_checkpointing` — diffusers' per-block activation checkpointing toggle (active
-  in training mode under grad only).
+  under grad only: the rollout and the reference run without it).
+* :func:`autocast` — ``torch.autocast(device_type, dtype)`` around a denoiser forward (``None``:
+  a no-op context). CPU autocast takes bf16 and fp16 (torch >= 2.1 lists both for CPU).
+* :func:`visiting` — a frozen module kept in CPU memory visits a device for the duration of a block
+  (``task.offload=cpu``): its parameters and buffers are copied to the device on entry and the
+  CPU tensors put back on exit (no copy back: the module is frozen). On a CPU device both moves
+  are no-ops, but the same code runs; :data:`VISITS` counts the visits (tests, logs).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import resource
 import sys
+from collections import Counter
 
 import torch
 from torch import nn
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 OPTIMIZERS = ("adamw", "adamw8bit")
 
@@ -38,6 +47,50 @@ def resolve_dtype(dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+def resolve_autocast(name) -> torch.dtype | None:
+    """``policy.autocast`` (``""``/None: off, ``"bf16"``, ``"fp16"``, or a torch dtype) as a dtype or None."""
+    if name in ("", None):
+        return None
+    if isinstance(name, torch.dtype):
+        if name not in AUTOCAST_DTYPES.values():
+            raise ValueError(f"autocast dtype must be bfloat16 or float16, got {name}")
+        return name
+    if name not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be one of {['', *AUTOCAST_DTYPES]}, got {name!r}")
+    return AUTOCAST_DTYPES[name]
+
+
+def autocast(device, dtype: torch.dtype | None):
+    """``torch.autocast`` on ``device``'s type in ``dtype``; a null context when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+VISITS: Counter = Counter()     # class name of a visiting module -> visits (task.offload=cpu)
+
+
+@contextlib.contextmanager
+def visiting(module: nn.Module | None, device, enabled: bool = True):
+    """Run a block with the frozen ``module`` on ``device``, its CPU tensors restored after (module
+    docstring). ``enabled=False`` or ``module=None``: a null context."""
+    if module is None or not enabled:
+        yield module
+        return
+    dev = torch.device(device)
+    home = []
+    with torch.no_grad():
+        for t in (*module.parameters(), *module.buffers()):
+            home.append((t, t.data))
+            t.data = t.data.to(dev, non_blocking=dev.type == "cuda")
+    VISITS[type(module).__name__] += 1
+    try:
+        yield module
+    finally:
+        for t, data in home:
+            t.data = data
 
 
 def peak_memory(device=None) -> int:

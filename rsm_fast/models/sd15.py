@@ -15,6 +15,9 @@
   transition has no clipping), as in SD1.5's config.
 * Decode: ``vae.decode(z / scaling_factor)``, then ``(x / 2 + 0.5).clamp(0, 1)`` (the pipeline's
   postprocess), float32 ``[B, 3, H, W]``.
+* Loading: ``text_encoders=False`` builds or loads no text encoder now; the adapter gets a loader
+  for it and a source identity (the folder's ``text_encoder``/``tokenizer`` files, or the random
+  build's recipe), see :mod:`.adapter`.
 """
 from __future__ import annotations
 
@@ -24,14 +27,16 @@ import torch
 from torch import Tensor, nn
 
 from .. import transitions as T
-from .adapter import DiffusionAdapter, check_folder, load_component, seeded
-from .text import clip_special_ids, tiny_clip_tokenizer
+from .adapter import DiffusionAdapter, build_recipe, check_folder, load_component, seeded
+from .text import clip_special_ids, folder_fingerprint, tiny_clip_tokenizer
 
 
 class SD15Adapter(DiffusionAdapter):
     family = "sd15"
     native = "eps"
+    denoiser_folder = "unet"
     TEXT_COMPONENTS = ("text_encoder", "tokenizer")
+    TEXT_ENCODERS = ("text_encoder",)
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, **kwargs):
         from diffusers import DDIMScheduler
@@ -43,6 +48,7 @@ class SD15Adapter(DiffusionAdapter):
         if scheduler.config.clip_sample or scheduler.config.thresholding:
             raise ValueError("scheduler config has clip_sample/thresholding on; the DDIM transition has no clipping")
         super().__init__(unet, vae, scheduler, {"text_encoder": text_encoder, "tokenizer": tokenizer}, **kwargs)
+        self.max_length = int(tokenizer.model_max_length)
 
     # -- model ---------------------------------------------------------------------------------
     def _denoise(self, module: nn.Module, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
@@ -58,7 +64,7 @@ class SD15Adapter(DiffusionAdapter):
         return enc(ids.input_ids.to(self.device), attention_mask=mask)[0]
 
     def _text_options(self) -> dict:
-        return {"max_length": self.text["tokenizer"].model_max_length}
+        return {"max_length": self.max_length}
 
     # -- sampler -------------------------------------------------------------------------------
     def _scheduler_copy(self):
@@ -73,7 +79,7 @@ class SD15Adapter(DiffusionAdapter):
     # -- images --------------------------------------------------------------------------------
     def decode(self, latents: Tensor) -> Tensor:
         z = latents.to(self.device, self.vae_dtype) / self.vae.config.scaling_factor
-        img = self.vae.decode(z, return_dict=False)[0]
+        img = self._decode_vae(z)
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
     # -- diffusers interop ---------------------------------------------------------------------
@@ -81,6 +87,8 @@ class SD15Adapter(DiffusionAdapter):
         """A ``StableDiffusionPipeline`` on these components (``unet`` overrides the denoiser)."""
         from diffusers import StableDiffusionPipeline
 
+        if not self.text_loaded and self._text_loader is not None:
+            self.load_text_encoders()
         if not self.text_loaded:
             raise RuntimeError("pipeline() needs the text encoders")
         return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text["text_encoder"],
@@ -113,27 +121,49 @@ def ddim_transition(scheduler, num_steps: int, eta: float = 1.0, variance: str =
     return T.ddim(ac, ts, eta=eta, final_alpha_cumprod=final, variance=variance, uw_weight=uw_weight)
 
 
-def build_sd15(cfg: dict, *, seed: int = 0, **kwargs) -> SD15Adapter:
-    """Random-weight SD1.5-style model from a :mod:`.configs` dict."""
+def build_sd15(cfg: dict, *, seed: int = 0, text_encoders: bool = True, **kwargs) -> SD15Adapter:
+    """Random-weight SD1.5-style model from a :mod:`.configs` dict (``text_encoders=False``: the text
+    encoder is built when first needed, with the weights an eager build gives it)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tok = tiny_clip_tokenizer(cfg["tokenizer"]["max_length"])
-    with seeded(seed, kwargs.get("device", "cpu")):
+    device = kwargs.get("device", "cpu")
+
+    def text(state=None):
+        with seeded(seed, device, state):
+            return CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"], **clip_special_ids(tok)))
+
+    with seeded(seed, device) as rng:
         unet = UNet2DConditionModel(**cfg["unet"])
         vae = AutoencoderKL(**cfg["vae"])
-        te = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"], **clip_special_ids(tok)))
+        state = rng()
+    te = text(state) if text_encoders else None
+    if not text_encoders:
+        kwargs.update(text_loader=lambda: {"text_encoder": text(state)},
+                      text_source=build_recipe("sd15", cfg, seed, device))
     return SD15Adapter(unet, vae, te, tok, DDIMScheduler(**cfg["scheduler"]), **kwargs)
 
 
-def load_sd15(path, **kwargs) -> SD15Adapter:
-    """SD1.5 from a local diffusers folder (``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``)."""
+def load_sd15(path, *, text_encoders: bool = True, **kwargs) -> SD15Adapter:
+    """SD1.5 from a local diffusers folder (``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
+    ``scheduler``), each in its dtype straight from the files; ``text_encoders=False``: the text
+    encoder loads when first needed."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     p = check_folder(path, {"unet": ("config.json",), "vae": ("config.json",), "text_encoder": ("config.json",),
                             "tokenizer": ("tokenizer_config.json", "vocab.json", "tokenizer.json"),
                             "scheduler": ("scheduler_config.json",)})
-    return SD15Adapter(load_component(UNet2DConditionModel, p, "unet"), load_component(AutoencoderKL, p, "vae"),
-                       load_component(CLIPTextModel, p, "text_encoder"), load_component(CLIPTokenizer, p, "tokenizer"),
+    dtype, vae_dtype = kwargs.get("dtype", "fp32"), kwargs.get("vae_dtype", "fp32")
+
+    def text():
+        return load_component(CLIPTextModel, p, "text_encoder", dtype=dtype)
+
+    if not text_encoders:
+        kwargs.update(text_loader=lambda: {"text_encoder": text()},
+                      text_source=folder_fingerprint([p / "text_encoder", p / "tokenizer"]))
+    return SD15Adapter(load_component(UNet2DConditionModel, p, "unet", dtype=dtype),
+                       load_component(AutoencoderKL, p, "vae", dtype=vae_dtype),
+                       text() if text_encoders else None, load_component(CLIPTokenizer, p, "tokenizer"),
                        load_component(DDIMScheduler, p, "scheduler"), **kwargs)

@@ -19,6 +19,8 @@
   ``noise_level`` a = 0.7 for SD3.5-M), the DanceGRPO SDE, or the Euler ODE
   (``x' = x + (sigma_{i+1} - sigma_i) v``, the scheduler's ``step``).
 * Decode: ``vae.decode(z / scaling_factor + shift_factor)``, then ``(x / 2 + 0.5).clamp(0, 1)``.
+* Loading: ``text_encoders=False`` builds or loads no text encoder now (see :mod:`.sd15`); ``t5``
+  decides whether the loader brings T5, and is part of the cache identity.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import transitions as T
-from .adapter import DiffusionAdapter, check_folder, load_component, seeded
-from .text import clip_special_ids, tiny_clip_tokenizer, tiny_t5_tokenizer
+from .adapter import DiffusionAdapter, build_recipe, check_folder, load_component, seeded
+from .text import clip_special_ids, folder_fingerprint, tiny_clip_tokenizer, tiny_t5_tokenizer
 
 KINDS = ("sde", "ode", "dance")
 
@@ -39,10 +41,13 @@ KINDS = ("sde", "ode", "dance")
 class SD3Adapter(DiffusionAdapter):
     family = "sd3"
     native = "v"
+    denoiser_folder = "transformer"
     TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+    TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
     def __init__(self, transformer, vae, text_encoder, text_encoder_2, text_encoder_3, tokenizer, tokenizer_2,
-                 tokenizer_3, scheduler, *, max_sequence_length: int | None = None, **kwargs):
+                 tokenizer_3, scheduler, *, max_sequence_length: int | None = None, t5: bool | None = None,
+                 **kwargs):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         c = scheduler.config
@@ -50,8 +55,11 @@ class SD3Adapter(DiffusionAdapter):
                      "use_beta_sigmas", "shift_terminal"):
             if c.get(flag):
                 raise ValueError(f"scheduler config sets {flag}; the SD3 adapter supports the static-shift schedule")
-        if text_encoder_3 is not None and tokenizer_3 is None:
+        t5 = text_encoder_3 is not None if t5 is None else bool(t5)   # (False with an encoder given: dropped)
+        if t5 and tokenizer_3 is None:
             raise ValueError("text_encoder_3 (T5) needs tokenizer_3")
+        if not t5:
+            text_encoder_3 = None
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(c)
         text = dict(text_encoder=text_encoder, text_encoder_2=text_encoder_2, text_encoder_3=text_encoder_3,
                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, tokenizer_3=tokenizer_3)
@@ -63,7 +71,7 @@ class SD3Adapter(DiffusionAdapter):
             max_sequence_length = min(256, int(tokenizer_3.model_max_length)) if tokenizer_3 is not None else 256
         self.max_sequence_length = int(max_sequence_length)
         self.clip_length = int(tokenizer.model_max_length)
-        self.t5 = text_encoder_3 is not None
+        self.t5 = t5
         self.time_scale = float(scheduler.config.num_train_timesteps)
 
     # -- conditioning layout -------------------------------------------------------------------
@@ -96,7 +104,7 @@ class SD3Adapter(DiffusionAdapter):
         h1, p1 = self._clip("", prompts)
         h2, p2 = self._clip("_2", prompts)
         clip = torch.cat([h1, h2], dim=-1)
-        if self.text["text_encoder_3"] is not None:
+        if self.t5:
             tok = self.text["tokenizer_3"]
             ids = tok(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
                       add_special_tokens=True, return_tensors="pt").input_ids
@@ -138,7 +146,7 @@ class SD3Adapter(DiffusionAdapter):
     def decode(self, latents: Tensor) -> Tensor:
         c = self.vae.config
         z = latents.to(self.device, self.vae_dtype) / c.scaling_factor + (c.shift_factor or 0.0)
-        img = self.vae.decode(z, return_dict=False)[0]
+        img = self._decode_vae(z)
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
     # -- diffusers interop ---------------------------------------------------------------------
@@ -146,6 +154,8 @@ class SD3Adapter(DiffusionAdapter):
         """A ``StableDiffusion3Pipeline`` on these components (``transformer`` overrides the denoiser)."""
         from diffusers import StableDiffusion3Pipeline
 
+        if not self.text_loaded and self._text_loader is not None:
+            self.load_text_encoders()
         if self.text["text_encoder"] is None:
             raise RuntimeError("pipeline() needs the text encoders")
         tx = self.text
@@ -161,29 +171,41 @@ class SD3Adapter(DiffusionAdapter):
         return Path(directory)
 
 
-def build_sd3(cfg: dict, *, seed: int = 0, t5: bool = True, **kwargs) -> SD3Adapter:
-    """Random-weight SD3-style model from a :mod:`.configs` dict (``t5=False``: drop T5)."""
+def build_sd3(cfg: dict, *, seed: int = 0, t5: bool = True, text_encoders: bool = True, **kwargs) -> SD3Adapter:
+    """Random-weight SD3-style model from a :mod:`.configs` dict (``t5=False``: drop T5;
+    ``text_encoders=False``: the encoders are built when first needed, with an eager build's weights)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     tk = cfg["tokenizer"]
     tok, tok2 = tiny_clip_tokenizer(tk["max_length"]), tiny_clip_tokenizer(tk["max_length"])
     tok3 = tiny_t5_tokenizer(tk["t5_max_length"]) if t5 else None
-    with seeded(seed, kwargs.get("device", "cpu")):
+    device = kwargs.get("device", "cpu")
+
+    def text(state=None):
+        with seeded(seed, device, state):
+            te = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder"], **clip_special_ids(tok)))
+            te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"], **clip_special_ids(tok2)))
+            te3 = (T5EncoderModel(T5Config(**cfg["text_encoder_3"], pad_token_id=0, eos_token_id=1,
+                                           decoder_start_token_id=0)) if t5 else None)
+        return {"text_encoder": te, "text_encoder_2": te2, "text_encoder_3": te3}
+
+    with seeded(seed, device) as rng:
         tr = SD3Transformer2DModel(**cfg["transformer"])
         vae = AutoencoderKL(**cfg["vae"])
-        te = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder"], **clip_special_ids(tok)))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"], **clip_special_ids(tok2)))
-        te3 = (T5EncoderModel(T5Config(**cfg["text_encoder_3"], pad_token_id=0, eos_token_id=1,
-                                       decoder_start_token_id=0)) if t5 else None)
+        state = rng()
+    enc = text(state) if text_encoders else {"text_encoder": None, "text_encoder_2": None, "text_encoder_3": None}
+    if not text_encoders:
+        kwargs.update(text_loader=lambda: text(state), text_source=build_recipe("sd3", cfg, seed, device))
     kwargs.setdefault("max_sequence_length", tk["t5_max_length"])
-    return SD3Adapter(tr, vae, te, te2, te3, tok, tok2, tok3, FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]),
-                      **kwargs)
+    return SD3Adapter(tr, vae, enc["text_encoder"], enc["text_encoder_2"], enc["text_encoder_3"], tok, tok2, tok3,
+                      FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]), t5=t5, **kwargs)
 
 
-def load_sd3(path, *, t5: bool | None = None, **kwargs) -> SD3Adapter:
-    """SD3/3.5 from a local diffusers folder. ``t5``: None = load T5 when the folder has it,
-    True = require it, False = drop it (zeros)."""
+def load_sd3(path, *, t5: bool | None = None, text_encoders: bool = True, **kwargs) -> SD3Adapter:
+    """SD3/3.5 from a local diffusers folder, each part in its dtype straight from the files. ``t5``:
+    None = load T5 when the folder has it, True = require it, False = drop it (zeros);
+    ``text_encoders=False``: the encoders load when first needed."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -198,11 +220,21 @@ def load_sd3(path, *, t5: bool | None = None, **kwargs) -> SD3Adapter:
         req.update(text_encoder_3=("config.json",), tokenizer_3=("tokenizer_config.json", "spiece.model",
                                                                   "tokenizer.json"))
     p = check_folder(p, req)
-    te3 = load_component(T5EncoderModel, p, "text_encoder_3") if use_t5 else None
+    dtype, vae_dtype = kwargs.get("dtype", "fp32"), kwargs.get("vae_dtype", "fp32")
+
+    def text():
+        return {"text_encoder": load_component(CLIPTextModelWithProjection, p, "text_encoder", dtype=dtype),
+                "text_encoder_2": load_component(CLIPTextModelWithProjection, p, "text_encoder_2", dtype=dtype),
+                "text_encoder_3": load_component(T5EncoderModel, p, "text_encoder_3", dtype=dtype) if use_t5 else None}
+
+    enc = text() if text_encoders else {"text_encoder": None, "text_encoder_2": None, "text_encoder_3": None}
+    if not text_encoders:
+        parts = ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+        parts += ["text_encoder_3", "tokenizer_3"] if use_t5 else []
+        kwargs.update(text_loader=text, text_source=folder_fingerprint([p / q for q in parts]))
     tok3 = load_component(T5TokenizerFast, p, "tokenizer_3") if use_t5 else None
-    return SD3Adapter(load_component(SD3Transformer2DModel, p, "transformer"),
-                      load_component(AutoencoderKL, p, "vae"),
-                      load_component(CLIPTextModelWithProjection, p, "text_encoder"),
-                      load_component(CLIPTextModelWithProjection, p, "text_encoder_2"), te3,
+    return SD3Adapter(load_component(SD3Transformer2DModel, p, "transformer", dtype=dtype),
+                      load_component(AutoencoderKL, p, "vae", dtype=vae_dtype),
+                      enc["text_encoder"], enc["text_encoder_2"], enc["text_encoder_3"],
                       load_component(CLIPTokenizer, p, "tokenizer"), load_component(CLIPTokenizer, p, "tokenizer_2"),
-                      tok3, load_component(FlowMatchEulerDiscreteScheduler, p, "scheduler"), **kwargs)
+                      tok3, load_component(FlowMatchEulerDiscreteScheduler, p, "scheduler"), t5=use_t5, **kwargs)

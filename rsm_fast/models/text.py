@@ -11,14 +11,28 @@
   configs (the real vocabularies are not shipped). Unknown characters map to nothing (CLIP) or
   ``<unk>`` (T5); text is lower-cased by CLIP's normaliser.
 * :class:`EmbeddingCache` — one safetensors file per (prompt, encoder identity), so the text
-  encoders can be unloaded once a prompt set is encoded. The identity
+  encoders can be unloaded once a prompt set is encoded. The identity of loaded encoders
   (:func:`encoder_identity`) hashes the encoders' classes, configs, parameter shapes and a strided
   sample of every parameter tensor, the tokenizers' vocabularies and the encoding options; it
   tells apart different checkpoints and random inits, not a fine-tune that only moved weights
   outside the sampled positions (the encoders are frozen here, so that case does not arise).
+  Encoders that are not loaded yet get a *source* identity (:func:`source_identity`): the files
+  they would load from (:func:`folder_fingerprint`: names, sizes, small files whole and a strided
+  sample of large ones) or the recipe of a random build (config, seed, device, torch version), so
+  a later run can find its prompts in the cache without loading an encoder at all.
+
+Sharing one cache folder between processes (several torchrun ranks on one machine): a file is
+written under a temporary name, flushed to disk (``fsync``) and renamed over its final name
+(``os.replace``, atomic on POSIX), so a reader sees a whole file or none; a file that still fails
+to read (a crash of the machine mid-write) is a miss and is written again. Filling the cache takes
+an exclusive ``flock`` on ``<identity dir>/.lock`` (:meth:`EmbeddingCache.locked`), so one process
+encodes while the others wait and then find every prompt cached (a dead holder's lock is released
+by the kernel). ``flock`` is advisory and local: on a network file system shared by several
+machines it may not exclude, and the atomic rename alone keeps the files whole.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -135,6 +149,41 @@ def encoder_identity(components: dict, options: dict | None = None) -> str:
     return h.hexdigest()
 
 
+def source_identity(source: str, options: dict | None = None) -> str:
+    """sha256 hex digest of where unloaded encoders come from (a :func:`folder_fingerprint` or a
+    random build's recipe) and the encoding options (lengths, T5 on/off, dtype ...)."""
+    h = hashlib.sha256(b"source\0" + source.encode("utf-8"))
+    h.update(json.dumps(options or {}, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+SMALL_FILE = 1 << 20          # files up to 1 MiB (configs, tokenizers) are hashed whole
+SAMPLE_CHUNKS, SAMPLE_BYTES = 16, 1 << 16    # a larger file: 16 strided 64 KiB chunks
+
+
+def folder_fingerprint(folders) -> str:
+    """A cheap content fingerprint of the files under ``folders`` (relative name, size, small files
+    whole, large ones by a strided byte sample); reads at most ~1 MiB per weight file."""
+    h = hashlib.sha256()
+    for folder in folders:
+        root = Path(folder)
+        h.update(f"[{root.name}]".encode())
+        if not root.is_dir():
+            continue
+        for f in sorted(p for p in root.rglob("*") if p.is_file()):
+            size = f.stat().st_size
+            h.update(f"{f.relative_to(root)}:{size}\0".encode())
+            with open(f, "rb") as fh:
+                if size <= SMALL_FILE:
+                    h.update(fh.read())
+                    continue
+                step = (size - SAMPLE_BYTES) // (SAMPLE_CHUNKS - 1)
+                for i in range(SAMPLE_CHUNKS):
+                    fh.seek(i * step)
+                    h.update(fh.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
 class CacheMiss(KeyError):
     """A prompt is not in the embedding cache and no encoder is available to compute it."""
 
@@ -143,8 +192,8 @@ class EmbeddingCache:
     """Text conditioning rows on disk: ``root/<identity[:16]>/<sha256(prompt)[:2]>/<sha256>.safetensors``.
 
     Each file holds one prompt's conditioning tensor ``[L, D]`` and, as metadata, the prompt and
-    the full identity (checked on load). Writes go through a temporary file and ``os.replace``,
-    so concurrent writers of the same prompt are safe.
+    the full identity (checked on load). Writes are atomic and a fill is locked (module docstring),
+    so processes sharing the folder never read a partial file.
     """
 
     def __init__(self, root, identity: str):
@@ -156,44 +205,73 @@ class EmbeddingCache:
         return self.dir / k[:2] / f"{k}.safetensors"
 
     def load(self, prompt: str) -> Tensor | None:
+        """The cached rows of ``prompt``, or None (absent, another identity's, or unreadable)."""
         from safetensors import safe_open
 
         p = self.path(prompt)
         if not p.is_file():
             return None
-        with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("prompt") != prompt or meta.get("identity") != self.identity:
-                return None
-            return f.get_tensor("cond")
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("prompt") != prompt or meta.get("identity") != self.identity:
+                    return None
+                return f.get_tensor("cond")
+        except Exception:       # a truncated / corrupt file (safetensors raises its own error types): a miss
+            return None
+
+    def missing(self, prompts: Sequence[str]) -> list[str]:
+        """The distinct prompts of ``prompts`` that are not cached, in first-seen order."""
+        return [p for p in dict.fromkeys(prompts) if self.load(p) is None]
 
     def store(self, prompt: str, cond: Tensor) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         p = self.path(prompt)
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-        os.close(fd)
+        data = save({"cond": cond.detach().contiguous().cpu()}, metadata={"prompt": prompt, "identity": self.identity})
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".", suffix=".tmp")
         try:
-            save_file({"cond": cond.detach().contiguous().cpu()}, tmp,
-                      metadata={"prompt": prompt, "identity": self.identity})
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
             os.replace(tmp, p)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def get_or_encode(self, prompts: Sequence[str], encode: Callable[[list[str]], Tensor] | None) -> Tensor:
-        """``[P, L, D]`` for ``prompts``: cached rows are loaded, the rest encoded in one call of
-        ``encode`` (``None``: the encoders are unloaded, a miss raises :class:`CacheMiss`)."""
+    @contextlib.contextmanager
+    def locked(self):
+        """An exclusive ``flock`` on this identity's folder while the block runs (module docstring)."""
+        import fcntl
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "a+b") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield self
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def get_or_encode(self, prompts: Sequence[str], encode: Callable[[list[str]], Tensor] | None,
+                      batch: int | None = None) -> Tensor:
+        """``[P, L, D]`` for ``prompts``: cached rows are loaded, the rest encoded by ``encode``
+        (``batch`` prompts a call; None: all in one call; ``encode=None``: the encoders are
+        unloaded and a miss raises :class:`CacheMiss`)."""
         rows: list[Tensor | None] = [self.load(p) for p in prompts]
         missing = sorted({p for p, r in zip(prompts, rows) if r is None})
         if missing:
             if encode is None:
                 raise CacheMiss(f"{len(missing)} prompt(s) not in the text-embedding cache {self.dir} and the "
                                 f"text encoders are unloaded, e.g. {missing[0]!r}")
-            new = encode(missing)
-            by_prompt = {p: new[i] for i, p in enumerate(missing)}
-            for p, c in by_prompt.items():
-                self.store(p, c)
+            by_prompt = {}
+            step = batch or len(missing)
+            for i in range(0, len(missing), step):
+                part = missing[i:i + step]
+                new = encode(part)
+                for j, p in enumerate(part):
+                    self.store(p, new[j])
+                    by_prompt[p] = new[j]
             rows = [by_prompt[p] if r is None else r for p, r in zip(prompts, rows)]
         return torch.stack([r.cpu() for r in rows])

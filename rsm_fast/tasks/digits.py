@@ -21,7 +21,9 @@ used for classifier-free guidance; trained with 10 % label dropout to the null c
 Model adapter (rollout-engine convention): ``task.model_fn(unet)(x [C,1,16,16], t [C], cond [C])``
 where ``cond`` is a ``[C]`` long tensor of class labels (10 = null, also used when ``cond`` is
 None) and ``t`` the transition's ``t`` value: VP train index, fed to the UNet as is; RF ``t`` in
-[0, 1], fed as ``1000 t`` (diffusers' ``timestep = sigma * num_train_timesteps``).
+[0, 1], fed as ``1000 t`` (diffusers' ``timestep = sigma * num_train_timesteps``). ``x`` is cast to
+the UNet's weight dtype on entry (``build_model(dtype=...)``: bf16 / fp16 weights) and the output
+back to ``x``'s dtype (float32 in the engine); ``autocast`` wraps the forward in ``torch.autocast``.
 
 Rewards (``digits_reward``) use the small CNN :class:`DigitClassifier` trained on the train split.
 Checkpoints: ``rsm_fast/assets/digits/{ddpm,flow,classifier}.safetensors`` (configs in each
@@ -155,11 +157,17 @@ def _config_from_meta(cfg: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
 
 
-def load_unet(path: Path | str, device="cpu"):
+def load_unet(path: Path | str, device="cpu", dtype=torch.float32):
+    """The shipped UNet in ``dtype`` (built on the meta device and given the checkpoint's tensors, cast
+    once: no float32 module is built first)."""
     state, meta = read_checkpoint(path)
-    unet = make_unet(_config_from_meta(meta["config"]))
-    unet.load_state_dict(state)
-    return unet.to(device).eval()
+    with torch.device("meta"):
+        unet = make_unet(_config_from_meta(meta["config"]))
+    unet.load_state_dict({k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+                          for k, v in state.items()}, assign=True)
+    if any(t.is_meta for t in (*unet.parameters(), *unet.buffers())):   # (nothing outside the state dict today)
+        raise RuntimeError(f"{path}: the checkpoint does not hold every tensor of the UNet")
+    return unet.eval()
 
 
 def load_classifier(path: Path | str | None = None, device="cpu") -> DigitClassifier:
@@ -201,16 +209,22 @@ def unet_timestep(family: str, t: Tensor) -> Tensor:
     return t if family == "ddim" else t * NUM_TRAIN_TIMESTEPS
 
 
-def make_model_fn(unet, family: str):
-    """``(x [C,1,16,16], t [C], cond [C] long | None) -> native output [C,1,16,16]``."""
+def make_model_fn(unet, family: str, autocast: torch.dtype | None = None):
+    """``(x [C,1,16,16], t [C], cond [C] long | None) -> native output [C,1,16,16]`` in ``x``'s dtype
+    (the UNet runs in its weight dtype, under ``torch.autocast(autocast)`` when given)."""
+    from ..models.runtime import autocast as autocast_ctx
+
     if family not in FAMILIES:
         raise ValueError(f"digits family must be one of {FAMILIES}, got {family!r}")
+    weight = unet.conv_in.weight              # a base weight: its dtype is the model's (LoRA adds fp32 ones)
 
     def model(x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         labels = (torch.full((x.shape[0],), NULL_LABEL, dtype=torch.long, device=x.device) if cond is None
                   else cond.reshape(x.shape[0]).to(device=x.device, dtype=torch.long))
         ts = unet_timestep(family, t.to(x.device)).to(torch.float32)
-        return unet(x, ts, class_labels=labels).sample.to(x.dtype)
+        with autocast_ctx(x.device, autocast):
+            out = unet(x.to(weight.dtype), ts, class_labels=labels).sample
+        return out.to(x.dtype)
 
     return model
 
@@ -283,12 +297,12 @@ class Digits:
         self.ode_transition = make_transition(family, num_steps, eta=0.0, noise_level=0.0, shift=shift)
 
     # -- models -----------------------------------------------------------------------------------
-    def build_model(self, device="cpu"):
-        """The pretrained ``UNet2DModel`` (float32, eval mode, parameters trainable)."""
-        return load_unet(self.checkpoint, device)
+    def build_model(self, device="cpu", dtype=torch.float32):
+        """The pretrained ``UNet2DModel`` (in ``dtype``, default float32; eval mode, parameters trainable)."""
+        return load_unet(self.checkpoint, device, dtype)
 
-    def model_fn(self, unet):
-        return make_model_fn(unet, self.family)
+    def model_fn(self, unet, autocast: torch.dtype | None = None):
+        return make_model_fn(unet, self.family, autocast)
 
     def build_classifier(self, device="cpu") -> DigitClassifier:
         return load_classifier(self.assets / "classifier.safetensors", device)

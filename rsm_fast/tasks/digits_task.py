@@ -7,6 +7,12 @@ digit label; CFG uses the null label. The policy is the pretrained UNet with LoR
 attention projections (``policy.lora_rank``; 0 = full fine-tuning against a frozen copy); the
 reference is the same UNet with the LoRA gated off (a buffer write, safe under compile / graphs).
 
+Precision and memory: ``policy.dtype`` (the UNet's weights; a LoRA's own stay fp32, the output is
+float32), ``policy.autocast`` (every UNet forward under ``torch.autocast``),
+``policy.gradient_checkpointing`` and ``policy.attention`` (:mod:`rsm_fast.models.runtime`) apply
+as for the diffusers task. The ``task.*`` memory keys (text cache, T5, VAE, offload) have nothing to
+act on here: ``config_checks`` refuses non-default values for this task.
+
 ``task.condition=none`` samples unconditionally (the null label, no CFG): the setting in which a
 fixed-target reward such as ``digit_logprob:3`` has room to move (about one sample in ten starts
 as each digit), as in DDPO-style experiments.
@@ -35,7 +41,7 @@ DEFAULT_CFG = 3.0          # the shipped models' measured class agreement uses C
 class DigitsTask:
     default_eval_samples = 1024   # 8192 took ~8 min of CPU (163,840 UNet evaluations at 10 steps)
 
-    def __init__(self, cfg, device="cpu"):
+    def __init__(self, cfg, device="cpu", policy=None):
         family = "ddim" if cfg.name == "digits-ddim" else "flow"
         self.device = torch.device(device)
         self.unconditional = cfg.condition == "none"
@@ -51,8 +57,17 @@ class DigitsTask:
         self.default_reward = "digit_logprob:3" if self.unconditional else "digit_label_logprob"
 
     def make_policy(self, pc) -> PolicyHandle:
-        unet = self.digits.build_model(self.device)
-        fn = self.digits.model_fn(unet)
+        from ..config import ConfigError
+        from ..models import runtime as RT
+
+        unet = self.digits.build_model(self.device, RT.resolve_dtype(pc.dtype))
+        try:
+            RT.set_attention_backend(unet, pc.attention)
+        except (ImportError, ValueError) as e:
+            raise ConfigError(f"config field 'policy.attention': {e}") from None
+        RT.set_gradient_checkpointing(unet, bool(pc.gradient_checkpointing))
+        autocast = RT.resolve_autocast(pc.autocast)
+        fn = self.digits.model_fn(unet, autocast)
         if pc.lora_rank > 0:
             targets = lora_targets(pc)
             gate = L.add_lora(unet, pc.lora_rank, pc.lora_alpha or None, targets)
@@ -63,12 +78,12 @@ class DigitsTask:
                     return fn(x, t, cond)
         else:
             frozen = copy.deepcopy(unet).requires_grad_(False)
-            ref_fn = self.digits.model_fn(frozen)
+            ref_fn = self.digits.model_fn(frozen, autocast)
 
             @torch.no_grad()
             def reference(x, t, cond=None):
                 return ref_fn(x, t, cond)
-        return PolicyHandle(module=unet, model=fn, reference=reference)
+        return PolicyHandle(module=unet, model=fn, reference=reference, frozen=None if pc.lora_rank > 0 else frozen)
 
     def conditions(self, groups: int, gen: torch.Generator) -> Conditioning:
         labels = self.digits.conditions(groups, gen)
@@ -84,8 +99,8 @@ class DigitsTask:
         return self.digits.decode(x0)
 
 
-def make_digits_task(cfg, device="cpu") -> DigitsTask:
-    return DigitsTask(cfg, device)
+def make_digits_task(cfg, device="cpu", policy=None) -> DigitsTask:
+    return DigitsTask(cfg, device, policy)
 
 
 def _classifier_of(task):
