@@ -12,6 +12,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The diffusers tasks keep a text-embedding cache on by default ($RSM_FAST_CACHE/text, else
+# ~/.cache/rsm_fast/text): the suite writes its own, never the user's (subprocesses inherit it).
+if "RSM_FAST_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["RSM_FAST_CACHE"] = tempfile.mkdtemp(prefix="rsm_fast-test-cache-")
+
 # Tensor methods that read device memory back to the host (a CUDA sync). Code that runs inside a
 # sampling / training step must never call them.
 HOST_SYNC_METHODS = ("item", "tolist", "__bool__", "cpu", "numpy", "__float__", "__int__", "__index__")
