@@ -99,8 +99,8 @@ def test_toy2d_two_ranks_equal_one_process(tmp_path):
     assert two["world"] == 2
 
 
-def test_toy2d_global_std_and_grad_accum(tmp_path):
-    sets = ("method.adv_norm=global",)
+def test_toy2d_global_std_grad_accum_and_inner_updates(tmp_path):
+    sets = ("method.adv_norm=global", "train.inner_updates=2")
     one = _worker(tmp_path, "glob", SDE, 3, 1, sets)
     two = _worker(tmp_path, "glob", SDE, 3, 2, sets + ("train.grad_accum=2",))
     _assert_same_run(one, two)

@@ -541,10 +541,12 @@ def test_estimate_against_measured_peak_rss(tmp_path):
         "from rsm_fast.trainer import Trainer\n"
         "cfg = build_config('grpo', None, sys.argv[1:])\n"
         "est = P.check_memory(cfg)\n"
-        "rss0 = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) * 1024\n"
+        "kb = lambda k: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(k)) * 1024\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"     # peak RSS (VmHWM) restarts here: imports excluded
+        "rss0 = kb('VmRSS:')\n"
         "tr = Trainer(cfg)\n"
         "tr.epoch(); tr.evaluate()\n"
-        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "peak = kb('VmHWM:')\n"
         "print(json.dumps({'est': est.total, 'delta': peak - rss0}))\n")
     sets = ["task.name=diffusers", "task.model=sd15-tiny", "task.resolution=64", "task.num_steps=2",
             "train.batch_size=8", "method.group_size=4", "task.eval_samples=4"]
