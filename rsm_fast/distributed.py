@@ -191,6 +191,17 @@ def current() -> World:
     return _CURRENT[0]
 
 
+def leave(world: World, ok: bool) -> None:
+    """The end of a rank's run: a finished one meets its peers (so none is still using the group),
+    then the group is destroyed. The caller exits with ``os._exit`` (see ``rsm_fast.train``)."""
+    if not world.active:
+        return
+    if ok:
+        with contextlib.suppress(Exception):
+            world.barrier("finish")
+        world.close()
+
+
 def is_collective_failure(e: BaseException) -> bool:
     """An exception a backend raised for a lost or stalled peer (inside DDP / FSDP hooks, where
     :class:`World` cannot wrap the call)."""

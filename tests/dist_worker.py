@@ -7,6 +7,7 @@ the trained parameters, the allocator's K profile after every epoch and the epoc
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -51,7 +52,11 @@ def main() -> None:
             log.pop("peak_memory_mb", None)
         torch.save({"samples": samples, "params": params, "profiles": profiles, "logs": logs,
                     "nfe": dict(tr.nfe), "world": world.size}, out)
-    world.close()
+    # the CLI's ending (rsm_fast.train._finish): meet, destroy the group, skip the C++ destructors
+    D.leave(world, ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
