@@ -100,26 +100,26 @@ class World:
             raise DistributedError(self.describe(op, e)) from None
 
     # -- collectives (identity in one process) -------------------------------------------------------
-    def sum(self, t: Tensor, op: str = "sum") -> Tensor:
-        """Elementwise sum over ranks (a new tensor)."""
+    def _all_reduce(self, t: Tensor, reduce_op, op: str) -> Tensor:
+        """``reduce_op`` over ranks, elementwise, on the backend's device; a new tensor on ``t``'s."""
         if not self.active:
             return t
         out = t.detach().to(self._comm_device(), copy=True)
-        self._run(op, lambda: torch.distributed.all_reduce(out, torch.distributed.ReduceOp.SUM))
+        self._run(op, lambda: torch.distributed.all_reduce(out, reduce_op))
         return out.to(t.device)
 
+    def sum(self, t: Tensor, op: str = "sum") -> Tensor:
+        """Elementwise sum over ranks (a new tensor)."""
+        return self._all_reduce(t, torch.distributed.ReduceOp.SUM, op)
+
     def max(self, t: Tensor, op: str = "max") -> Tensor:
-        if not self.active:
-            return t
-        out = t.detach().to(self._comm_device(), copy=True)
-        self._run(op, lambda: torch.distributed.all_reduce(out, torch.distributed.ReduceOp.MAX))
-        return out.to(t.device)
+        return self._all_reduce(t, torch.distributed.ReduceOp.MAX, op)
 
     def any(self, flag: bool, op: str = "flag") -> bool:
         """True on every rank when ``flag`` is true on any."""
         if not self.active:
             return bool(flag)
-        return bool(self.max(torch.tensor([1 if flag else 0], dtype=torch.int64, device=self._comm_device()), op)[0])
+        return bool(self.max(torch.tensor([1 if flag else 0], dtype=torch.int64), op)[0])
 
     def gather(self, t: Tensor, counts: list[int] | None = None, op: str = "gather") -> Tensor:
         """Every rank's rows of ``t`` concatenated in rank order (``counts[r]`` rows from rank ``r``;
@@ -140,9 +140,9 @@ class World:
 
     def all_counts(self, n: int, op: str = "count") -> Tensor:
         """``[size]`` int64: every rank's ``n``."""
-        v = torch.zeros(self.size, dtype=torch.int64, device=self._comm_device())
+        v = torch.zeros(self.size, dtype=torch.int64)
         v[self.rank] = int(n)
-        return self.sum(v, op).cpu()
+        return self.sum(v, op)
 
     def broadcast_object(self, obj, src: int = 0, op: str = "broadcast"):
         if not self.active:

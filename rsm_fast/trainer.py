@@ -419,7 +419,7 @@ class Trainer(TrainerState, FirstOrderMixin):
             return
         keys = list(self.nfe)
         d = torch.tensor([self.nfe[k] - nfe0.get(k, 0) for k in keys], dtype=torch.int64)
-        d = self.world.sum(d.to(self.world._comm_device()), "NFE sum").tolist()
+        d = self.world.sum(d, "NFE sum").tolist()
         self.nfe = {k: nfe0.get(k, 0) + int(v) for k, v in zip(keys, d)}
 
     def _sample_and_score(self):
