@@ -83,6 +83,8 @@ class PolicyConfig:
     lora_rank: int = field(default=8, metadata={"help": "image models: LoRA rank (0 = full fine-tuning)"})
     lora_alpha: float = field(default=0.0, metadata={"help": "image models: LoRA alpha (0 = rank, scale 1)"})
     lora_targets: str = field(default="to_q,to_k,to_v,to_out.0", metadata={"help": "image models: LoRA target modules (comma-separated)"})
+    train_text_encoder: bool = field(default=False, metadata={"help": "diffusers: also train a LoRA on the CLIP text encoders (SD3: CLIP-L and CLIP-G, T5 stays frozen and cached), same rank and alpha, as diffusers' --train_text_encoder; prompts are re-encoded under grad in every training forward, the reference runs with every LoRA off"})
+    text_lora_targets: str = field(default="q_proj,k_proj,v_proj,out_proj", metadata={"help": "diffusers, train_text_encoder: LoRA target modules of the text encoders (diffusers' train_dreambooth_lora scripts' text_lora_config)"})
     dtype: str = field(default="fp32", metadata={"help": "image models (digits, diffusers): weight dtype fp32 / bf16 / fp16, loaded in it (log-prob, ratio and loss math stay fp32; a LoRA's own weights and the VAE stay fp32; a full fine-tune trains and keeps AdamW state in it; fp16 has no loss scaling: prefer bf16)"})
     autocast: str = field(default="", metadata={"help": "image models (digits, diffusers): run every denoiser forward (policy and reference) under torch.autocast in this dtype ('' = off, bf16, fp16; CPU takes both); weights keep policy.dtype"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "image models (digits, diffusers): diffusers' per-block activation checkpointing of the trained model (less memory, ~1.3x the training step's compute)"})

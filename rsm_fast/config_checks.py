@@ -276,7 +276,7 @@ def _check_rollout(cfg: RunConfig) -> None:
 PRECISION_DEFAULTS = {"policy.dtype": "fp32", "policy.autocast": "", "policy.gradient_checkpointing": False,
                       "policy.attention": "sdpa"}
 DIFFUSERS_ONLY = {"task.text_cache": "", "task.t5": True, "task.vae_slicing": False, "task.vae_tiling": False,
-                  "task.offload": ""}
+                  "task.offload": "", "policy.train_text_encoder": False}
 
 
 def _check_precision(cfg: RunConfig) -> None:
@@ -301,6 +301,8 @@ def _check_precision(cfg: RunConfig) -> None:
         raise ConfigError("config field 'policy.dtype' is 'fp16' with policy.lora_rank=0: a full fine-tune trains the "
                           "weights in their dtype, and AdamW's eps (1e-8) underflows in float16 (the first step makes "
                           "them non-finite); use policy.dtype=bf16, or a LoRA (fp32) on the fp16 model")
+    if cfg.policy.train_text_encoder:
+        _check_text_lora(cfg)
     if cfg.policy.attention == "xformers" and importlib.util.find_spec("xformers") is None:
         raise ConfigError("config field 'policy.attention' is 'xformers' but the xformers package is not installed; "
                           "use policy.attention=sdpa (torch's scaled_dot_product_attention)")
@@ -311,6 +313,25 @@ def _check_precision(cfg: RunConfig) -> None:
         if torch.device(cfg.train.device).type != "cuda":
             raise ConfigError(f"config field 'train.optimizer' is 'adamw8bit' (bitsandbytes AdamW8bit, CUDA only) "
                               f"but train.device is {cfg.train.device!r}; use train.optimizer=adamw")
+
+
+def _check_text_lora(cfg: RunConfig) -> None:
+    """``policy.train_text_encoder``: a LoRA run, replicated (DDP) not sharded, eager rollouts."""
+    pc = cfg.policy
+    if pc.lora_rank == 0:
+        raise ConfigError("config field 'policy.train_text_encoder' needs a LoRA (policy.lora_rank > 0): the text "
+                          "encoders' LoRA shares the denoiser's gate, which is how the reference turns every LoRA off")
+    if cfg.train.parallel == "fsdp":
+        raise ConfigError("config field 'policy.train_text_encoder' trains LoRAs, which train.parallel=ddp replicates; "
+                          "FSDP2 (train.parallel=fsdp) is for full fine-tuning")
+    if cfg.rollout.graphs:
+        raise ConfigError("config field 'rollout.graphs' must be false with policy.train_text_encoder: the prompts "
+                          "are encoded by the trained text encoders inside every model call (host-side lookups a "
+                          "CUDA graph cannot replay)")
+    names = [s.strip() for s in pc.text_lora_targets.split(",") if s.strip()]
+    if not names or any(any(c.isspace() for c in n) for n in names):
+        raise ConfigError(f"config field 'policy.text_lora_targets' must list module names separated by commas "
+                          f"(e.g. q_proj,k_proj,v_proj,out_proj), got {pc.text_lora_targets!r}")
 
 
 def _check_device(text: str) -> None:

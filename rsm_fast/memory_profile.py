@@ -152,6 +152,8 @@ class ModelProfile:
     nograd: Cost = Cost()         # a no-grad denoiser call
     grad: Cost = Cost()           # a training forward + backward
     decode: Cost = Cost()         # the VAE decode (no grad)
+    clip_params: int = 0          # policy.train_text_encoder: the CLIP encoders that stay on the device
+    text_lora_params: int = 0     # ... and their LoRA (float32, trained)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,11 +237,14 @@ class _PC:
     lora_rank: int = 8
     lora_alpha: float = 0.0
     lora_targets: str = "to_q,to_k,to_v,to_out.0"
+    train_text_encoder: bool = False
+    text_lora_targets: str = "q_proj,k_proj,v_proj,out_proj"
 
 
 def _pc_key(pc) -> tuple:
     return (pc.dtype, pc.autocast, bool(pc.gradient_checkpointing), int(pc.lora_rank), float(pc.lora_alpha),
-            pc.lora_targets)
+            pc.lora_targets, bool(getattr(pc, "train_text_encoder", False)),
+            getattr(pc, "text_lora_targets", _PC.text_lora_targets))
 
 
 def digits_profile(cfg) -> ModelProfile:
@@ -280,6 +285,30 @@ def _layered_count(make, cfg: dict, key: str) -> int:
     with torch.device("meta"):
         one, two = (count(make({**cfg, key: n})) for n in (1, 2))
     return one + (two - one) * (L - 1)
+
+
+def _clip_lora(family: str, c: dict, pc) -> tuple[int, int]:
+    """``(parameters, LoRA parameters)`` of the CLIP encoders a text-encoder LoRA trains."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .models import lora as L
+
+    cls = CLIPTextModel if family == "sd15" else CLIPTextModelWithProjection
+    targets = tuple(s.strip() for s in pc.text_lora_targets.split(",") if s.strip())
+
+    def lora_count(d):
+        m = cls(CLIPTextConfig(**d))
+        L.add_lora(m, pc.lora_rank, pc.lora_alpha or None, targets, field="policy.text_lora_targets")
+        return sum(p.numel() for p in L.lora_parameters(m))
+
+    n = n_lora = 0
+    for k in ("text_encoder",) if family == "sd15" else ("text_encoder", "text_encoder_2"):
+        d = _clean(c[k])
+        n += _layered_count(lambda d: cls(CLIPTextConfig(**d)), d, "num_hidden_layers")
+        with torch.device("meta"):
+            one, two = (lora_count({**d, "num_hidden_layers": m}) for m in (1, 2))
+        n_lora += one + (two - one) * (int(d["num_hidden_layers"]) - 1)
+    return n, n_lora
 
 
 def _text_params(family: str, c: dict, t5: bool) -> int:
@@ -342,8 +371,9 @@ def _diffusers(spec: str, res: int, t5: bool, slicing: bool, tiling: bool, pc_ke
             vae.decode(_meta(n, vae.config.latent_channels, h, h))
 
     # with slicing the decode's peak is one image's: measured at 1 and 2 images it is all fixed
+    clip, text_lora = _clip_lora(family, c, pc) if pc.train_text_encoder and pc.lora_rank > 0 else (0, 0)
     return ModelProfile(n_den, lora, n_vae, _text_params(family, c, t5), L * D * BYTES.get(pc.dtype, 4),
-                        nograd, grad, Cost(*linear_cost(decode)))
+                        nograd, grad, Cost(*linear_cost(decode)), clip, text_lora)
 
 
 def diffusers_profile(cfg) -> ModelProfile | None:
@@ -397,16 +427,19 @@ def image_geometry(cfg, geo, device=None):
         return geo
     lora = pc.lora_rank > 0
     den, vae, text = prof.denoiser_params * b, prof.vae_params * 4, prof.text_params * b
-    kept_text = text if t.text_cache == "off" else 0
+    trained_text = prof.clip_params * b                 # text-encoder LoRA: the CLIPs stay, T5 is freed
+    kept_text = trained_text if trained_text else text if t.text_cache == "off" else 0
     ref = 0 if lora else den
     frozen, visit, host = (den if lora else 0) + vae + kept_text, 0, 0
     dev = torch.device(device if device is not None else cfg.train.device)
     if t.offload == "cpu" and dev.type != "cpu":
-        host = vae + kept_text + ref + (text - kept_text)
-        visit = max(vae, kept_text, ref)
-        frozen -= vae + kept_text
+        movable = kept_text - trained_text              # trained encoders never leave the device
+        host = vae + movable + ref + (text - kept_text)
+        visit = max(vae, movable, ref)
+        frozen -= vae + movable
         ref = 0
-    return replace(geo, param_bytes=prof.lora_params * 4 if lora else den, param_elem=4 if lora else b,
+    trained = (prof.lora_params + prof.text_lora_params) * 4
+    return replace(geo, param_bytes=trained if lora else den, param_elem=4 if lora else b,
                    full_copy_bytes=ref, frozen_bytes=frozen, visit_bytes=visit, offload_bytes=host,
                    text_bytes=text if t.text_cache != "off" else 0,
                    act_grad=prof.grad.per_row + prof.cond_bytes, act_fixed=prof.grad.fixed,

@@ -104,6 +104,10 @@ def replicate_policy(module: nn.Module, **ddp_kwargs) -> nn.Module:
     shapes and order on every rank; rank 0's values are broadcast to all ranks here."""
     if not _initialized() or is_replicated(module):
         return module
+    if hasattr(module, "called_modules"):       # a container of trained parts: one DDP each
+        for part in module.called_modules():
+            replicate_policy(part, **ddp_kwargs)
+        return module
     if is_sharded(module):
         raise RuntimeError("replicate_policy: the module is already sharded by fully_shard (FSDP2)")
     from torch.distributed._composable.replicate import replicate
@@ -179,6 +183,8 @@ def shard_policy(module: nn.Module, *, reference: nn.Module | None = None, mesh=
     format and the DTensor code paths stay the same)."""
     if not _initialized():
         raise RuntimeError("shard_policy needs torch.distributed to be initialised (torchrun)")
+    if hasattr(module, "called_modules"):
+        raise RuntimeError("shard_policy takes one module; a container of trained LoRA parts is replicated (DDP)")
     from torch.distributed.fsdp import fully_shard
 
     mesh = mesh if mesh is not None else default_mesh(module)
@@ -209,7 +215,12 @@ def gradient_sync(module: nn.Module, enabled: bool = True):
     reduce-scattered); the next synced backward reduces the accumulated sum. Both the forward
     and the backward must run inside the block (DDP decides at forward time, FSDP2 at backward
     time). The previous setting is restored on exit. A no-op for a plain module."""
-    if is_replicated(module):
+    if hasattr(module, "called_modules"):       # a container of trained parts
+        with contextlib.ExitStack() as stack:
+            for part in module.called_modules():
+                stack.enter_context(gradient_sync(part, enabled))
+            yield
+    elif is_replicated(module):
         from torch.distributed._composable.replicate import replicate
 
         st = replicate.state(module)

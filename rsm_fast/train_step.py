@@ -111,7 +111,11 @@ def find_regions(policy: nn.Module, mode: str) -> list[tuple[str, nn.Module]]:
             if blocks:
                 out += blocks
                 done.append(name)
-    return out or [("<policy>", policy)]
+    if out:
+        return out
+    if hasattr(policy, "called_modules"):      # a container (rsm_fast/tasks/base.py): what the adapter calls
+        return [(name, m) for name, m in policy.named_children()]
+    return [("<policy>", policy)]
 
 
 def _mark_batch(a):

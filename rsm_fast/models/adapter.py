@@ -47,11 +47,12 @@ from torch import Tensor, nn
 from . import lora as L
 from . import runtime as R
 from .text import EmbeddingCache, encoder_identity, source_identity
+from .text_lora import PromptTable, TextLoraMixin
 
 PROMPT_BATCH = 16     # prompts per text-encoder call while a prompt list fills the cache
 
 
-class DiffusionAdapter:
+class DiffusionAdapter(TextLoraMixin):
     """Base class; subclasses implement ``_denoise``, ``_encode``, ``transition``, ``decode``."""
 
     family = ""
@@ -83,12 +84,15 @@ class DiffusionAdapter:
         self._ref_denoiser: nn.Module | None = None
         self._identity: str | None = None
         self._uncond: Tensor | None = None
+        self._table: PromptTable | None = None     # text-encoder LoRA (add_text_lora)
+        self._memo: dict = {}
+        self._memo_version: tuple = ()
 
     # -- engine interface ----------------------------------------------------------------------
     def policy(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
         """Native output (float32) of the trainable model."""
         with R.autocast(self.device, self.autocast):
-            out = self._denoise(self.denoiser, x, t, cond)
+            out = self._denoise(self.denoiser, x, t, self._conditioning(cond))
         return out.float()
 
     __call__ = policy
@@ -102,9 +106,9 @@ class DiffusionAdapter:
                     out = self._denoise(self._ref_denoiser, x, t, cond)
             elif self.gate is None:
                 out = self._denoise(self.denoiser, x, t, cond)
-            else:
+            else:                 # every LoRA off, the text encoders' too
                 with L.gated(self.gate, 0.0):
-                    out = self._denoise(self.denoiser, x, t, cond)
+                    out = self._denoise(self.denoiser, x, t, self._conditioning(cond))
         return out.float()
 
     def _denoise(self, module: nn.Module, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
@@ -149,15 +153,17 @@ class DiffusionAdapter:
                                                   {"family": self.family, **self._text_options()})
         return self._identity
 
-    def load_text_encoders(self) -> None:
+    def load_text_encoders(self, keys: Sequence[str] | None = None) -> None:
         """Load the text encoders through the lazy loader (in the model dtype, on ``device``, or in
-        CPU memory under ``offload``); a no-op when they are loaded."""
-        if self.text_loaded:
+        CPU memory under ``offload``); a no-op when they are loaded. ``keys``: only these (and only
+        when one of them is missing)."""
+        if self.text_loaded if keys is None else all(self.text.get(k) is not None for k in keys):
             return
         if self._text_loader is None:
             raise RuntimeError("text encoders are unloaded and this adapter has no loader for them")
-        for k, v in self._text_loader().items():
-            self.text[k] = _place(v, self._home, self.dtype) if isinstance(v, nn.Module) else v
+        for k, v in self._text_loader(None if keys is None else tuple(keys)).items():
+            if self.text.get(k) is None:
+                self.text[k] = _place(v, self._home, self.dtype) if isinstance(v, nn.Module) else v
         self.text_loads += 1
 
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
@@ -166,6 +172,8 @@ class DiffusionAdapter:
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("encode_prompts takes a list of strings")
         prompts = list(prompts)
+        if self._table is not None:              # text-encoder LoRA: rows are prompt indices
+            return self._table.index(prompts).to(self.device)
         if self.cache_dir is not None:
             cache = EmbeddingCache(self.cache_dir, self.text_identity())
             enc = self._encode_no_grad if self.text_loaded else self._encode_lazily if self._text_loader else None
@@ -225,7 +233,8 @@ class DiffusionAdapter:
         if not self.text_loaded:
             return
         for k in self.TEXT_ENCODERS:
-            self.text[k] = None
+            if self._table is None or k not in self.TRAINED_TEXT:    # trained encoders stay
+                self.text[k] = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -249,7 +258,14 @@ class DiffusionAdapter:
         return self.trainable_parameters()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.denoiser.parameters() if p.requires_grad]
+        return [p for m in self.trained_modules().values() for p in m.parameters() if p.requires_grad]
+
+    def trained_modules(self) -> dict[str, nn.Module]:
+        """``{"denoiser": ..., <text encoder name>: ...}``: the modules holding trained parameters."""
+        out = {"denoiser": self.denoiser}
+        if self._table is not None:
+            out.update({k: self.text[k] for k in self.TRAINED_TEXT})
+        return out
 
     def set_lora_scale(self, value: float) -> None:
         """Multiply the LoRA update by ``value`` (1: trained policy, 0: base); an in-place buffer write."""
@@ -263,7 +279,14 @@ class DiffusionAdapter:
         instead of the module's own."""
         if self.gate is None:
             raise RuntimeError("no LoRA adapter attached (add_lora)")
-        return L.export_lora(self.denoiser, self.family, directory, state_dict=state_dict)
+        if self._table is None:
+            return L.export_lora(self.denoiser, self.family, directory, state_dict=state_dict)
+        parts = self.trained_modules()          # state_dict keys: "<part>.<parameter name>"
+        split = None if state_dict is None else {
+            k: {n[len(k) + 1:]: v for n, v in state_dict.items() if n.startswith(k + ".")} for k in parts}
+        text = {k: (m, None if split is None else split[k]) for k, m in parts.items() if k != "denoiser"}
+        return L.export_lora(self.denoiser, self.family, directory, state_dict=None if split is None else split["denoiser"],
+                             text=text)
 
     def export_full(self, directory, state_dict: dict | None = None) -> Path:
         """The whole denoiser in diffusers format, ``directory/<unet|transformer>`` (config and
@@ -287,8 +310,12 @@ class DiffusionAdapter:
         self.device = torch.device(device)
         self._home = torch.device("cpu") if self.offload else self.device
         self.denoiser.to(self.device)
-        for m in (self.vae, self._ref_denoiser, *self.text.values()):
+        trained = self.trained_modules()
+        for k, m in self.text.items():
             if isinstance(m, nn.Module):
+                m.to(self.device if k in trained else self._home)
+        for m in (self.vae, self._ref_denoiser):
+            if m is not None:
                 m.to(self._home)
         if self._uncond is not None:
             self._uncond = self._uncond.to(self.device)

@@ -75,10 +75,12 @@ class GatedLinear(nn.Linear):
 
 
 def add_lora(module: nn.Module, rank: int = 8, alpha: float | None = None, target_modules=DEFAULT_TARGETS,
-             dropout: float = 0.0) -> LoraGate:
+             dropout: float = 0.0, gate: LoraGate | None = None, field: str = "policy.lora_targets") -> LoraGate:
     """Inject peft LoRA into ``module`` (in place), freeze everything else, gate every ``B``.
 
-    Returns the shared :class:`LoraGate`. ``alpha`` defaults to ``rank`` (scaling 1)."""
+    Returns the shared :class:`LoraGate` (``gate``: one that other modules' LoRAs already share, so
+    one ``fill_`` turns all of them off, e.g. a denoiser's and its text encoders'). ``alpha``
+    defaults to ``rank`` (scaling 1)."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
 
@@ -87,16 +89,19 @@ def add_lora(module: nn.Module, rank: int = 8, alpha: float | None = None, targe
     if getattr(module, "peft_config", None):
         raise RuntimeError("the model already has a LoRA adapter")
     targets = list(target_modules)
-    check_targets(module, targets)
+    check_targets(module, targets, field)
     cfg = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha), target_modules=targets,
                      lora_dropout=dropout, init_lora_weights=True)
     module.requires_grad_(False)
-    if hasattr(module, "add_adapter"):        # a diffusers model: records peft_config itself
+    # a diffusers model records peft_config itself; transformers' add_adapter (text encoders) would
+    # demand a newer peft than its PyPI release (transformers 5.25: >= 0.22), so peft injects directly
+    if hasattr(module, "add_adapter") and type(module).__module__.startswith("diffusers"):
         module.add_adapter(cfg, adapter_name=ADAPTER)
     else:
         inject_adapter_in_model(cfg, module, ADAPTER)
         module.peft_config = {ADAPTER: cfg}
-    gate = LoraGate().to(next(module.parameters()).device)
+    if gate is None:
+        gate = LoraGate().to(next(module.parameters()).device)
     n = 0
     for layer in module.modules():
         if not isinstance(layer, LoraLayer) or ADAPTER not in layer.lora_B:
@@ -137,10 +142,10 @@ def linear_targets(module: nn.Module) -> list[str]:
     return sorted(counts, key=lambda k: (-counts[k], k))
 
 
-def check_targets(module: nn.Module, targets) -> None:
+def check_targets(module: nn.Module, targets, field: str = "policy.lora_targets") -> None:
     """Every target must name at least one ``nn.Linear`` layer, as peft matches them (the full
     module name, or its ending after a dot); else a one-line :class:`~rsm_fast.config.ConfigError`
-    naming ``policy.lora_targets`` and a few names that would match."""
+    naming ``field`` and a few names that would match."""
     from ..config import ConfigError
 
     targets = [t for t in targets]
@@ -148,17 +153,17 @@ def check_targets(module: nn.Module, targets) -> None:
     choices = linear_targets(module)
     few = ", ".join(choices[:8]) + (f" (and {len(choices) - 8} more)" if len(choices) > 8 else "")
     if not targets:
-        raise ConfigError(f"config field 'policy.lora_targets' is empty; Linear layers of this model: {few}")
+        raise ConfigError(f"config field '{field}' is empty; Linear layers of this model: {few}")
     for t in targets:
         if not isinstance(t, str) or not t:
-            raise ConfigError(f"config field 'policy.lora_targets' holds an empty or non-string name: {t!r}")
+            raise ConfigError(f"config field '{field}' holds an empty or non-string name: {t!r}")
         hit = [n for n in names if n == t or n.endswith("." + t)]
         if not hit:
-            raise ConfigError(f"config field 'policy.lora_targets': {t!r} matches no module of this model; "
+            raise ConfigError(f"config field '{field}': {t!r} matches no module of this model; "
                               f"Linear layers that would match: {few}")
         other = sorted({type(names[n]).__name__ for n in hit if not isinstance(names[n], nn.Linear)})
         if other:
-            raise ConfigError(f"config field 'policy.lora_targets': {t!r} matches {', '.join(other)} layers; the "
+            raise ConfigError(f"config field '{field}': {t!r} matches {', '.join(other)} layers; the "
                               f"gated LoRA takes Linear layers only, e.g. {few}")
 
 
@@ -183,10 +188,7 @@ def lora_state_dict(module: nn.Module) -> dict:
     return get_peft_model_state_dict(module, adapter_name=ADAPTER)
 
 
-def export_lora(module: nn.Module, family: str, directory, state_dict: dict | None = None) -> Path:
-    """Write ``directory/pytorch_lora_weights.safetensors`` loadable by ``pipe.load_lora_weights``;
-    ``state_dict`` (the module's parameter names, e.g. gathered from other ranks) replaces the
-    module's own LoRA values."""
+def _peft_values(module: nn.Module, state_dict: dict | None) -> dict:
     from peft.utils import get_peft_model_state_dict
 
     raw = (lora_state_dict(module) if state_dict is None
@@ -194,19 +196,36 @@ def export_lora(module: nn.Module, family: str, directory, state_dict: dict | No
     sd = {k: v.detach().float().cpu().contiguous() for k, v in raw.items()}
     if not sd:
         raise RuntimeError("the model has no LoRA weights to export")
+    return sd
+
+
+def export_lora(module: nn.Module, family: str, directory, state_dict: dict | None = None,
+                text: dict | None = None) -> Path:
+    """Write ``directory/pytorch_lora_weights.safetensors`` loadable by ``pipe.load_lora_weights``;
+    ``state_dict`` (the module's parameter names, e.g. gathered from other ranks) replaces the
+    module's own LoRA values. ``text``: ``{"text_encoder" | "text_encoder_2": (module, state_dict or
+    None)}``, text-encoder LoRAs written beside the denoiser's, as diffusers' dreambooth LoRA
+    scripts do with ``--train_text_encoder`` (SD1.5 in diffusers' key convention, SD3 in peft's)."""
+    sd = _peft_values(module, state_dict)
     meta = module.peft_config[ADAPTER].to_dict()
+    kw = {}
+    for name, (m, values) in (text or {}).items():
+        kw[f"{name}_lora_layers"] = _peft_values(m, values)
+        kw[f"{name}_lora_adapter_metadata"] = m.peft_config[ADAPTER].to_dict()
     out = Path(directory)
     if family == "sd15":
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
 
+        if "text_encoder_lora_layers" in kw:      # (train_dreambooth_lora.py converts both)
+            kw["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(kw["text_encoder_lora_layers"])
         StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(sd),
-                                                  unet_lora_adapter_metadata=meta)
+                                                  unet_lora_adapter_metadata=meta, **kw)
     elif family == "sd3":
         from diffusers import StableDiffusion3Pipeline
 
         StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=sd,
-                                                   transformer_lora_adapter_metadata=meta)
+                                                   transformer_lora_adapter_metadata=meta, **kw)
     else:
         raise ValueError(f"unknown model family {family!r}")
     return out

@@ -66,6 +66,24 @@ class SD15Adapter(DiffusionAdapter):
     def _text_options(self) -> dict:
         return {"max_length": self.max_length}
 
+    # text-encoder LoRA (adapter.add_text_lora): the CLIP text model trains, nothing is frozen
+    TRAINED_TEXT = ("text_encoder",)
+
+    def _token_ids(self, prompts: list[str]) -> Tensor:
+        tok = self.text["tokenizer"]
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt")
+        return torch.cat([ids.input_ids, ids.attention_mask], dim=1)
+
+    def _frozen_rows(self, base: Tensor) -> None:
+        return None
+
+    def _text_rows(self, ids: Tensor, frozen: Tensor | None) -> Tensor:
+        enc = self.text["text_encoder"]
+        n = ids.shape[1] // 2
+        mask = ids[:, n:].to(self.device) if getattr(enc.config, "use_attention_mask", False) else None
+        return enc(ids[:, :n].to(self.device), attention_mask=mask)[0].to(self.dtype)
+
     # -- sampler -------------------------------------------------------------------------------
     def _scheduler_copy(self):
         from diffusers import DDIMScheduler
@@ -140,7 +158,7 @@ def build_sd15(cfg: dict, *, seed: int = 0, text_encoders: bool = True, **kwargs
         state = rng()
     te = text(state) if text_encoders else None
     if not text_encoders:
-        kwargs.update(text_loader=lambda: {"text_encoder": text(state)},
+        kwargs.update(text_loader=lambda keys=None: {"text_encoder": text(state)},
                       text_source=build_recipe("sd15", cfg, seed, device))
     return SD15Adapter(unet, vae, te, tok, DDIMScheduler(**cfg["scheduler"]), **kwargs)
 
@@ -161,7 +179,7 @@ def load_sd15(path, *, text_encoders: bool = True, **kwargs) -> SD15Adapter:
         return load_component(CLIPTextModel, p, "text_encoder", dtype=dtype)
 
     if not text_encoders:
-        kwargs.update(text_loader=lambda: {"text_encoder": text()},
+        kwargs.update(text_loader=lambda keys=None: {"text_encoder": text()},
                       text_source=folder_fingerprint([p / "text_encoder", p / "tokenizer"]))
     return SD15Adapter(load_component(UNet2DConditionModel, p, "unet", dtype=dtype),
                        load_component(AutoencoderKL, p, "vae", dtype=vae_dtype),

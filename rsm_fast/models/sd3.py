@@ -94,16 +94,24 @@ class SD3Adapter(DiffusionAdapter):
         return module(hidden_states=x.to(self.dtype), timestep=t * self.time_scale, encoder_hidden_states=pe,
                       pooled_projections=pooled, return_dict=False)[0]
 
-    def _clip(self, which: str, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        tok, enc = self.text["tokenizer" + which], self.text["text_encoder" + which]
-        ids = tok(prompts, padding="max_length", max_length=self.clip_length, truncation=True, return_tensors="pt")
-        out = enc(ids.input_ids.to(self.device), output_hidden_states=True)
+    def _clip_ids(self, which: str, prompts: list[str]) -> Tensor:
+        tok = self.text["tokenizer" + which]
+        return tok(prompts, padding="max_length", max_length=self.clip_length, truncation=True,
+                   return_tensors="pt").input_ids
+
+    def _clip(self, which: str, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Penultimate hidden states and the projected pooled embedding of one CLIP encoder."""
+        out = self.text["text_encoder" + which](ids.to(self.device), output_hidden_states=True)
         return out.hidden_states[-2].to(self.dtype), out[0]
 
+    def _assemble(self, clip_pairs, t5: Tensor) -> Tensor:
+        """``[(hidden, pooled)]`` of CLIP-L and CLIP-G + T5 rows -> the packed ``[P, L + k, D]``."""
+        (h1, p1), (h2, p2) = clip_pairs
+        clip = F.pad(torch.cat([h1, h2], dim=-1), (0, t5.shape[-1] - h1.shape[-1] - h2.shape[-1]))
+        return self.pack(torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat([p1, p2], dim=-1))
+
     def _encode(self, prompts: list[str]) -> Tensor:
-        h1, p1 = self._clip("", prompts)
-        h2, p2 = self._clip("_2", prompts)
-        clip = torch.cat([h1, h2], dim=-1)
+        pairs = [self._clip(w, self._clip_ids(w, prompts)) for w in ("", "_2")]
         if self.t5:
             tok = self.text["tokenizer_3"]
             ids = tok(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
@@ -112,8 +120,22 @@ class SD3Adapter(DiffusionAdapter):
         else:
             t5 = torch.zeros(len(prompts), self.max_sequence_length, self.joint_dim, device=self.device,
                              dtype=self.dtype)
-        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return self.pack(torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat([p1, p2], dim=-1))
+        return self._assemble(pairs, t5)
+
+    # text-encoder LoRA (adapter.add_text_lora): CLIP-L and CLIP-G train, T5 is frozen rows
+    TRAINED_TEXT = ("text_encoder", "text_encoder_2")
+
+    def _token_ids(self, prompts: list[str]) -> Tensor:
+        return torch.cat([self._clip_ids("", prompts), self._clip_ids("_2", prompts)], dim=1)
+
+    def _frozen_rows(self, base: Tensor) -> Tensor:
+        pe, _ = self.unpack(base)
+        return pe[:, self.clip_length:]           # the T5 rows (zeros without T5)
+
+    def _text_rows(self, ids: Tensor, frozen: Tensor | None) -> Tensor:
+        n = self.clip_length
+        pairs = [self._clip("", ids[:, :n]), self._clip("_2", ids[:, n:])]
+        return self._assemble(pairs, frozen.to(self.device, self.dtype))
 
     def _text_options(self) -> dict:
         return {"clip_length": self.clip_length, "max_sequence_length": self.max_sequence_length, "t5": self.t5,
@@ -182,12 +204,13 @@ def build_sd3(cfg: dict, *, seed: int = 0, t5: bool = True, text_encoders: bool 
     tok3 = tiny_t5_tokenizer(tk["t5_max_length"]) if t5 else None
     device = kwargs.get("device", "cpu")
 
-    def text(state=None):
+    def text(state=None, keys=None):      # T5 is drawn last: leaving it out changes neither CLIP
         with seeded(seed, device, state):
             te = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder"], **clip_special_ids(tok)))
             te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"], **clip_special_ids(tok2)))
             te3 = (T5EncoderModel(T5Config(**cfg["text_encoder_3"], pad_token_id=0, eos_token_id=1,
-                                           decoder_start_token_id=0)) if t5 else None)
+                                           decoder_start_token_id=0))
+                   if t5 and (keys is None or "text_encoder_3" in keys) else None)
         return {"text_encoder": te, "text_encoder_2": te2, "text_encoder_3": te3}
 
     with seeded(seed, device) as rng:
@@ -196,7 +219,8 @@ def build_sd3(cfg: dict, *, seed: int = 0, t5: bool = True, text_encoders: bool 
         state = rng()
     enc = text(state) if text_encoders else {"text_encoder": None, "text_encoder_2": None, "text_encoder_3": None}
     if not text_encoders:
-        kwargs.update(text_loader=lambda: text(state), text_source=build_recipe("sd3", cfg, seed, device))
+        kwargs.update(text_loader=lambda keys=None: text(state, keys),
+                      text_source=build_recipe("sd3", cfg, seed, device))
     kwargs.setdefault("max_sequence_length", tk["t5_max_length"])
     return SD3Adapter(tr, vae, enc["text_encoder"], enc["text_encoder_2"], enc["text_encoder_3"], tok, tok2, tok3,
                       FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]), t5=t5, **kwargs)
@@ -222,10 +246,11 @@ def load_sd3(path, *, t5: bool | None = None, text_encoders: bool = True, **kwar
     p = check_folder(p, req)
     dtype, vae_dtype = kwargs.get("dtype", "fp32"), kwargs.get("vae_dtype", "fp32")
 
-    def text():
-        return {"text_encoder": load_component(CLIPTextModelWithProjection, p, "text_encoder", dtype=dtype),
-                "text_encoder_2": load_component(CLIPTextModelWithProjection, p, "text_encoder_2", dtype=dtype),
-                "text_encoder_3": load_component(T5EncoderModel, p, "text_encoder_3", dtype=dtype) if use_t5 else None}
+    def text(keys=None):                  # keys: load only these (None: all)
+        parts = {"text_encoder": CLIPTextModelWithProjection, "text_encoder_2": CLIPTextModelWithProjection,
+                 "text_encoder_3": T5EncoderModel if use_t5 else None}
+        return {k: load_component(cls, p, k, dtype=dtype) if cls is not None and (keys is None or k in keys) else None
+                for k, cls in parts.items()}
 
     enc = text() if text_encoders else {"text_encoder": None, "text_encoder_2": None, "text_encoder_3": None}
     if not text_encoders:

@@ -50,6 +50,25 @@ class PolicyHandle:
                                               # fine-tuning): FSDP2 shards it like the policy
 
 
-def lora_targets(policy_cfg) -> tuple[str, ...]:
-    """``policy.lora_targets`` ("to_q,to_k,...") as the module names peft targets."""
-    return tuple(s.strip() for s in policy_cfg.lora_targets.split(",") if s.strip())
+class TrainedModules(nn.Module):
+    """Several trained modules as one ``PolicyHandle.module`` (a denoiser and its text encoders'
+    LoRA): the optimizer, EMA, gradient clipping and checkpoints see ``<part>.<parameter name>``.
+    The adapter calls the parts, never this container, so DDP replication, gradient-sync control
+    and ``train.compile=full`` act on :meth:`called_modules` (rsm_fast/parallel.py, train_step.py)."""
+
+    def __init__(self, parts: dict):
+        super().__init__()
+        for name, module in parts.items():
+            self.add_module(name, module)
+
+    def called_modules(self) -> list[nn.Module]:
+        return list(self.children())
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("TrainedModules is a container; the model adapter calls its parts")
+
+
+def lora_targets(policy_cfg, key: str = "lora_targets") -> tuple[str, ...]:
+    """``policy.lora_targets`` ("to_q,to_k,...") as the module names peft targets (``key``: another
+    field of the same form, e.g. ``text_lora_targets``)."""
+    return tuple(s.strip() for s in getattr(policy_cfg, key).split(",") if s.strip())

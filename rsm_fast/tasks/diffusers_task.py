@@ -27,6 +27,10 @@ Precision and memory (``policy.*`` and ``task.*`` keys, read once at constructio
 * ``task.vae_slicing`` / ``task.vae_tiling`` — diffusers' VAE ``enable_slicing`` / ``enable_tiling``.
 * ``task.offload=cpu`` — VAE, text encoders and a full fine-tune's reference copy live in CPU memory
   and visit ``train.device`` while they run.
+* ``policy.train_text_encoder`` — a LoRA on the CLIP text encoders too (:mod:`rsm_fast.models.text_lora`):
+  conditioning rows become prompt indices into the task's prompt list, encoded inside every model
+  call; the policy handle's module is a :class:`~.base.TrainedModules` of the denoiser and the
+  trained encoders, and the export writes their LoRAs together.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .base import Conditioning, PolicyHandle, lora_targets
+from .base import Conditioning, PolicyHandle, TrainedModules, lora_targets
 
 # Used when no prompt file is given (tiny-model smoke runs, timing).
 DEFAULT_PROMPTS = ("a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake at dawn")
@@ -149,10 +153,14 @@ class DiffusersTask:
         if pc.lora_rank > 0:
             targets = lora_targets(pc)
             a.add_lora(rank=pc.lora_rank, alpha=pc.lora_alpha or None, target_modules=targets)
+            if getattr(pc, "train_text_encoder", False):
+                a.add_text_lora(self.prompts, rank=pc.lora_rank, alpha=pc.lora_alpha or None,
+                                target_modules=lora_targets(pc, "text_lora_targets"))
         else:
             a.enable_full_finetune()
         apply_policy_runtime(a, pc)           # (again: the reference copy of a full fine-tune too)
-        return PolicyHandle(module=a.denoiser, model=a.policy, reference=a.reference, frozen=a._ref_denoiser)
+        module = TrainedModules(a.trained_modules()) if a.text_lora else a.denoiser
+        return PolicyHandle(module=module, model=a.policy, reference=a.reference, frozen=a._ref_denoiser)
 
     def conditions(self, groups: int, gen: torch.Generator) -> Conditioning:
         idx = torch.randint(len(self.prompts), (groups,), generator=gen).tolist()
