@@ -6,6 +6,7 @@
   the parameters after three epochs equal one process within 1e-5 relative (float32 all-reduce
   order), the allocator chooses the same K profile every epoch; also with ``train.grad_accum`` and
   the global advantage std;
+* one HTTP reward server shared by both ranks, each overlapping scoring with sampling (waves);
 * the CLI under ``torchrun``: rank 0 writes the run directory; a 2-rank checkpoint resumes on 2
   ranks to the uninterrupted 2-rank result bit for bit, and on 1 process within float tolerance;
 * faults: SIGKILL of one rank mid-epoch makes the other exit within ``train.dist_timeout`` with one
@@ -136,6 +137,36 @@ def test_text_encoder_lora_two_ranks_equal_one_process(tmp_path):
     two = _worker(tmp_path, "text", TEXT_LORA, 3, 2)
     _assert_same_run(one, two, tol=1e-4)
     assert any(n.startswith("text_encoder.") for n in one["params"])
+
+
+def test_one_reward_server_shared_by_the_ranks_with_wave_overlap(tmp_path):
+    """Rewards at scale: one HTTP reward server (the existing client) scores for every rank, each
+    rank posting its own waves while it samples the next (rollout.waves=2): the run equals one
+    process, every image is scored once, and the ranks' requests are half the size."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from test_rewards_http import _Handler
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        spec = [s for s in DIGITS if not s.startswith("task.reward=")]
+        spec += [f"task.reward=http://127.0.0.1:{srv.server_address[1]}/good", "rollout.waves=2"]
+        sizes = []
+        for n in (1, 2):
+            start = len(_Handler.requests)
+            run = _worker(tmp_path, "served", spec, 2, n)
+            sizes.append([len(r["images"]) for r in _Handler.requests[start:]])
+            if n == 1:
+                one = run
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    _assert_same_run(one, run)
+    assert sum(sizes[0]) == sum(sizes[1]) > 0                 # every sample scored once, on either world size
+    assert max(sizes[1]) * 2 == max(sizes[0])                 # each rank posts its own half of a wave
 
 
 def test_fsdp_full_finetune_of_digits_equals_one_process(tmp_path):
