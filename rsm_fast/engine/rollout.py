@@ -58,36 +58,10 @@ class Records:
     nfe: dict           # row-evaluations: trunk / branch / cfg / total (+ padding, not counted in total)
 
 
-class RolloutEngine:
-    def __init__(self, model: Callable, transition: GaussianTransition, plan: Plan, *, chunk_size: int | None = None,
-                 seed: int = 0, cfg_scale: float | None = None, device="cpu", dtype=torch.float32,
-                 graphs: bool = False):
-        if plan.num_steps != transition.num_steps:
-            raise PlanError(f"plan has {plan.num_steps} steps but the transition has {transition.num_steps}")
-        self.model, self.seed, self.cfg_scale = model, int(seed), cfg_scale
-        self.device, self.dtype = torch.device(device), dtype
-        self.graphs_active = bool(graphs) and self.device.type == "cuda"
-        if self.graphs_active:  # engines of one epoch's waves share one set of graphs
-            self.model = model if isinstance(model, GraphedModel) else GraphedModel(model)
-        self.plan = plan.to(self.device)
-        self.chunk = check_chunk_size(chunk_size if chunk_size is not None else max(plan.rows))
-        # index sets from the host copy, once, here (their sizes are host metadata in the loop)
-        self._noisy_idx = [torch.nonzero(m).flatten().to(self.device) for m in plan.noisy]
-        self._train_idx = [torch.nonzero(m).flatten().to(self.device) for m in plan.trained]
-        tr = transition
-        # per step: time value of the entering rows, coefficients of the leaving rows (SDE/ODE per row)
-        self._t = tr.table("t").to(self.device, dtype)
-        self._coeffs = [tr.coeffs(torch.full((plan.rows[i + 1],), i, dtype=torch.long, device=self.device),
-                                  self.plan.noisy[i], dtype=dtype) for i in range(plan.num_steps)]
-        self._row_ids = [torch.full((t.numel(),), i, dtype=torch.long, device=self.device)
-                         for i, t in enumerate(self._train_idx)]
-        # records leave the loop step by step in row order; the plan numbers them its own way (a
-        # compiled plan: the same order; merged waves: wave-major), so put them where the plan says
-        emitted = torch.cat([plan.record[i][torch.nonzero(m).flatten()] for i, m in enumerate(plan.trained)])
-        ident = torch.arange(emitted.numel())
-        self._record_order = None if torch.equal(emitted, ident) else torch.argsort(emitted).to(self.device)
+class ChunkedEvaluation:
+    """Model calls on many rows in fixed-size chunks, with CFG and graph replay: needs ``model``,
+    ``chunk``, ``cfg_scale`` and ``graphs_active`` (the rollout engines of this package)."""
 
-    # ------------------------------------------------------------------------------------------
     def _evaluate(self, x: Tensor, t_rows: Tensor, cond: Tensor | None, uncond: Tensor | None, nfe: dict,
                   model: Callable | None = None, chunk: int | None = None) -> Tensor:
         """Model output for every row (``t_rows``: ``[1]`` shared or ``[R]`` per row), in
@@ -122,6 +96,37 @@ class RolloutEngine:
             outs.append(f[:n])
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
+
+class RolloutEngine(ChunkedEvaluation):
+    def __init__(self, model: Callable, transition: GaussianTransition, plan: Plan, *, chunk_size: int | None = None,
+                 seed: int = 0, cfg_scale: float | None = None, device="cpu", dtype=torch.float32,
+                 graphs: bool = False):
+        if plan.num_steps != transition.num_steps:
+            raise PlanError(f"plan has {plan.num_steps} steps but the transition has {transition.num_steps}")
+        self.model, self.seed, self.cfg_scale = model, int(seed), cfg_scale
+        self.device, self.dtype = torch.device(device), dtype
+        self.graphs_active = bool(graphs) and self.device.type == "cuda"
+        if self.graphs_active:  # engines of one epoch's waves share one set of graphs
+            self.model = model if isinstance(model, GraphedModel) else GraphedModel(model)
+        self.plan = plan.to(self.device)
+        self.chunk = check_chunk_size(chunk_size if chunk_size is not None else max(plan.rows))
+        # index sets from the host copy, once, here (their sizes are host metadata in the loop)
+        self._noisy_idx = [torch.nonzero(m).flatten().to(self.device) for m in plan.noisy]
+        self._train_idx = [torch.nonzero(m).flatten().to(self.device) for m in plan.trained]
+        tr = transition
+        # per step: time value of the entering rows, coefficients of the leaving rows (SDE/ODE per row)
+        self._t = tr.table("t").to(self.device, dtype)
+        self._coeffs = [tr.coeffs(torch.full((plan.rows[i + 1],), i, dtype=torch.long, device=self.device),
+                                  self.plan.noisy[i], dtype=dtype) for i in range(plan.num_steps)]
+        self._row_ids = [torch.full((t.numel(),), i, dtype=torch.long, device=self.device)
+                         for i, t in enumerate(self._train_idx)]
+        # records leave the loop step by step in row order; the plan numbers them its own way (a
+        # compiled plan: the same order; merged waves: wave-major), so put them where the plan says
+        emitted = torch.cat([plan.record[i][torch.nonzero(m).flatten()] for i, m in enumerate(plan.trained)])
+        ident = torch.arange(emitted.numel())
+        self._record_order = None if torch.equal(emitted, ident) else torch.argsort(emitted).to(self.device)
+
+    # ------------------------------------------------------------------------------------------
     def initial_latents(self, shape: tuple[int, ...], epoch: int = 0) -> Tensor:
         """Standard-normal ``x_T`` per initial row from the counter-based generator."""
         seed = self.epoch_seed(epoch)
