@@ -30,7 +30,12 @@ import yaml
 
 FORMS = ("pg", "ratio", "hinge")
 REWEIGHTS = ("base", "tempflow", "tempflow_outer", "fair", "fair_guard", "guard", "pcpo")
-ESTIMATORS = ("zo", "fo_terminal", "fo_current", "fo_lookahead")
+ESTIMATORS = ("zo", "fo_terminal", "fo_current", "fo_lookahead", "forward")
+GROUPED = ("zo", "forward")        # estimators whose advantages are centred per group of method.group_size samples
+FP_LOSSES = ("nft", "awm")
+FP_DECAYS = ("nft0", "nft1", "nft2", "awm", "awm_const")
+FP_WEIGHTINGS = ("uniform", "t", "t**2", "huber", "ghuber")
+SOLVERS = ("euler", "dpm2", "unipc")
 RETURNS = ("hard", "soft")
 BASELINES = ("mean", "loo", "none")
 ADV_NORMS = ("none", "group", "global")
@@ -117,6 +122,16 @@ class MethodConfig:
     trust_eps: float = field(default=0.0, metadata={"help": "fo: c_reg of an eps-space MSE to the rollout policy, c_reg mean|eps_theta - eps_old|^2 (nabla-DB unet_reg_scale); relative C2 = c_reg sigma_t^2 / C1 in score space"})
     pcpo_target: str = field(default="dt", metadata={"help": "reweight=pcpo: target native weight omega' per step: 'dt' = zeta dt with zeta = sum(omega)/sum(dt) over the noisy steps (flow form), 'const' = mean omega (diffusion form)"})
     step_weight: str = field(default="equal", metadata={"help": "'equal': each trained step's records weigh Kbar/K_i so every step contributes its mean (RSM-code); 'records': a plain mean over records"})
+    fp_loss: str = field(default="nft", metadata={"help": f"estimator=forward: {FP_LOSSES}, DiffusionNFT's positive / implicit-negative x0 regression or AWM's clipped ratio on the flow-matching likelihood (rsm_fast/forward_family.py)"})
+    fp_beta: float = field(default=1.0, metadata={"help": "forward, nft: the beta of v+ = beta v + (1 - beta) v_old (DiffusionNFT config.beta: 1.0 GenEval, 0.1 OCR)"})
+    fp_kl: float = field(default=1e-4, metadata={"help": "forward: weight of mean |v - v_ref|^2 (DiffusionNFT train.beta 1e-4, AWM beta 1e-3)"})
+    fp_ema_kl: float = field(default=0.0, metadata={"help": "forward, awm: weight of mean |v - v_ema|^2, the KL-to-EMA trust region (AWM ema_beta 1.0)"})
+    fp_weighting: str = field(default="ghuber", metadata={"help": f"forward, awm: likelihood weighting {FP_WEIGHTINGS} (AWM GenEval: ghuber)"})
+    fp_power: float = field(default=0.25, metadata={"help": "forward, awm: the ghuber power p"})
+    fp_clip: float = field(default=1.0, metadata={"help": "forward, awm: ratio clip range c (ratio in [1 - c, 1 + c])"})
+    fp_timesteps: int = field(default=6, metadata={"help": "forward, awm: training timesteps per sample, one per stratum of the first fp_fraction of the steps (discrete_wo_init)"})
+    fp_fraction: float = field(default=0.99, metadata={"help": "forward: nft trains a random floor(fraction N) of the N steps per sample (0.99); awm stratifies its timesteps over the first fraction (0.9)"})
+    fp_decay: str = field(default="nft1", metadata={"help": f"forward: schedule of the old (nft) / EMA (awm) weights {FP_DECAYS}: old <- d old + (1 - d) theta after every epoch"})
 
 
 @dataclass
@@ -129,6 +144,7 @@ class RolloutConfig:
     window_stride: int = field(default=1, metadata={"help": "MixGRPO: steps the window moves per shift (its prog_overlap_step = 1); it wraps to step 0 past the trained range"})
     chunk_size: int = field(default=0, metadata={"help": "rows per model call (0 = all rows of a step in one call)"})
     graphs: bool = field(default=False, metadata={"help": "replay the model from CUDA graphs (CUDA only; off until verified on a GPU)"})
+    solver: str = field(default="dpm2", metadata={"help": f"method.estimator=forward: the deterministic rollout solver {SOLVERS} (rsm_fast/solvers.py; dpm2 = DiffusionNFT's)"})
     waves: int = field(default=1, metadata={"help": "split each epoch's groups into this many sequential rollouts; a wave's reward is scored on a worker thread while the next wave samples (1 = no overlap)"})
     allocator: str = field(default="", metadata={"help": "branch plans: '' = the static profile, 'online' = re-allocate K per step every epoch from sibling variance, clip fraction and cost (rsm_fast.budget, spec §7.3)"})
     alloc_units: str = field(default="branches", metadata={"help": "allocator: what a branch costs: 'branches' (1 each; paper), 'nfe' (model evaluations, as counted by the trainer) or 'seconds' (measured on this machine)"})
@@ -190,7 +206,8 @@ class RunConfig:
 
 
 _CHOICES = {
-    "method.estimator": ESTIMATORS, "method.returns": RETURNS, "method.baseline": BASELINES,
+    "method.estimator": ESTIMATORS, "method.fp_loss": FP_LOSSES, "method.fp_decay": FP_DECAYS,
+    "method.fp_weighting": FP_WEIGHTINGS, "rollout.solver": SOLVERS, "method.returns": RETURNS, "method.baseline": BASELINES,
     "method.adv_norm": ADV_NORMS, "method.surrogate": FORMS, "method.reweight": REWEIGHTS,
     "method.fo_weight": FO_WEIGHTS, "method.fo_gamma": FO_GAMMAS,
     "method.fo_jacobian": FO_JACOBIANS, "method.fo_lookahead_model": FO_MODELS,

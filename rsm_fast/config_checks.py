@@ -37,7 +37,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .config import _CHOICES, ConfigError, RunConfig, _coerce, _field_types
+from .config import _CHOICES, GROUPED, ConfigError, RunConfig, _coerce, _field_types
 
 INT32_MAX = 2**31 - 1
 SEED_MAX = 2**63 - 1
@@ -105,6 +105,10 @@ RANGES: dict[str, Range] = {
     "method.kl_coef": Range(0.0, COEF_MAX), "method.fo_c1_scale": Range(0.0, COEF_MAX, lo_open=True),
     "method.fo_discount": POS, "method.fo_reward_scale": Range(-COEF_MAX, COEF_MAX),
     "method.fo_grad_chunk": _count(0), "method.trust_c2": Range(0.0, COEF_MAX), "method.trust_eps": Range(0.0, COEF_MAX),
+    "method.fp_beta": Range(0.0, COEF_MAX, lo_open=True), "method.fp_kl": Range(0.0, COEF_MAX),
+    "method.fp_ema_kl": Range(0.0, COEF_MAX), "method.fp_power": Range(0.0, 16.0, lo_open=True),
+    "method.fp_clip": Range(0.0, COEF_MAX, lo_open=True), "method.fp_timesteps": _count(1, MAX_STEPS),
+    "method.fp_fraction": Range(0.0, 1.0, lo_open=True),
     # rollout
     "rollout.window": _count(0, MAX_STEPS), "rollout.window_every": _count(1), "rollout.window_stride": _count(1),
     "rollout.chunk_size": _count(0), "rollout.waves": _count(1), "rollout.alloc_budget": NONNEG,
@@ -223,11 +227,13 @@ def _check_task(cfg: RunConfig) -> None:
 
 def _check_method(cfg: RunConfig) -> None:
     m, tc = cfg.method, cfg.train
+    if m.estimator == "forward":
+        _check_forward(cfg)
     if m.estimator == "zo" and m.surrogate in ("ratio", "hinge") and m.clip_eps <= 0:
         raise ConfigError("config field 'method.clip_eps' must be positive for the ratio/hinge surrogates")
     if m.estimator == "zo" and m.baseline == "loo" and m.group_size == 1:
         raise ConfigError("config field 'method.group_size' must be >= 2 for the leave-one-out baseline")
-    if m.estimator == "zo" and m.group_size and tc.batch_size % m.group_size:
+    if m.estimator in GROUPED and m.group_size and tc.batch_size % m.group_size:
         raise ConfigError(f"config field 'train.batch_size' ({tc.batch_size}) must be a multiple of "
                           f"'method.group_size' ({m.group_size})")
     if m.estimator == "zo" and m.returns == "soft" and tc.batch_size < 2:
@@ -313,6 +319,32 @@ def _check_precision(cfg: RunConfig) -> None:
         if torch.device(cfg.train.device).type != "cuda":
             raise ConfigError(f"config field 'train.optimizer' is 'adamw8bit' (bitsandbytes AdamW8bit, CUDA only) "
                               f"but train.device is {cfg.train.device!r}; use train.optimizer=adamw")
+
+
+def _check_forward(cfg: RunConfig) -> None:
+    """method.estimator=forward (DiffusionNFT / AWM): deterministic solver rollouts of K = 1 samples."""
+    m, r = cfg.method, cfg.rollout
+    if r.plan != "sde" or r.window or r.allocator:
+        raise ConfigError("config field 'method.estimator' is 'forward': its rollouts are deterministic solver runs "
+                          "that keep only the final samples; rollout.plan must be 'sde' (K = 1 rows), with no "
+                          "rollout.window and no rollout.allocator")
+    if m.returns == "soft":
+        raise ConfigError("config field 'method.returns' must be 'hard' with method.estimator=forward (no trajectory KL)")
+    if m.group_size < 2 and m.group_size != 0:
+        raise ConfigError("config field 'method.group_size' must be >= 2 (or 0) with method.estimator=forward: "
+                          "advantages are centred per prompt group")
+    if m.fp_loss == "nft" and int(m.fp_fraction * cfg.task.num_steps) < 1:
+        raise ConfigError(f"config field 'method.fp_fraction' ({m.fp_fraction}) trains floor(fraction * "
+                          f"task.num_steps) = 0 timesteps; raise it or task.num_steps")
+    if m.fp_loss == "awm" and int(m.fp_fraction * cfg.task.num_steps) < 2:
+        raise ConfigError(f"config field 'method.fp_fraction' ({m.fp_fraction}) leaves AWM no stratum after the "
+                          f"first step (floor(fraction * task.num_steps) must be >= 2)")
+    if cfg.train.parallel == "fsdp":
+        raise ConfigError("config field 'train.parallel' must be 'ddp' with method.estimator=forward (its shadow "
+                          "weights are not sharded yet)")
+    if r.waves > 1:
+        raise ConfigError("config field 'rollout.waves' must be 1 with method.estimator=forward (its rollout is "
+                          "scored after sampling; wave overlap is not built for it yet)")
 
 
 def _check_text_lora(cfg: RunConfig) -> None:

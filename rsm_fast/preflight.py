@@ -66,7 +66,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, RunConfig
+from .config import GROUPED, ConfigError, RunConfig
 
 EVAL_CHUNK = 1024            # trainer.EVAL_CHUNK: evaluation rows per model call when chunk_size is 0
 F32 = 4
@@ -203,7 +203,7 @@ def plan_counts(cfg: RunConfig, sde_mask: tuple[bool, ...] | None = None, *, bud
     the budget (what later epochs run); ``budgeted=False`` gives the starting profile."""
     tc, mc, ro, N = cfg.train, cfg.method, cfg.rollout, cfg.task.num_steps
     noisy = list(sde_mask) if sde_mask is not None else [True] * N
-    G = mc.group_size if mc.estimator == "zo" and mc.group_size else tc.batch_size
+    G = mc.group_size if mc.estimator in GROUPED and mc.group_size else tc.batch_size
     T = (tc.batch_size // G) * G
     if ro.plan == "sde":
         stoch = [i for i, v in enumerate(noisy) if v]
@@ -323,7 +323,7 @@ def _per_rank(cfg: RunConfig, world_size: int, default_eval: int) -> RunConfig:
 
     c = copy.deepcopy(cfg)
     mc, tc = cfg.method, cfg.train
-    G = mc.group_size if mc.estimator == "zo" and mc.group_size else tc.batch_size
+    G = mc.group_size if mc.estimator in GROUPED and mc.group_size else tc.batch_size
     c.train.batch_size = math.ceil(tc.batch_size // G / world_size) * G
     c.task.eval_samples = math.ceil((cfg.task.eval_samples or default_eval) / world_size)
     return c

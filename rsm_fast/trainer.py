@@ -36,7 +36,7 @@ from . import diagnostics as D
 from .advantages import set_advantages
 from .allocator import step_scale
 from .budget import BudgetController
-from .config import ConfigError, RunConfig
+from .config import GROUPED, ConfigError, RunConfig
 from .engine.credit import Credit
 from .engine.plan import PlanError, PlanSpec, compile_plan
 from .engine.rollout import Records, RolloutEngine
@@ -54,6 +54,7 @@ from .rundir import RunDir
 from .train_step import TrainStep
 from .tasks import make_task
 from .tasks.base import Conditioning
+from .transitions import pcpo_target
 
 EVAL_CHUNK = 1024   # rows per model call in the final evaluation when rollout.chunk_size is 0
 
@@ -83,7 +84,7 @@ def plan_spec(cfg: RunConfig, num_steps: int, sde_mask: Tensor, epoch: int = 0) 
     rest ODE: the window starts at step 0 and moves ``window_stride`` steps every ``window_every``
     epochs through that range, wrapping to the start (MixGRPO's progressive strategy with roll-back)."""
     tc, mc, ro = cfg.train, cfg.method, cfg.rollout
-    G = mc.group_size if mc.estimator == "zo" and mc.group_size else tc.batch_size
+    G = mc.group_size if mc.estimator in GROUPED and mc.group_size else tc.batch_size
     noisy = [bool(v) for v in sde_mask]
     if ro.plan == "sde":
         stoch = [i for i, v in enumerate(noisy) if v]
@@ -131,7 +132,7 @@ class Trainer(TrainerState, FirstOrderMixin):
         self.reward_name = cfg.task.reward or self.task.default_reward
         self.reward_fn, self.builtin_reward = R.resolve(self.reward_name, self.task,
                                                         options=R.RewardOptions.from_task_config(cfg.task))
-        if mc.estimator != "zo" and not (self.builtin_reward or getattr(self.reward_fn, "differentiable", False)):
+        if mc.estimator in ("fo_terminal", "fo_current", "fo_lookahead") and not (self.builtin_reward or getattr(self.reward_fn, "differentiable", False)):
             raise ConfigError(f"config field 'task.reward': {R.redact_spec(self.reward_name)!r} is not differentiable, but "
                               f"method.estimator {mc.estimator!r} needs its gradient")
         torch.manual_seed(tc.seed)
@@ -186,12 +187,17 @@ class Trainer(TrainerState, FirstOrderMixin):
         self.score_loss = ops.score_loss if fused else score_regression_loss
         if fused:  # build / load the device's kernels now, outside the timed phases
             ops.backends.for_device(self.device)
+        self.family = None
+        if mc.estimator == "forward":
+            from .forward_family import ForwardFamily
+
+            self.family = ForwardFamily(self)
 
     def _check_even_split(self, cfg: RunConfig) -> None:
         """FSDP2 gathers the weights in every forward, a collective: every rank must make the same
         model calls, so the groups and the evaluation samples must split evenly over the ranks."""
         n, G = self.world.size, cfg.method.group_size
-        groups = cfg.train.batch_size // (G if cfg.method.estimator == "zo" and G else cfg.train.batch_size)
+        groups = cfg.train.batch_size // (G if cfg.method.estimator in GROUPED and G else cfg.train.batch_size)
         if groups % n:
             raise ConfigError(f"config field 'train.batch_size': train.parallel=fsdp needs the epoch's {groups} "
                               f"group(s) to split evenly over {n} ranks")
@@ -201,18 +207,8 @@ class Trainer(TrainerState, FirstOrderMixin):
                               f"samples to split evenly over {n} ranks")
 
     def _pcpo_target(self, tr) -> Tensor:
-        """PCPO-reweight's target native weight omega' per step, float64 (spec §5.3; [UNCERTAIN]
-        zeta: we recompute zeta = sum(omega)/sum(dt) over the noisy steps of the schedule in use
-        instead of the released 4.3152; the diffusion form's constant omega' is the mean omega,
-        spec §12.3)."""
-        steps = torch.arange(tr.num_steps)
-        cs = tr.coeffs(steps, torch.ones_like(steps, dtype=torch.bool), dtype=torch.float64)
-        on = tr.sde_mask.to(torch.bool) & (cs.omega > 0)
-        if self.cfg.method.pcpo_target == "dt":
-            omega_train = cs.dt * (cs.omega[on].sum() / cs.dt[on].sum())
-        else:
-            omega_train = torch.full_like(cs.omega, float(cs.omega[on].mean()))
-        return omega_train.to(self.device)    # cast to the rows' dtype at use
+        """PCPO-reweight's target native weight per step (:func:`rsm_fast.transitions.pcpo_target`)."""
+        return pcpo_target(tr, self.cfg.method.pcpo_target).to(self.device)    # cast to the rows' dtype at use
 
     def _build_plan(self, spec: PlanSpec) -> None:
         """Compile ``spec`` (in ``rollout.waves`` waves), one engine per wave, the merged epoch plan,
@@ -322,15 +318,16 @@ class Trainer(TrainerState, FirstOrderMixin):
         return set_advantages(values, plan.record_set, plan.set_sizes, baseline=mc.baseline, normalize=mc.adv_norm,
                               clip=clip)
 
-    def _policy_out(self, x: Tensor, t: Tensor, group: Tensor) -> Tensor:
-        """The policy's native output as the rollout saw it (CFG-combined when the task uses CFG)."""
+    def _policy_out(self, x: Tensor, t: Tensor, group: Tensor, model=None) -> Tensor:
+        """The policy's (or ``model``'s) native output as the rollout saw it (CFG-combined with CFG)."""
+        model = model or self.handle.model
         c = self.conds.cond
         c = None if c is None else c.to(self.device).index_select(0, group)
         w = self.task.cfg_scale
         if w is None:
-            return self.handle.model(x, t, c)
+            return model(x, t, c)
         u = self.conds.uncond.to(self.device).expand(x.shape[0], *self.conds.uncond.shape[1:])
-        both = self.handle.model(torch.cat([x, x]), torch.cat([t, t]), None if c is None else torch.cat([c, u]))
+        both = model(torch.cat([x, x]), torch.cat([t, t]), None if c is None else torch.cat([c, u]))
         f_c, f_u = both[:x.shape[0]], both[x.shape[0]:]
         return f_u + w * (f_c - f_u)
 
@@ -357,6 +354,8 @@ class Trainer(TrainerState, FirstOrderMixin):
         mc = self.cfg.method
         sec0, nfe0 = dict(self.clock.seconds), dict(self.nfe)
         self.policy.eval()
+        if self.family is not None:        # method.estimator=forward (rsm_fast/forward_family.py)
+            return self.family.epoch(sec0, nfe0)
         if self.cfg.rollout.window:     # MixGRPO: the SDE window moves every window_every epochs
             tr = self.task.transition
             spec = plan_spec(self.cfg, tr.num_steps, tr.sde_mask, self.epochs_done)
@@ -387,8 +386,7 @@ class Trainer(TrainerState, FirstOrderMixin):
         self._sum_nfe(nfe0)
         out = {"lr": lr, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
                "kl": float(path_kl.mean()), "records": self._gplan.num_records,
-               "peak_memory_mb": round(float(self.world.max(torch.tensor([peak_memory(self.device) / 2**20],
-                                                                         dtype=torch.float64), "memory max")), 1),
+               "peak_memory_mb": self._peak_mb(),
                **stats,
                "seconds_epoch": {k: round(v - sec0.get(k, 0.0), 4) for k, v in self.clock.seconds.items()},
                "nfe_epoch": {k: v - nfe0.get(k, 0) for k, v in self.nfe.items()}}
@@ -439,12 +437,7 @@ class Trainer(TrainerState, FirstOrderMixin):
         self.nfe["reference"] += n_ref
         self._groups = rec.group
         fault_point("after-rollout")
-        if self.world.any(not bool(torch.isfinite(rec.x0).all()), "sample check"):   # one host read per epoch
-            when = (f"after epoch {self.epochs_done - 1}'s update" if self.epochs_done else "before any update")
-            raise NonFiniteError(f"the rollout produced non-finite samples {when}: the weights are finite but too "
-                                 f"large for the sampler (train.lr={self.cfg.train.lr:g}, train.weight_decay="
-                                 f"{self.cfg.train.weight_decay:g}) or the sampler settings are degenerate "
-                                 "(task.eta, task.noise_level)")
+        self._check_samples(rec.x0)
         c, record_kl = self._record_kl(rec, f_ref)
         skip = None
         with self.clock("reward"):   # with waves: only the wait for scores not yet finished
@@ -461,6 +454,18 @@ class Trainer(TrainerState, FirstOrderMixin):
             self.skipped += 1
             return {"skipped": skip or "a reward fault on another rank", "lr": self.opt.param_groups[0]["lr"]}
         return rec, f_ref, n_ref, c, record_kl, r, g
+
+    def _check_samples(self, x0: Tensor) -> None:
+        if self.world.any(not bool(torch.isfinite(x0).all()), "sample check"):   # one host read per epoch
+            when = (f"after epoch {self.epochs_done - 1}'s update" if self.epochs_done else "before any update")
+            raise NonFiniteError(f"the rollout produced non-finite samples {when}: the weights are finite but too "
+                                 f"large for the sampler (train.lr={self.cfg.train.lr:g}, train.weight_decay="
+                                 f"{self.cfg.train.weight_decay:g}) or the sampler settings are degenerate "
+                                 "(task.eta, task.noise_level)")
+
+    def _peak_mb(self) -> float:
+        mb = torch.tensor([peak_memory(self.device) / 2**20], dtype=torch.float64)
+        return round(float(self.world.max(mb, "memory max")), 1)
 
     def _per_step(self, rec: Records, rows: Rows, shift, c, seconds: dict) -> dict:
         """Per-timestep diagnostics of this epoch (:mod:`rsm_fast.diagnostics`) and, with

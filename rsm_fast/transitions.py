@@ -298,3 +298,15 @@ def flow_ode(sigmas: Tensor) -> GaussianTransition:
 
 def coeff_fields() -> tuple[str, ...]:
     return tuple(f.name for f in fields(StepCoeffs))
+
+
+def pcpo_target(tr: GaussianTransition, kind: str = "dt") -> Tensor:
+    """PCPO-reweight's target native weight omega' per step, float64 (spec §5.3; [UNCERTAIN] zeta: we
+    recompute zeta = sum(omega)/sum(dt) over the noisy steps of the schedule in use instead of the
+    released 4.3152; the diffusion form ``kind="const"``'s constant omega' is the mean omega, spec §12.3)."""
+    steps = torch.arange(tr.num_steps)
+    cs = tr.coeffs(steps, torch.ones_like(steps, dtype=torch.bool), dtype=torch.float64)
+    on = tr.sde_mask.to(torch.bool) & (cs.omega > 0)
+    if kind == "dt":
+        return cs.dt * (cs.omega[on].sum() / cs.dt[on].sum())
+    return torch.full_like(cs.omega, float(cs.omega[on].mean()))

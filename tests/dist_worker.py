@@ -32,6 +32,15 @@ def main() -> None:
         return rec, f_ref, n
 
     tr._rollout = spy
+    if tr.family is not None:        # method.estimator=forward: its solver rollout keeps final samples only
+        solve = tr.family.rollout.run
+
+        def spy_final(*args, **kwargs):
+            fs = solve(*args, **kwargs)
+            seen.append((fs.x0.detach().clone(), fs.key.clone()))
+            return fs
+
+        tr.family.rollout.run = spy_final
     logs, profiles = [], []
     for _ in range(int(epochs)):
         logs.append(tr.epoch())

@@ -169,6 +169,16 @@ def test_one_reward_server_shared_by_the_ranks_with_wave_overlap(tmp_path):
     assert max(sizes[1]) * 2 == max(sizes[0])                 # each rank posts its own half of a wave
 
 
+@pytest.mark.parametrize("preset", ["diffusion-nft", "awm"])
+def test_forward_process_presets_two_ranks_equal_one_process(tmp_path, preset):
+    """The forward-process family: solver rollouts of each rank's block, per-sample training rows
+    keyed by global row keys, the shadow (old / EMA) weights following identical updates."""
+    spec = [preset, *TOY, "train.batch_size=64", "method.group_size=8"]
+    one = _worker(tmp_path, preset, spec, 3, 1)
+    two = _worker(tmp_path, preset, spec, 3, 2)
+    _assert_same_run(one, two)
+
+
 def test_fsdp_full_finetune_of_digits_equals_one_process(tmp_path):
     """FSDP2 (fully_shard per UNet block, the frozen reference sharded too) on 2 ranks against one
     process fine-tuning every weight. The attention key biases have an exactly-zero true gradient
