@@ -129,3 +129,28 @@ def test_tiny_sd3_lora_trains_and_loads_in_diffusers(tmp_path, preset):
 def test_bad_forward_settings_are_config_errors(sets, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         build_config("diffusion-nft", None, TOY + sets)
+
+
+@pytest.mark.parametrize("preset", ["diffusion-nft", "awm"])
+def test_killed_forward_run_resumes_to_the_uninterrupted_run(tmp_path, preset):
+    """SIGKILL after the third update, ``--resume``: weights, the shadow (old / EMA) weights and the
+    log equal the uninterrupted run bit for bit."""
+    import json
+
+    from test_resume import _args, cli, log_records
+
+    args = _args(["--preset", preset, "train.epochs=5", "train.checkpoint_every=2", "train.batch_size=64",
+                  "method.group_size=8", "task.eval_samples=256"])
+    ref = cli(tmp_path, "--out", "ref", *args)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    killed = cli(tmp_path, "--out", "run", *args, fault="after-epoch:3")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    done = cli(tmp_path, "--resume", "run")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert log_records(tmp_path / "ref") == log_records(tmp_path / "run")
+    ca, cb = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("ref", "run"))
+    assert all(torch.equal(ca["policy"][k], cb["policy"][k]) for k in ca["policy"])
+    assert all(torch.equal(x, y) for x, y in zip(ca["forward"]["shadow"], cb["forward"]["shadow"]))
+    sa, sb = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("ref", "run"))
+    sa.pop("seconds"), sb.pop("seconds")
+    assert sa == sb
