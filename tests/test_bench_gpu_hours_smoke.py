@@ -177,3 +177,19 @@ def test_variants_in_parallel_jobs_equal_the_serial_runs(tmp_path):
                  for p in ("tempflow-grpo", "tempflow-grpo[rollout.allocator=online,rollout.alloc_units=nfe]")]
     assert base["nfe"] != var["nfe"]                                     # the override reached the variant only
     assert "own overrides" in (tmp_path / "par.md").read_text()
+
+
+def test_forward_process_presets_run_as_baselines(tmp_path):
+    """diffusion-nft and awm (issue 19) in the harness beside a trajectory preset: their runs, NFE
+    kinds and speedups are measured the same way."""
+    out = tmp_path / "fp"
+    rc = G.main(["--task", "toy2d", "--seeds", "0", "--eval-samples", "32", "--set", "train.batch_size=16",
+                 "--set", "method.group_size=8", "--set", "policy.hidden=16",
+                 "--presets", "tempflow-grpo,diffusion-nft,awm", "--baseline", "diffusion-nft", "--epochs", "2",
+                 "--eval-every", "1", "--target", "3.05", "--out", str(out)])
+    assert rc == 0
+    runs = {r["preset"]: r for r in csv.DictReader(open(f"{out}_summary.csv"))}
+    assert set(runs) == {"tempflow-grpo", "diffusion-nft", "awm"}
+    epochs = [r for r in csv.DictReader(open(f"{out}.csv")) if r["preset"] in ("diffusion-nft", "awm")]
+    assert all(int(r["nfe"]) == int(r["nfe_rollout"]) + int(r["nfe_reference"]) + int(r["nfe_train"]) for r in epochs)
+    assert all(int(r["nfe_rollout"]) > 0 for r in epochs if r["epoch"] != "0")
