@@ -351,6 +351,7 @@ def estimate_memory(cfg: RunConfig, geo: TaskGeometry, *, world_size: int = 1,
     elems = geo.param_bytes // max(1, geo.param_elem)
     optim = 2 * elems if tc.optimizer == "adamw8bit" else 2 * geo.param_bytes   # two 8-bit states / two moments
     ema = elems * F32 if tc.ema_decay > 0 else 0                                 # train_step.EMA: fp32 shadows
+    ema += 2 * geo.param_bytes if cfg.method.estimator == "forward" else 0       # old / EMA shadow + its swap copy
     trained = 3 * geo.param_bytes + optim + ema        # parameter, gradient, guard snapshot
     if N > 1 and not sharded:
         trained += geo.param_bytes                     # DDP's gradient buckets

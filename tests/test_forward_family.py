@@ -154,3 +154,19 @@ def test_killed_forward_run_resumes_to_the_uninterrupted_run(tmp_path, preset):
     sa, sb = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("ref", "run"))
     sa.pop("seconds"), sb.pop("seconds")
     assert sa == sb
+
+
+def test_memory_estimate_counts_the_shadow_weights():
+    """The pre-flight estimate adds the shadow (old / EMA) weights and the copy their in-place
+    evaluation keeps: twice the trained parameters' bytes."""
+    from rsm_fast import memory_profile as MP
+    from rsm_fast import preflight as P
+
+    sets = ["task.name=digits-flow", "task.condition=none", "policy.lora_rank=0", "task.num_steps=10",
+            "train.batch_size=16", "method.group_size=8"]
+    est = {}
+    for preset in ("grpo", "diffusion-nft"):
+        cfg = build_config(preset, None, sets)
+        geo = MP.image_geometry(cfg, P.task_geometry(cfg))
+        est[preset] = P.estimate_memory(cfg, geo).params
+    assert est["diffusion-nft"] - est["grpo"] == 2 * geo.param_bytes > 0
