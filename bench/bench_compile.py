@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rsm_fast.config import build_config  # noqa: E402
+from rsm_fast.families import TrajectoryRows  # noqa: E402
 from rsm_fast.train_step import _mark_batch, compile_backend, graphs_compiled  # noqa: E402
 from rsm_fast.trainer import NonFiniteError, Trainer, _slice_coeffs, _slice_rows  # noqa: E402
 
@@ -71,8 +72,10 @@ def _forward_loss(tr, rows, c, shift, group, row_weight):
     return tr._loss(rows, c, tr._policy_out(rows.x, rows.t, group), shift, row_weight)
 
 
-def _fused_optimize(tr, compiled, rows, c, shift, group) -> dict:
-    """``Trainer._optimize`` with the micro-batch's forward + loss through ``compiled``."""
+def _fused_optimize(tr, compiled, trows) -> dict:
+    """``Trainer._optimize`` with the micro-batch's forward + loss through ``compiled``
+    (``trows``: the trajectory family's rows, rsm_fast/families.py)."""
+    rows, c, shift, group = trows.rows, trows.coeffs, trows.shift, trows.group
     tr.policy.train()
     M = rows.x.shape[0]
 
@@ -134,10 +137,12 @@ def timed(run: dict) -> None:
 
 def finish(run: dict) -> dict:
     """The fewer-rows call, then the summary record."""
-    rows, c, shift, group = run["args"]
+    (trows,) = run["args"]
+    rows, c, shift, group = trows.rows, trows.coeffs, trows.shift, trows.group
     sl = slice(0, rows.x.shape[0] - 7)
     g0 = graphs_compiled()
-    run["step"]((_slice_rows(rows, sl), _slice_coeffs(c, sl), None if shift is None else shift[sl], group[sl]))
+    run["step"]((TrajectoryRows(_slice_rows(rows, sl), _slice_coeffs(c, sl), None if shift is None else shift[sl],
+                                group[sl]),))
     times = run["times"]
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return {"case": run["case"], "mode": run["mode"], "rows": int(rows.x.shape[0]),

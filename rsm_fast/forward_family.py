@@ -61,7 +61,7 @@ def grid_from_transition(tr) -> SV.Grid:
 
 
 class ForwardFamily:
-    """Drives :meth:`Trainer.epoch` for ``method.estimator=forward`` (module docstring)."""
+    """The ``forward`` estimator family (module docstring; its interface: rsm_fast/families.py)."""
 
     def __init__(self, trainer: "Trainer"):
         self.tr = tr = trainer
@@ -105,33 +105,47 @@ class ForwardFamily:
                 for p, s in zip(tr.params, saved):
                     p.copy_(s)
 
-    # -- the epoch -----------------------------------------------------------------------------
-    def epoch(self, sec0: dict, nfe0: dict) -> dict:
+    # -- the family interface (rsm_fast/families.py) -----------------------------------------
+    def prepare(self) -> None:
+        pass
+
+    def sample(self):
+        return self._sample_and_score()
+
+    def rows(self, batch) -> dict:
+        from .train_step import micro_batches
+
+        x0, r = batch
+        rows = self._rows(x0, self._advantages(r))
+        rows["parts"] = len(micro_batches(rows["x_t"].shape[0], self.tr.cfg.train.grad_accum))
+        rows["gap"] = []     # the first update's mean |v - v_ref|^2 per row: the epoch's "kl" (velocity MSE)
+        return rows
+
+    def num_rows(self, rows: dict) -> int:
+        return rows["x_t"].shape[0]
+
+    def total_rows(self, rows: dict) -> int:
+        return rows["x_t"].shape[0] * self.tr.world.size      # every rank holds the same number of rows
+
+    def after_update(self, rows: dict) -> None:
+        tr, kind = self.tr, self.tr.cfg.method.fp_decay
+        d = (FP.nft_old_decay(tr.epochs_done, int(kind[-1])) if kind.startswith("nft")
+             else FP.awm_ema_decay(tr.epochs_done, "constant" if kind == "awm_const" else "linear"))
+        FP.ema_update_(self.shadow, tr.params, d)
+        rows["decay"] = d
+
+    def logs(self, batch, rows: dict, stats: dict) -> dict:
         tr = self.tr
-        with tr.abandonable():
-            out = self._sample_and_score()
-        if isinstance(out, dict):
-            tr._sum_nfe(nfe0)
-            return out
-        x0, r = out
-        fault_point("train-start")
-        with tr.clock("train"):
-            rows = self._rows(x0, self._advantages(r))
-            stats = self._optimize(rows)
-            d = (FP.nft_old_decay(tr.epochs_done, int(tr.cfg.method.fp_decay[-1])) if tr.cfg.method.fp_decay.startswith("nft")
-                 else FP.awm_ema_decay(tr.epochs_done, "constant" if tr.cfg.method.fp_decay == "awm_const" else "linear"))
-            FP.ema_update_(self.shadow, tr.params, d)
-        tr.epochs_done += 1
-        lr = tr.opt.param_groups[0]["lr"]
-        if tr.sched is not None:
-            tr.sched.step()
-        r = tr.world.gather(r, op="reward gather")
-        tr._sum_nfe(nfe0)
-        return {"lr": lr, "reward_mean": float(r.mean()), "reward_std": float(r.std()), "kl": stats.pop("kl"),
-                "records": int(rows["x_t"].shape[0]) * tr.world.size, "shadow_decay": d,
-                "peak_memory_mb": tr._peak_mb(), **stats,
-                "seconds_epoch": {k: round(v - sec0.get(k, 0.0), 4) for k, v in tr.clock.seconds.items()},
-                "nfe_epoch": {k: v - nfe0.get(k, 0) for k, v in tr.nfe.items()}}
+        gap = rows["gap"]
+        kl = float(torch.stack(gap).sum()) / rows["x_t"].shape[0] if gap else float("nan")
+        if tr.world.active:
+            kl = float(tr.world.sum(torch.tensor([kl], dtype=torch.float64), "stats")) / tr.world.size
+        r = tr.world.gather(batch[1], op="reward gather")
+        return {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "kl": kl,
+                "records": self.total_rows(rows), "shadow_decay": rows["decay"]}
+
+    def per_step(self, batch, rows: dict, seconds: dict) -> dict:
+        return {}
 
     def _sample_and_score(self):
         tr = self.tr
@@ -220,41 +234,20 @@ class ForwardFamily:
             tr.nfe["reference"] += M * g * ((mc.fp_kl > 0) + need_shadow + (rows["logp_old"] is not None))
         return rows
 
-    def _optimize(self, rows: dict) -> dict:
+    def loss(self, rows: dict, sl: slice):
         tr, mc = self.tr, self.tr.cfg.method
-        tr.policy.train()
-        M, g = rows["x_t"].shape[0], 1 if tr.task.cfg_scale is None else 2
         cmax = mc.adv_clip if mc.adv_clip > 0 else 5.0
-        pick = lambda k, sl: None if rows[k] is None else rows[k][sl]  # noqa: E731
-        gap = []       # the first update's mean |v - v_ref|^2 per row: the epoch's "kl" (velocity MSE)
-
-        def loss_fn(sl: slice):
-            v = self._velocity(self._native(tr.handle.model, rows["x_t"][sl], rows["t"][sl], rows["group"][sl]), rows, sl)
-            if rows["v_ref"] is not None and len(gap) < len(parts):
-                gap.append((v.detach() - rows["v_ref"][sl]).pow(2).flatten(1).mean(1).sum())
-            if self.nft:
-                loss, _ = FP.nft_loss(v, rows["v_shadow"][sl], pick("v_ref", sl), rows["x_rf"][sl], rows["x0"][sl],
-                                      rows["t_rf"][sl], rows["adv"][sl], beta=mc.fp_beta, adv_clip_max=cmax,
-                                      kl_beta=mc.fp_kl)
-            else:
-                loss, _ = FP.awm_loss(v, rows["eps"][sl], rows["x0"][sl], rows["t_rf"][sl], rows["adv"][sl],
-                                      logp_old=pick("logp_old", sl), v_ref=pick("v_ref", sl),
-                                      v_ema=pick("v_shadow", sl) if mc.fp_ema_kl > 0 else None,
-                                      weighting=mc.fp_weighting, p=mc.fp_power, clip_range=mc.fp_clip,
-                                      adv_clip_max=cmax, kl_beta=mc.fp_kl, ema_beta=mc.fp_ema_kl)
-            return loss, None
-
-        def on_forward(n: int):
-            tr.nfe["train"] += n * g
-
-        from .train_step import micro_batches
-        from .trainer import NonFiniteError
-
-        parts = micro_batches(M, tr.cfg.train.grad_accum)
-        total = M * tr.world.size          # every rank holds the same number of rows
-        stats, _ = tr.step.run(M, tr.cfg.train.inner_updates, loss_fn, on_forward, NonFiniteError, tr.epochs_done,
-                               total)
-        kl = float(torch.stack(gap).sum()) / M if gap else float("nan")
-        stats["kl"] = float(tr.world.sum(torch.tensor([kl], dtype=torch.float64), "stats")) / tr.world.size \
-            if tr.world.active else kl
-        return stats
+        pick = lambda k: None if rows[k] is None else rows[k][sl]  # noqa: E731
+        v = self._velocity(self._native(tr.handle.model, rows["x_t"][sl], rows["t"][sl], rows["group"][sl]), rows, sl)
+        if rows["v_ref"] is not None and len(rows["gap"]) < rows["parts"]:
+            rows["gap"].append((v.detach() - rows["v_ref"][sl]).pow(2).flatten(1).mean(1).sum())
+        if self.nft:
+            loss, _ = FP.nft_loss(v, rows["v_shadow"][sl], pick("v_ref"), rows["x_rf"][sl], rows["x0"][sl],
+                                  rows["t_rf"][sl], rows["adv"][sl], beta=mc.fp_beta, adv_clip_max=cmax, kl_beta=mc.fp_kl)
+        else:
+            loss, _ = FP.awm_loss(v, rows["eps"][sl], rows["x0"][sl], rows["t_rf"][sl], rows["adv"][sl],
+                                  logp_old=pick("logp_old"), v_ref=pick("v_ref"),
+                                  v_ema=pick("v_shadow") if mc.fp_ema_kl > 0 else None,
+                                  weighting=mc.fp_weighting, p=mc.fp_power, clip_range=mc.fp_clip,
+                                  adv_clip_max=cmax, kl_beta=mc.fp_kl, ema_beta=mc.fp_ema_kl)
+        return loss, None

@@ -42,6 +42,7 @@ from .engine.plan import PlanError, PlanSpec, compile_plan
 from .engine.rollout import Records, RolloutEngine
 from .engine.profiles import resolve_profile
 from .engine.waves import merge_plans, merge_records, wave_plans
+from .families import make_family
 from .fo_guidance import FirstOrderMixin
 from .distributed import ONE, World, rank_groups
 from .dist_stats import gather_eval, global_set_advantages
@@ -187,11 +188,7 @@ class Trainer(TrainerState, FirstOrderMixin):
         self.score_loss = ops.score_loss if fused else score_regression_loss
         if fused:  # build / load the device's kernels now, outside the timed phases
             ops.backends.for_device(self.device)
-        self.family = None
-        if mc.estimator == "forward":
-            from .forward_family import ForwardFamily
-
-            self.family = ForwardFamily(self)
+        self.family = make_family(self)     # zo / fo / forward (rsm_fast/families.py)
 
     def _check_even_split(self, cfg: RunConfig) -> None:
         """FSDP2 gathers the weights in every forward, a collective: every rank must make the same
@@ -351,48 +348,34 @@ class Trainer(TrainerState, FirstOrderMixin):
 
     # ------------------------------------------------------------------------------------------
     def epoch(self) -> dict:
-        mc = self.cfg.method
+        """One epoch of the estimator family (rsm_fast/families.py): rollout and rewards, rows,
+        ``train.inner_updates`` optimizer steps, the epoch's record and per-step diagnostics."""
         sec0, nfe0 = dict(self.clock.seconds), dict(self.nfe)
         self.policy.eval()
-        if self.family is not None:        # method.estimator=forward (rsm_fast/forward_family.py)
-            return self.family.epoch(sec0, nfe0)
-        if self.cfg.rollout.window:     # MixGRPO: the SDE window moves every window_every epochs
-            tr = self.task.transition
-            spec = plan_spec(self.cfg, tr.num_steps, tr.sde_mask, self.epochs_done)
-            if spec != self._spec:
-                self._build_plan(spec)
+        fam = self.family
+        fam.prepare()
         with self.abandonable():    # rollout and reward touch no weights: a stop may abandon them
-            out = self._sample_and_score()
-        if isinstance(out, dict):
+            batch = fam.sample()
+        if isinstance(batch, dict):     # a skipped epoch's record
             self._sum_nfe(nfe0)
-            return out
-        rec, f_ref, n_ref, c, record_kl, r, g = out
+            return batch
         fault_point("train-start")
         with self.clock("train"):
-            rows = Rows(idx=rec.step, t=self._t_table.index_select(0, rec.step), x=rec.x, z=rec.z,
-                        f_old=rec.f_old, f_ref=f_ref)
-            if mc.estimator == "zo":
-                rows.adv = self._advantages(r, record_kl)
-            elif g is not None:
-                rows.g = self.credit.mean_over_leaves(g) if mc.estimator == "fo_terminal" else g
-            shift = None if mc.estimator == "zo" else self._fo_guidance(rows, c)
-            stats = self._optimize(rows, c, shift, rec.group)
+            rows = fam.rows(batch)
+            stats = self._optimize(rows)
+            fam.after_update(rows)
         self.epochs_done += 1
         lr = self.opt.param_groups[0]["lr"]
         if self.sched is not None:
             self.sched.step()
-        path_kl = self.credit.path_kl(record_kl).sum(0)          # KL along each final sample's path
-        r, path_kl = self.world.gather(r, op="reward gather"), self.world.gather(path_kl, op="KL gather")
+        logs = fam.logs(batch, rows, stats)
         self._sum_nfe(nfe0)
-        out = {"lr": lr, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
-               "kl": float(path_kl.mean()), "records": self._gplan.num_records,
-               "peak_memory_mb": self._peak_mb(),
-               **stats,
+        out = {"lr": lr, **logs, "peak_memory_mb": self._peak_mb(), **stats,
                "seconds_epoch": {k: round(v - sec0.get(k, 0.0), 4) for k, v in self.clock.seconds.items()},
                "nfe_epoch": {k: v - nfe0.get(k, 0) for k, v in self.nfe.items()}}
         a0 = self.clock.seconds.get("alloc", 0.0)
         with self.clock("alloc"):   # diagnostics, allocator and the next plan: this epoch's cost too
-            out.update(self._per_step(rec, rows, shift, c, out["seconds_epoch"]))
+            out.update(fam.per_step(batch, rows, out["seconds_epoch"]))
         out["seconds_epoch"]["alloc"] = round(self.clock.seconds["alloc"] - a0, 4)
         return out
 
@@ -498,26 +481,20 @@ class Trainer(TrainerState, FirstOrderMixin):
                 self._build_plan(replace(self._spec, k=tuple(k)))
         return out
 
-    def _optimize(self, rows: Rows, c, shift, group: Tensor) -> dict:
-        """``inner_updates`` optimizer steps on the epoch's rows (micro-batched with
+    def _optimize(self, rows) -> dict:
+        """``inner_updates`` optimizer steps on the family's rows (micro-batched with
         ``train.grad_accum``; :class:`~rsm_fast.train_step.TrainStep`). Leaves the last update's
         clip mask in ``self._last_clipped`` for the diagnostics and the allocator."""
         self.policy.train()
-        M = rows.x.shape[0]
-        g = 1 if self.task.cfg_scale is None else 2
-
-        def loss_fn(sl: slice):
-            r, cs = _slice_rows(rows, sl), _slice_coeffs(c, sl)
-            f = self._policy_out(r.x, r.t, group[sl])
-            rw = None if self._row_weight is None else self._row_weight[sl]
-            return self._loss(r, cs, f, None if shift is None else shift[sl], rw)
+        fam, g = self.family, 1 if self.task.cfg_scale is None else 2
 
         def on_forward(n: int):
             self.nfe["train"] += n * g
 
         try:
-            stats, self._last_clipped = self.step.run(M, self.cfg.train.inner_updates, loss_fn, on_forward,
-                                                      NonFiniteError, self.epochs_done, self._gplan.num_records)
+            stats, self._last_clipped = self.step.run(fam.num_rows(rows), self.cfg.train.inner_updates,
+                                                      lambda sl: fam.loss(rows, sl), on_forward, NonFiniteError,
+                                                      self.epochs_done, fam.total_rows(rows))
         except ops.FusedOpNonFiniteError as e:
             raise NonFiniteError(f"a loss input became non-finite at epoch {self.epochs_done} ({e}); "
                                  "the weights were left unchanged") from None

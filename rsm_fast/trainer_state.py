@@ -41,7 +41,7 @@ class TrainerState:
                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
                 "allocator": None if self.budget is None else {**self.budget.state_dict(), "k": list(self._spec.k)},
                 "ema": ema,
-                "forward": None if getattr(self, "family", None) is None else self.family.state_dict(),
+                "forward": self.family.state_dict(),      # the estimator family's (None: nothing)
                 "nfe": dict(self.nfe), "clock": dict(self.clock.seconds), "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
@@ -67,11 +67,10 @@ class TrainerState:
             raise ValueError("checkpoint 'ema' does not match train.ema_decay of this config")
         if self.step.ema is not None and not state.get("sharded"):
             self.step.ema.load_state_dict(state["ema"])
-        family = getattr(self, "family", None)
-        if (state.get("forward") is None) != (family is None):
+        if (state.get("forward") is None) != (self.family.state_dict() is None):
             raise ValueError("checkpoint 'forward' does not match method.estimator of this config")
-        if family is not None:
-            family.load_state_dict(state["forward"])
+        if state.get("forward") is not None:
+            self.family.load_state_dict(state["forward"])
         alloc = state.get("allocator")
         if (alloc is None) != (self.budget is None):
             raise ValueError("checkpoint 'allocator' does not match rollout.allocator of this config")

@@ -32,7 +32,7 @@ def main() -> None:
         return rec, f_ref, n
 
     tr._rollout = spy
-    if tr.family is not None:        # method.estimator=forward: its solver rollout keeps final samples only
+    if hasattr(tr.family, "rollout"):        # method.estimator=forward: its solver rollout keeps final samples only
         solve = tr.family.rollout.run
 
         def spy_final(*args, **kwargs):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from rsm_fast.families import TrajectoryRows
 from rsm_fast.config import ConfigError, build_config
 from rsm_fast.train_step import EMA, TrainStep, compile_policy, find_regions, graphs_compiled, micro_batches
 from rsm_fast.trainer import NonFiniteError, Trainer, _slice_coeffs, _slice_rows
@@ -262,9 +263,10 @@ def test_compiled_image_model_step_matches_eager(monkeypatch, base, mode, region
 
     monkeypatch.setattr(comp, "_optimize", grab)
     comp.epoch()
-    rows, c, shift, group = captured["args"]
+    (tr_rows,) = captured["args"]          # rsm_fast.families.TrajectoryRows
+    rows, c, shift, group = tr_rows.rows, tr_rows.coeffs, tr_rows.shift, tr_rows.group
     sl = slice(0, rows.x.shape[0] - 3)
-    st = real(_slice_rows(rows, sl), _slice_coeffs(c, sl), shift, group[sl])
+    st = real(TrajectoryRows(_slice_rows(rows, sl), _slice_coeffs(c, sl), shift, group[sl]))
     assert st["recompiles"] == 0 and comp._last_clipped.shape == (rows.x.shape[0] - 3,)
 
 

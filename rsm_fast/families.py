@@ -1,0 +1,123 @@
+"""Estimator families: what differs between zeroth-order, first-order and forward-process methods.
+
+:meth:`Trainer.epoch <rsm_fast.trainer.Trainer.epoch>` is one loop for all of them; a family fills
+its steps (issue 19 item 5). A family is picked from ``method.estimator`` by :func:`make_family`;
+adding one is one new module and one line in :data:`FAMILIES`, not a change to the loop.
+
+The interface (every method is called once per epoch, in this order)::
+
+    prepare()                        before the rollout (a MixGRPO window moves the plan)
+    sample() -> batch | dict         rollout + rewards, inside the abandonable region; a dict is a
+                                     skipped epoch's record (the reward policy said "skip")
+    rows(batch) -> rows              the training rows (advantages, guidance, forward-process rows,
+                                     no-grad evaluations of other weights)
+    num_rows(rows), total_rows(rows) this rank's rows; every rank's (the loss's global normalisation)
+    loss(rows, sl) -> (loss, out)    the mean loss of the rows ``sl`` (one micro-batch, with grad);
+                                     ``out`` carries ``clipped`` / ``log_ratio`` or is None
+    after_update(rows)               after the optimizer steps (shadow weights follow)
+    logs(batch, rows, stats) -> dict reward / KL / record counts of the epoch (collectives allowed)
+    per_step(batch, rows, seconds)   per-timestep diagnostics and the allocator, timed as "alloc"
+    state_dict() / load_state_dict() what the family carries between epochs (checkpoints); None: nothing
+
+Families: :class:`TrajectoryFamily` (``zo``, ``fo_*``: trajectory records of the rollout engine,
+the trainer's own zeroth-order and first-order code, :mod:`rsm_fast.fo_guidance`) and
+:class:`~rsm_fast.forward_family.ForwardFamily` (``forward``: DiffusionNFT, AWM).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+@dataclass
+class TrajectoryRows:
+    rows: Any            # rsm_fast.trainer.Rows
+    coeffs: Any          # the records' StepCoeffs
+    shift: Any           # first order: the guidance target shift per record (None for zo)
+    group: torch.Tensor  # [M] group id per record
+
+
+class TrajectoryFamily:
+    """``zo`` and ``fo_*``: the rollout engine's trajectory records, trained where they were sampled."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.tr = trainer
+
+    def prepare(self) -> None:
+        tr = self.tr
+        if tr.cfg.rollout.window:     # MixGRPO: the SDE window moves every window_every epochs
+            from .trainer import plan_spec
+
+            trans = tr.task.transition
+            spec = plan_spec(tr.cfg, trans.num_steps, trans.sde_mask, tr.epochs_done)
+            if spec != tr._spec:
+                tr._build_plan(spec)
+
+    def sample(self):
+        return self.tr._sample_and_score()
+
+    def rows(self, batch) -> TrajectoryRows:
+        from .trainer import Rows
+
+        tr, mc = self.tr, self.tr.cfg.method
+        rec, f_ref, _, c, record_kl, r, g = batch
+        rows = Rows(idx=rec.step, t=tr._t_table.index_select(0, rec.step), x=rec.x, z=rec.z, f_old=rec.f_old,
+                    f_ref=f_ref)
+        if mc.estimator == "zo":
+            rows.adv = tr._advantages(r, record_kl)
+        elif g is not None:
+            rows.g = tr.credit.mean_over_leaves(g) if mc.estimator == "fo_terminal" else g
+        shift = None if mc.estimator == "zo" else tr._fo_guidance(rows, c)
+        return TrajectoryRows(rows, c, shift, rec.group)
+
+    def num_rows(self, rows: TrajectoryRows) -> int:
+        return rows.rows.x.shape[0]
+
+    def total_rows(self, rows: TrajectoryRows) -> int:
+        return self.tr._gplan.num_records
+
+    def loss(self, rows: TrajectoryRows, sl: slice):
+        from .trainer import _slice_coeffs, _slice_rows
+
+        tr = self.tr
+        r, cs = _slice_rows(rows.rows, sl), _slice_coeffs(rows.coeffs, sl)
+        f = tr._policy_out(r.x, r.t, rows.group[sl])
+        rw = None if tr._row_weight is None else tr._row_weight[sl]
+        return tr._loss(r, cs, f, None if rows.shift is None else rows.shift[sl], rw)
+
+    def after_update(self, rows: TrajectoryRows) -> None:
+        pass
+
+    def logs(self, batch, rows: TrajectoryRows, stats: dict) -> dict:
+        tr = self.tr
+        r, record_kl = batch[5], batch[4]
+        path_kl = tr.credit.path_kl(record_kl).sum(0)          # KL along each final sample's path
+        r, path_kl = tr.world.gather(r, op="reward gather"), tr.world.gather(path_kl, op="KL gather")
+        return {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "kl": float(path_kl.mean()),
+                "records": tr._gplan.num_records}
+
+    def per_step(self, batch, rows: TrajectoryRows, seconds: dict) -> dict:
+        return self.tr._per_step(batch[0], rows.rows, rows.shift, rows.coeffs, seconds)
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state) -> None:
+        pass
+
+
+FAMILIES = {"zo": TrajectoryFamily, "fo_terminal": TrajectoryFamily, "fo_current": TrajectoryFamily,
+            "fo_lookahead": TrajectoryFamily, "forward": "forward"}
+
+
+def make_family(trainer: "Trainer"):
+    """The family of ``method.estimator`` (:data:`FAMILIES`; the forward family is imported lazily)."""
+    cls = FAMILIES[trainer.cfg.method.estimator]
+    if cls == "forward":
+        from .forward_family import ForwardFamily as cls
+    return cls(trainer)
