@@ -23,7 +23,6 @@ No-grad evaluations (reference, old / EMA shadow, AWM's pre-update likelihood wh
 """
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,6 +36,7 @@ from .engine.forward_rows import awm_steps, forward_rows, nft_steps
 from .engine.solver_rollout import SolverRollout
 from .interrupts import fault_point
 from .losses import forward_process as FP
+from .train_step import weights_applied
 from .transitions import rowwise
 
 if TYPE_CHECKING:
@@ -91,19 +91,8 @@ class ForwardFamily:
             for s, v in zip(self.shadow, shadow):
                 s.copy_(v)
 
-    @contextlib.contextmanager
     def _shadow_applied(self):
-        tr = self.tr
-        saved = [p.detach().clone() for p in tr.params]
-        with torch.no_grad():
-            for p, s in zip(tr.params, self.shadow):
-                p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, s in zip(tr.params, saved):
-                    p.copy_(s)
+        return weights_applied(self.tr.params, self.shadow)
 
     # -- the family interface (rsm_fast/families.py) -----------------------------------------
     def prepare(self) -> None:

@@ -168,6 +168,23 @@ def compile_policy(policy: nn.Module, mode: str, backend: str | None = None) -> 
     return CompiledRegions(policy, mode, backend)
 
 
+@contextmanager
+def weights_applied(params: list[Tensor], values: list[Tensor]):
+    """Write ``values`` into ``params`` in place for the duration of the block, then the saved
+    weights back (in-place copies: a compiled region or a captured graph reads them like any
+    update). Used by the EMA's evaluation swap and the forward family's old / EMA weights."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v.to(p.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+
+
 class EMA:
     """RSM-code's EMA of a list of parameters (fp32 shadow copies; see the module docstring)."""
 
@@ -193,19 +210,9 @@ class EMA:
         for s, p in zip(self.shadow, self.params):
             s.add_(p.detach().to(torch.float32) - s, alpha=w)
 
-    @contextmanager
     def applied(self):
         """Swap the EMA weights in for the duration of the block (evaluation, export)."""
-        saved = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s.to(p.dtype))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, s in zip(self.params, saved):
-                    p.copy_(s)
+        return weights_applied(self.params, self.shadow)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "every": self.every, "steps": self.steps,
