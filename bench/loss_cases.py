@@ -2,12 +2,19 @@
 and the byte model. Imported by ``bench_fused_loss.py`` (pytest-benchmark), ``run_loss_bench.py``
 (the results table) and ``profiles/profile_loss.py``.
 
-Implementations, for each loss:
-  fused     ``rsm_fast.ops.zo_loss`` / ``score_loss`` (backend picked per device: Triton on CUDA,
-            C++ on CPU, plain-torch ``decomposed`` fallback), called with ``check=False`` (no
-            host sync) unless asked otherwise.
-  eager     the reference ``rsm_fast.losses.zo_row_loss`` / ``score_regression_loss`` (float32 math).
+Implementations, for each loss (``zo``, ``score``, and the forward-process ``nft`` / ``awm``):
+  fused     ``rsm_fast.ops.zo_loss`` / ``score_loss`` / ``nft_loss`` / ``awm_loss`` (backend picked
+            per device: Triton on CUDA, C++ on CPU, plain-torch ``decomposed`` fallback), called
+            with ``check=False`` (no host sync) unless asked otherwise.
+  eager     the reference ``rsm_fast.losses.zo_row_loss`` / ``score_regression_loss`` (float32
+            math) / ``forward_process.nft_loss`` / ``awm_loss`` (as released: NFT's adaptive
+            weights and AWM's mse in float64).
   compiled  the same reference under ``torch.compile(dynamic=False)``.
+
+The forward-process losses return the scalar mean over rows (as the references do); the others
+return ``[B]`` row losses. Their cases: NFT at DiffusionNFT's defaults (beta 1, KL 1e-4, reads
+v, v_old, x_t, x0, v_ref); AWM at AWM's GenEval defaults (ghuber p 0.25, clip 1, KL 1e-3 to the
+reference and 1.0 to the EMA, reads v, eps, x0, v_ref, v_ema), on-policy (the first pass).
 
 Passes: ``fwd`` is the loss forward with autograd recording (as in training: the differentiable
 input requires grad); ``fwd+bwd`` adds ``torch.autograd.grad`` of the row losses with the fixed
@@ -33,10 +40,11 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip in
 from rsm_fast import ops  # noqa: E402
 from rsm_fast import schedules as S  # noqa: E402
 from rsm_fast import transitions as T  # noqa: E402
+from rsm_fast.losses import forward_process as FP  # noqa: E402
 from rsm_fast.losses import score_regression_loss, zo_row_loss  # noqa: E402
 from rsm_fast.ops import backends  # noqa: E402
 
-OPS = ("zo", "score")
+OPS = ("zo", "score", "nft", "awm")
 PASSES = ("fwd", "fwd+bwd")
 IMPLS = ("fused", "eager", "compiled")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,7 +54,7 @@ SCORE_C2 = 0.1          # trust-region term on, so s_old is read
 HEADLINE = (12, (16, 64, 64))   # 12 rows of SD3.5-M 512^2 latents
 # Latent tensors a fused implementation must touch per call: zo reads f_theta, f_old, z, f_ref;
 # score reads s_theta, s_ref, psi_hat, s_old. The backward re-reads them and writes one gradient.
-LATENT_INPUTS = {"zo": 4, "score": 4}
+LATENT_INPUTS = {"zo": 4, "score": 4, "nft": 5, "awm": 5}
 
 FULL = dict(rows=(4, 12, 24, 48), latents=((4, 64, 64), (16, 64, 64), (16, 128, 128)), dtypes=("fp32", "bf16", "fp16"))
 QUICK = dict(rows=(4, 12), latents=((4, 64, 64), (16, 64, 64)), dtypes=("fp32",))
@@ -139,6 +147,14 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict:
                    psi=rn().to(dt), C1=torch.rand(B, generator=g, device=device) + 0.5,
                    gamma=torch.rand(B, generator=g, device=device), C2=torch.full((B,), SCORE_C2, device=device))
         inp["x"] = inp["s"].requires_grad_()
+    elif case.op in ("nft", "awm"):
+        x0, eps = rn(), rn()
+        t = 0.05 + 0.9 * torch.rand(B, generator=g, device=device)
+        v_old = (eps - x0) + 0.3 * rn()
+        inp = dict(x0=x0.to(dt), eps=eps.to(dt), x_t=((1 - col(t)) * x0 + col(t) * eps).to(dt), t=t,
+                   v=(v_old + 0.05 * rn()).to(dt), v_old=v_old.to(dt), v_ref=(v_old + 0.1 * rn()).to(dt),
+                   v_ema=(v_old + 0.02 * rn()).to(dt), adv=2.0 * torch.randn(B, generator=g, device=device))
+        inp["x"] = inp["v"].requires_grad_()
     else:
         raise ValueError(f"unknown op {case.op!r}")
     # d mean(loss) / d loss_b, precomputed (contiguous, fp32 like the row losses)
@@ -157,7 +173,19 @@ def score_reference(s, s_ref, s_old, psi, C1, gamma, C2):
     return score_regression_loss(s, s_ref, s_old, psi, C1, gamma, C2)
 
 
+def nft_reference(v, v_old, v_ref, x_t, x0, t, adv):
+    return FP.nft_loss(v, v_old, v_ref, x_t, x0, t, adv, beta=1.0, kl_beta=1e-4)[0]
+
+
+def awm_reference(v, eps, x0, t, adv, v_ref, v_ema):
+    return FP.awm_loss(v, eps, x0, t, adv, v_ref=v_ref, v_ema=v_ema)[0]
+
+
 def _args(op: str, inp: dict) -> tuple:
+    if op == "nft":
+        return inp["v"], inp["v_old"], inp["v_ref"], inp["x_t"], inp["x0"], inp["t"], inp["adv"]
+    if op == "awm":
+        return inp["v"], inp["eps"], inp["x0"], inp["t"], inp["adv"], inp["v_ref"], inp["v_ema"]
     if op == "zo":
         return inp["f_theta"], inp["f_old"], inp["z"], inp["f_ref"], inp["adv"], inp["co"]
     return inp["s"], inp["s_ref"], inp["s_old"], inp["psi"], inp["C1"], inp["gamma"], inp["C2"]
@@ -169,10 +197,18 @@ def loss_fns(case: Case, impls=IMPLS, check: bool = False, device: torch.device 
     ``reset=False``), so every case gets its own compile and a grid never reaches the recompile
     limit (past it Dynamo silently runs the function eagerly)."""
     op = case.op
-    ref = zo_reference if op == "zo" else score_reference
+    ref = {"zo": zo_reference, "score": score_reference, "nft": nft_reference, "awm": awm_reference}[op]
     out: dict[str, Callable] = {}
     if "fused" in impls:
-        if op == "zo":
+        if op == "nft":
+            def fused(inp):
+                v, vo, vr, xt, x0, t, adv = _args(op, inp)
+                return ops.nft_loss(v, vo, vr, xt, x0, t, adv, beta=1.0, kl_beta=1e-4, check=check)[0]
+        elif op == "awm":
+            def fused(inp):
+                v, eps, x0, t, adv, vr, ve = _args(op, inp)
+                return ops.awm_loss(v, eps, x0, t, adv, v_ref=vr, v_ema=ve, check=check)[0]
+        elif op == "zo":
             def fused(inp):
                 ft, fo, z, fr, adv, co = _args(op, inp)
                 return ops.zo_loss(ft, fo, z, adv, co, f_ref=fr, check=check, **ZO_KW).loss
@@ -202,8 +238,8 @@ def make_step(loss_fn: Callable, inp: dict, pass_: str) -> Callable:
     x, go = inp["x"], inp["grad_out"]
 
     def step():
-        loss = loss_fn(inp)
-        return loss, torch.autograd.grad(loss, x, go)[0]
+        loss = loss_fn(inp)       # [B] row losses, or the forward-process losses' scalar mean
+        return loss, torch.autograd.grad(loss, x, go if loss.dim() else None)[0]
 
     return step
 

@@ -226,7 +226,7 @@ def headline(rows: list[dict], env: dict) -> list[str]:
     out = []
     for dev, targets in TARGETS.items():
         dt = HEADLINE_DTYPE[dev]
-        for op in LC.OPS:
+        for op in ("zo", "score"):      # the kernels issue's targets are for these two
             name = f"{'GPU' if dev == 'cuda' else 'CPU'} {op} {LC.HEADLINE[0]}×16×64² {dt} fwd+bwd"
             row = next((r for r in rows if r["op"] == op and r["rows"] == LC.HEADLINE[0] and r["pass"] == "fwd+bwd"
                         and tuple(r["latent"]) == LC.HEADLINE[1] and r["dtype"] == dt), None)
@@ -259,12 +259,14 @@ def markdown(env: dict, meta: dict, rows: list[dict], sd3: dict, heads: list[str
          f"- grid `{meta['grid']}`; {meta['repeats']} timed repeats after {meta['warmup']} warm-up calls, median; "
          f"cache flush before each call: {meta['flush']}; fused `check={meta['check']}`; "
          f"compiled column: {'on' if meta['compile'] else 'off (--no-compile)'}",
-         f"- ZO loss: {LC.ZO_KW} on Flow-GRPO SDE rows (SD3.5-M, 10 steps); score loss with C2={LC.SCORE_C2}",
+         f"- ZO loss: {LC.ZO_KW} on Flow-GRPO SDE rows (SD3.5-M, 10 steps); score loss with C2={LC.SCORE_C2}; "
+         "nft / awm: DiffusionNFT's and AWM's released defaults (bench/loss_cases.py), the scalar mean loss",
          f"- eager = `rsm_fast.losses` reference; compiled = the same under `torch.compile(dynamic=False)`, "
          "compile time excluded (in the JSON as `compile_s`)",
          "- **byte model** (fused GB/s): only the latent tensors a fused two-pass implementation must move: "
-         "fwd reads 4 latent tensors (zo: f_theta, f_old, z, f_ref; score: s, s_ref, psi_hat, s_old), "
-         "fwd+bwd reads them twice and writes the gradient once (9 tensors); per-row values ignored",
+         "fwd reads 4 latent tensors (zo: f_theta, f_old, z, f_ref; score: s, s_ref, psi_hat, s_old; "
+         "5 for nft: v, v_old, x_t, x0, v_ref and awm: v, eps, x0, v_ref, v_ema), "
+         "fwd+bwd reads them twice and writes the gradient once (9 / 11 tensors); per-row values ignored",
          f"- measured copy bandwidth (`dst.copy_(src)`, read + write): **{_f(meta['copy_gbps'])} GB/s**; "
          "'% copy BW' = fused GB/s / that",
          f"- kernels f/e/c: {count_doc}",

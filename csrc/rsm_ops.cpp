@@ -13,7 +13,8 @@
 // Arithmetic is float (double for double latents); bf16/fp16 elements are converted one by one,
 // so no latent-sized fp32 temporary is ever allocated.
 // This file holds the score-regression loss, the sampler step and the Python bindings; the ZO
-// loss is in rsm_zo.cpp and the shared building blocks in rsm_ops_detail.h.
+// loss is in rsm_zo.cpp, the forward-process loss in rsm_fp.cpp and the shared building blocks in
+// rsm_ops_detail.h.
 #include <torch/extension.h>
 
 #include <tuple>
@@ -198,6 +199,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("zo_bwd", &rsm_ops::zo_bwd, "ZO row loss backward: gradient w.r.t. f_theta", py::arg("g_loss"),
         py::arg("g_policy"), py::arg("g_kl"), py::arg("f_theta"), py::arg("f_old"), py::arg("z"), py::arg("f_ref"),
         py::arg("omega"), py::arg("d_lin"), py::arg("d_quad"), py::arg("d_kl"), py::arg("mean"));
+  m.def("fp_fwd", &rsm_ops::fp_fwd,
+        "forward-process loss (NFT / AWM) -> (loss, policy, kl, ema_kl, aux, clipped, coef) (rsm_fp.cpp)",
+        py::arg("v"), py::arg("v_old"), py::arg("xa"), py::arg("x0"), py::arg("v_ref"), py::arg("v_ema"),
+        py::arg("t"), py::arg("w"), py::arg("logp_old"), py::arg("kl_coef"), py::arg("ema_coef"), py::arg("kind"),
+        py::arg("beta"), py::arg("scale"), py::arg("weighting"), py::arg("power"), py::arg("clip"),
+        py::arg("mean"));
+  m.def("fp_bwd", &rsm_ops::fp_bwd, "forward-process loss backward: gradient w.r.t. v", py::arg("g_loss"),
+        py::arg("g_policy"), py::arg("g_kl"), py::arg("g_ema"), py::arg("v"), py::arg("v_old"), py::arg("xa"),
+        py::arg("x0"), py::arg("v_ref"), py::arg("v_ema"), py::arg("t"), py::arg("kl_coef"), py::arg("ema_coef"),
+        py::arg("coef"), py::arg("kind"), py::arg("beta"), py::arg("mean"));
   m.def("score_fwd", &rsm_ops::score_fwd, "score-regression loss per row", py::arg("s"), py::arg("s_ref"),
         py::arg("psi"), py::arg("s_old"), py::arg("c1"), py::arg("gamma"), py::arg("c2"), py::arg("mean"));
   m.def("score_bwd", &rsm_ops::score_bwd, "score-regression gradient w.r.t. s", py::arg("g_loss"), py::arg("s"),

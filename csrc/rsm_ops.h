@@ -1,5 +1,6 @@
-// Declarations of the C++ CPU fused RSM ops (csrc/rsm_ops.cpp, rsm_zo.cpp, rsm_noise.cpp). Signatures, argument order and
-// return conventions follow rsm_fast/ops/decomposed.py; optional tensors are c10::optional.
+// Declarations of the C++ CPU fused RSM ops (csrc/rsm_ops.cpp, rsm_zo.cpp, rsm_fp.cpp, rsm_noise.cpp). Signatures,
+// argument order and return conventions follow rsm_fast/ops/decomposed.py (decomposed_fp.py for fp_*); optional
+// tensors are c10::optional.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -23,6 +24,21 @@ at::Tensor zo_bwd(const at::Tensor& g_loss, const at::Tensor& g_policy, const at
                   const at::Tensor& f_theta, const at::Tensor& f_old, const at::Tensor& z,
                   const c10::optional<at::Tensor>& f_ref, const at::Tensor& omega, const at::Tensor& d_lin,
                   const at::Tensor& d_quad, const at::Tensor& d_kl, bool mean);
+
+// Forward-process loss (NFT kind 0 / AWM kind 1) -> (loss, policy, kl, ema_kl, aux [B, 4], clipped bool, coef [B, 2]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+fp_fwd(const at::Tensor& v, const c10::optional<at::Tensor>& v_old, const at::Tensor& xa, const at::Tensor& x0,
+       const c10::optional<at::Tensor>& v_ref, const c10::optional<at::Tensor>& v_ema, const at::Tensor& t,
+       const at::Tensor& w, const c10::optional<at::Tensor>& logp_old, const at::Tensor& kl_coef,
+       const at::Tensor& ema_coef, int64_t kind, double beta, double scale, int64_t weighting, double power,
+       double clip, bool mean);
+
+// Gradient of sum(g_loss loss + g_policy policy + g_kl kl + g_ema ema_kl) w.r.t. v, in v's dtype.
+at::Tensor fp_bwd(const at::Tensor& g_loss, const at::Tensor& g_policy, const at::Tensor& g_kl,
+                  const at::Tensor& g_ema, const at::Tensor& v, const c10::optional<at::Tensor>& v_old,
+                  const at::Tensor& xa, const at::Tensor& x0, const c10::optional<at::Tensor>& v_ref,
+                  const c10::optional<at::Tensor>& v_ema, const at::Tensor& t, const at::Tensor& kl_coef,
+                  const at::Tensor& ema_coef, const at::Tensor& coef, int64_t kind, double beta, bool mean);
 
 // Per-row C1 norm (sum t^2 + C2 sum o^2), t = s - s_ref - gamma psi, o = s - s_old.
 at::Tensor score_fwd(const at::Tensor& s, const at::Tensor& s_ref, const at::Tensor& psi,

@@ -5,11 +5,18 @@ An epoch: a deterministic solver rollout keeps only the final samples
 advantages are centred per prompt group; then each sample is noised again on the forward process
 at the method's timesteps (:mod:`rsm_fast.engine.forward_rows`: NFT's random ``floor(0.99 N)`` of
 the N steps, AWM's ``discrete_wo_init`` strata; fresh counter-based noise) and the model regresses
-there (:mod:`rsm_fast.losses.forward_process`). No trajectory, log-probability or allocator is
-involved. The old (NFT) / EMA (AWM) weights are a shadow copy of the trained parameters that
-follows them after every epoch, ``shadow <- d shadow + (1 - d) theta`` with ``d`` from
-``method.fp_decay``; they are evaluated by writing the shadow into the trained tensors in place
-(and back), which a compiled region or a captured graph reads like any weight update.
+there: the fused op ``rsm_fast::fp_loss`` (``ops.nft_loss`` / ``ops.awm_loss``), or with
+``train.loss_impl=reference`` the eager transcription :mod:`rsm_fast.losses.forward_process`. No
+trajectory, log-probability or allocator is involved. The old (NFT) / EMA (AWM) weights are a
+shadow copy of the trained parameters that follows them after every epoch,
+``shadow <- d shadow + (1 - d) theta`` with ``d`` from ``method.fp_decay``; they are evaluated by
+writing the shadow into the trained tensors in place (and back), which a compiled region or a
+captured graph reads like any weight update.
+
+[DECISION] One shadow copy of the trained tensors (for a LoRA, the LoRA tensors) rather than a
+second gated LoRA adapter: the copy costs two tensor copies of the trained weights per no-grad
+evaluation pass, a second adapter would add a LoRA branch to every forward of the run (rollout and
+training), and full fine-tuning needs the copy anyway.
 
 [DECISION] Every task runs the losses in rectified-flow coordinates. A VP model's forward process
 ``x = alpha x0 + sigma eps`` is the rectified flow at ``t = sigma / (alpha + sigma)`` scaled by
@@ -28,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from . import ops
 from . import rewards as R
 from . import solvers as SV
 from .advantages import set_advantages
@@ -77,7 +85,9 @@ class ForwardFamily:
                                      cfg_scale=tr.task.cfg_scale, device=tr.device, graphs=tr.cfg.rollout.graphs)
         self.shadow = [p.detach().clone() for p in tr.params]      # NFT's old / AWM's EMA weights
         self.nft = mc.fp_loss == "nft"
-        self.chunk = tr.cfg.rollout.chunk_size or None
+        # the fused op (rsm_fast::fp_loss) or the float64-capable reference; AWM's pre-update
+        # likelihood comes from the same implementation so the ratio is exactly 1 at equal weights
+        self.losses = ops if tr.cfg.train.loss_impl == "fused" else FP
 
     # -- state (checkpoints) ------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -179,13 +189,18 @@ class ForwardFamily:
 
     # -- training rows ------------------------------------------------------------------------
     def _native(self, fn, x: Tensor, t: Tensor, group: Tensor) -> Tensor:
-        """``fn``'s native output at the rows (CFG-combined as the rollout), in chunks without grad."""
+        """``fn``'s native output at the rows (CFG-combined as the rollout). Without grad it runs
+        through the rollout's chunked evaluation at the rollout's chunk size, so the rows x steps
+        of an epoch never go through the model in one call and, with ``rollout.graphs``, the
+        policy (and the shadow written into its tensors) replays the rollout's captured graph."""
         tr = self.tr
         if torch.is_grad_enabled():
             return tr._policy_out(x, t, group, model=fn)
-        C = self.chunk or x.shape[0]
-        return torch.cat([tr._policy_out(x[s:s + C], t[s:s + C], group[s:s + C], model=fn)
-                          for s in range(0, x.shape[0], C)])
+        c = tr.conds.cond
+        c = None if c is None else c.to(tr.device).index_select(0, group)
+        u = None if tr.conds.uncond is None else tr.conds.uncond.to(tr.device)
+        model = None if fn is tr.handle.model else fn
+        return self.rollout._evaluate(x, t, c, u, {"padding": 0}, model=model)
 
     def _velocity(self, f: Tensor, rows: dict, sl=slice(None)) -> Tensor:
         """The model's velocity in rectified-flow coordinates (module docstring)."""
@@ -218,8 +233,8 @@ class ForwardFamily:
                     rows["v_shadow"] = ev(tr.handle.model)
             rows["logp_old"] = None
             if not self.nft and tr.cfg.train.inner_updates > 1:     # the pre-update likelihood (off-policy)
-                rows["logp_old"] = FP.awm_log_likelihood(ev(tr.handle.model), rows["eps"], rows["x0"], rows["t_rf"],
-                                                         weighting=mc.fp_weighting, p=mc.fp_power)
+                rows["logp_old"] = self.losses.awm_log_likelihood(ev(tr.handle.model), rows["eps"], rows["x0"],
+                                                                  rows["t_rf"], weighting=mc.fp_weighting, p=mc.fp_power)
             tr.nfe["reference"] += M * g * ((mc.fp_kl > 0) + need_shadow + (rows["logp_old"] is not None))
         return rows
 
@@ -228,15 +243,17 @@ class ForwardFamily:
         cmax = mc.adv_clip if mc.adv_clip > 0 else 5.0
         pick = lambda k: None if rows[k] is None else rows[k][sl]  # noqa: E731
         v = self._velocity(self._native(tr.handle.model, rows["x_t"][sl], rows["t"][sl], rows["group"][sl]), rows, sl)
-        if rows["v_ref"] is not None and len(rows["gap"]) < rows["parts"]:
-            rows["gap"].append((v.detach() - rows["v_ref"][sl]).pow(2).flatten(1).mean(1).sum())
+        v = v.contiguous()                                   # the fused op reads flat rows
         if self.nft:
-            loss, _ = FP.nft_loss(v, rows["v_shadow"][sl], pick("v_ref"), rows["x_rf"][sl], rows["x0"][sl],
-                                  rows["t_rf"][sl], rows["adv"][sl], beta=mc.fp_beta, adv_clip_max=cmax, kl_beta=mc.fp_kl)
+            loss, stats = self.losses.nft_loss(v, rows["v_shadow"][sl], pick("v_ref"), rows["x_rf"][sl], rows["x0"][sl],
+                                               rows["t_rf"][sl], rows["adv"][sl], beta=mc.fp_beta, adv_clip_max=cmax,
+                                               kl_beta=mc.fp_kl)
         else:
-            loss, _ = FP.awm_loss(v, rows["eps"][sl], rows["x0"][sl], rows["t_rf"][sl], rows["adv"][sl],
-                                  logp_old=pick("logp_old"), v_ref=pick("v_ref"),
-                                  v_ema=pick("v_shadow") if mc.fp_ema_kl > 0 else None,
-                                  weighting=mc.fp_weighting, p=mc.fp_power, clip_range=mc.fp_clip,
-                                  adv_clip_max=cmax, kl_beta=mc.fp_kl, ema_beta=mc.fp_ema_kl)
+            loss, stats = self.losses.awm_loss(v, rows["eps"][sl], rows["x0"][sl], rows["t_rf"][sl], rows["adv"][sl],
+                                               logp_old=pick("logp_old"), v_ref=pick("v_ref"),
+                                               v_ema=pick("v_shadow") if mc.fp_ema_kl > 0 else None,
+                                               weighting=mc.fp_weighting, p=mc.fp_power, clip_range=mc.fp_clip,
+                                               adv_clip_max=cmax, kl_beta=mc.fp_kl, ema_beta=mc.fp_ema_kl)
+        if rows["v_ref"] is not None and len(rows["gap"]) < rows["parts"]:
+            rows["gap"].append(stats["kl"].sum())      # uniform KL weight: mean |v - v_ref|^2 per row
         return loss, None

@@ -18,7 +18,8 @@ batch that cannot fit ends in one ``error:`` line with nothing written and no mo
   - per record: ``x``, ``z``, ``f_old`` (rollout) and ``f_ref`` (the reference pass), one float32
     latent each, plus 12 bytes of step / log-prob; and three more latents per record held for a
     while: the rollout's per-step lists while they are concatenated, then the training step's
-    policy output, its gradient and the loss' temporaries;
+    policy output, its gradient and the loss' temporaries (the forward family's records are its
+    ``S`` noised rows per final sample, six latents each: counted the same way, within one);
   - model calls: per step ``2 R_i + 4 R_{i+1}`` latents of sampler state, plus per row of a call
     (``rollout.chunk_size`` rows, all of a step's rows when it is 0; doubled by classifier-free
     guidance) its input, output and activations; the training forward keeps the activations of
@@ -205,6 +206,9 @@ def plan_counts(cfg: RunConfig, sde_mask: tuple[bool, ...] | None = None, *, bud
     noisy = list(sde_mask) if sde_mask is not None else [True] * N
     G = mc.group_size if mc.estimator in GROUPED and mc.group_size else tc.batch_size
     T = (tc.batch_size // G) * G
+    if mc.estimator == "forward":     # final samples only, then S forward-process rows per sample
+        S = int(N * mc.fp_fraction) if mc.fp_loss == "nft" else mc.fp_timesteps
+        return PlanCounts((T,) * (N + 1), T * S)
     if ro.plan == "sde":
         stoch = [i for i, v in enumerate(noisy) if v]
         n = min(len(stoch), max(1, math.ceil(tc.timestep_fraction * len(stoch)))) if stoch else 0

@@ -30,7 +30,7 @@ def rlb():
     return _load("run_loss_bench")
 
 
-@pytest.mark.parametrize("op", ["zo", "score"])
+@pytest.mark.parametrize("op", ["zo", "score", "nft", "awm"])
 def test_measure_tiny_case(rlb, op, monkeypatch):
     monkeypatch.setenv("RSM_FAST_OPS_BACKEND", "decomposed")
     LC, cpu = rlb.LC, torch.device("cpu")
@@ -61,8 +61,10 @@ def test_measure_tiny_case(rlb, op, monkeypatch):
 
 def test_grids(rlb):
     LC = rlb.LC
-    assert len(LC.grid("full", torch.device("cpu"))) == 2 * 4 * 3 * 3
+    assert LC.OPS == ("zo", "score", "nft", "awm")
+    assert len(LC.grid("full", torch.device("cpu"))) == 4 * 4 * 3 * 3
     quick = LC.grid("quick", torch.device("cpu"))
     assert {(c.op, c.rows, c.latent, c.dtype) for c in quick} >= {("zo", 12, (16, 64, 64), "fp32"),
                                                                  ("zo", 12, (16, 64, 64), "bf16")}
     assert LC.min_bytes(LC.Case("zo", 12, (16, 64, 64), "bf16"), "fwd+bwd") == 9 * 12 * 16 * 64 * 64 * 2
+    assert LC.min_bytes(LC.Case("awm", 12, (16, 64, 64), "bf16"), "fwd+bwd") == 11 * 12 * 16 * 64 * 64 * 2

@@ -203,3 +203,22 @@ def test_a_new_family_is_one_class_and_one_registry_line(monkeypatch):
     assert out["custom"] and out["nfe_epoch"]["train"] == 8 * tr.cfg.train.inner_updates and out["records"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.params))
     assert tr.state_dict()["forward"] is None
+
+
+@pytest.mark.parametrize("preset", ["diffusion-nft", "awm"])
+def test_memory_estimate_counts_the_forward_rows(preset):
+    """The preflight's records are the family's S noised rows per sample: the latents the rows
+    really hold (x_t, eps, x_rf, x0, v_ref, shadow) fit in its per-record bytes."""
+    from rsm_fast import preflight as P
+
+    cfg = build_config(preset, None, TOY + ["train.batch_size=32", "method.group_size=8"])
+    tr = Trainer(cfg)
+    fam = tr.family
+    fam.prepare()
+    x0, r = fam.sample()
+    rows = fam.rows((x0, r))
+    real = sum(v.numel() * v.element_size() for v in rows.values() if isinstance(v, torch.Tensor) and v.dim() > 1)
+    est = P.estimate_memory(cfg, P.task_geometry(cfg))
+    assert P.plan_counts(cfg).records == rows["x_t"].shape[0]
+    held = est.train["records"] + est.train["record copies"]
+    assert real <= held <= 1.5 * real

@@ -2,6 +2,8 @@
 
 ``zo_loss`` and ``score_loss`` take the same arguments as ``rsm_fast.losses.zo_row_loss`` and
 ``score_regression_loss`` and return the same values (``zo_loss`` returns a ``ZOLossOut``);
+``nft_loss``, ``awm_loss`` and ``awm_log_likelihood`` those of ``rsm_fast.losses.forward_process``
+(the stats dicts carry every per-row entry of the reference but NFT's ``old_deviate``);
 ``sampler_step`` is ``GaussianTransition`` coefficients' ``step`` + ``log_prob`` in one pass.
 Gradients flow to ``f_theta`` / ``s_theta`` only (and through the ``loss``, ``policy`` and ``kl``
 fields); every other input is rollout data, a frozen model's output or a coefficient.
@@ -16,9 +18,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..losses import forward_process as FP
 from ..losses.reference import REDUCTIONS, REWEIGHTS, SURROGATE_FORMS, ZOLossOut, _check_choice, _check_common
 from ..transitions import StepCoeffs
 from . import backends
+from . import decomposed_fp as DF
 from . import library as L
 from .nvtx import annotate
 
@@ -141,3 +145,106 @@ def sampler_step(coeffs: StepCoeffs, x: Tensor, f: Tensor, z: Tensor, reduce: st
     # dispatch would cost ~80 us per call, more than the kernel at rollout sizes)
     with annotate("sampler_step", x.device):
         return backends.for_device(x.device).step_fwd(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward-process losses (DiffusionNFT, AWM): one op, ``rsm_fast::fp_loss``
+# ---------------------------------------------------------------------------------------------
+def _fp_checks(checks) -> None:
+    """Run the reference's option checks ``(name, value, kind)`` (same messages) as this module's
+    error; ``kind`` is a tuple of choices, ``"positive"`` or ``"nonneg"``."""
+    try:
+        for name, value, kind in checks:
+            if isinstance(kind, tuple):
+                FP._check_choice(name, value, kind)
+            else:
+                FP._check_number(name, value, **{kind: True})
+    except ValueError as e:
+        raise FusedOpInputError(str(e)) from None
+
+
+def _fp_rows(name: str, x, like: Tensor) -> Tensor:
+    if not isinstance(x, Tensor) or tuple(x.shape) != (like.shape[0],):
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise FusedOpInputError(f"{name} must have shape ({like.shape[0]},), got {got}")
+    return _row(name, x, like)
+
+
+def _fp_call(v, v_old, xa, x0, v_ref, v_ema, t, w, logp_old, kl_coef, ema_coef, kind, beta=1.0, scale=1.0,
+             weighting=0, power=1.0, clip=1.0):
+    op = L.fp_loss if torch.compiler.is_compiling() else L.FPLossFn.apply
+    return op(v, v_old, xa, x0, v_ref, v_ema, t, w, logp_old, kl_coef, ema_coef, kind, float(beta), float(scale),
+              int(weighting), float(power), float(clip), True)
+
+
+def nft_loss(v_theta: Tensor, v_old: Tensor, v_ref: Tensor | None, x_t: Tensor, x0: Tensor, t: Tensor, adv: Tensor,
+             *, beta: float, adv_clip_max: float = 5.0, kl_beta: float = 1e-4, adv_mode: str = "all",
+             check: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    """Fused :func:`rsm_fast.losses.forward_process.nft_loss` (same arguments, loss and stats)."""
+    _fp_checks([("beta", beta, "positive"), ("adv_clip_max", adv_clip_max, "positive"),
+                ("kl_beta", kl_beta, "nonneg"), ("adv_mode", adv_mode, FP.NFT_ADV_MODES)])
+    if v_ref is None and kl_beta != 0:
+        raise FusedOpInputError("v_ref is required when kl_beta is non-zero")
+    v = _latents(v_theta=v_theta, v_old=v_old, x_t=x_t, x0=x0, v_ref=v_ref)
+    tt, a = _fp_rows("t", t, v), _fp_rows("adv", adv, v)
+    if check:
+        _check_finite({"t": tt, "adv": a})
+    r = FP.nft_mix_weight(a, adv_clip_max, adv_mode)
+    out = _fp_call(v_theta, v_old.detach(), x_t, x0, v_ref, None, tt, r, None, torch.full_like(tt, kl_beta),
+                   torch.zeros_like(tt), 0, beta=beta, scale=adv_clip_max)
+    loss_rows, policy, kl, _ema, aux = out[:5]
+    stats = {"r": r, "policy": policy, "loss_pos": aux[:, 2], "loss_neg": aux[:, 3], "w_pos": aux[:, 0],
+             "w_neg": aux[:, 1], "kl": kl}
+    return loss_rows.mean(), {k: x.detach() for k, x in stats.items()}
+
+
+def awm_loss(v_theta: Tensor, eps: Tensor, x0: Tensor, t: Tensor, adv: Tensor, *, logp_old: Tensor | None = None,
+             v_ref: Tensor | None = None, v_ema: Tensor | None = None, weighting: str = "ghuber", p: float = 0.25,
+             clip_range: float = 1.0, adv_clip_max: float = 5.0, advantage_max: float | None = 1.0,
+             kl_beta: float = 1e-3, ema_beta: float = 1.0, kl_weight: str = "uniform",
+             kl_ema_weight: str = "uniform", check: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    """Fused :func:`rsm_fast.losses.forward_process.awm_loss` (same arguments, loss and stats; the
+    likelihood in the compute dtype, see ``decomposed_fp``: pass a ``logp_old`` from
+    :func:`awm_log_likelihood` of this module, not the float64 reference's)."""
+    checks = [("weighting", weighting, FP.AWM_WEIGHTINGS), ("kl_weight", kl_weight, FP.AWM_KL_WEIGHTS),
+              ("kl_ema_weight", kl_ema_weight, FP.AWM_KL_WEIGHTS), ("p", p, "positive"),
+              ("clip_range", clip_range, "positive"), ("adv_clip_max", adv_clip_max, "positive"),
+              ("kl_beta", kl_beta, "nonneg"), ("ema_beta", ema_beta, "nonneg")]
+    if advantage_max is not None:
+        checks.append(("advantage_max", advantage_max, "positive"))
+    _fp_checks(checks)
+    for name, x, coef in (("v_ref", v_ref, kl_beta), ("v_ema", v_ema, ema_beta)):
+        if x is None and coef != 0:
+            raise FusedOpInputError(f"{name} is required when its coefficient is non-zero")
+    v = _latents(v_theta=v_theta, eps=eps, x0=x0, v_ref=v_ref, v_ema=v_ema)
+    tt, a = _fp_rows("t", t, v), _fp_rows("adv", adv, v)
+    lo = None if logp_old is None else _fp_rows("logp_old", logp_old.detach(), v)
+    if check:
+        _check_finite({"t": tt, "adv": a} if lo is None else {"t": tt, "adv": a, "logp_old": lo})
+    a = torch.clamp(a, -adv_clip_max, adv_clip_max)
+    if advantage_max is not None:
+        a = a / adv_clip_max * advantage_max
+    k_ref, k_ema = FP._awm_kl_scale(tt, kl_weight), FP._awm_kl_scale(tt, kl_ema_weight)
+    out = _fp_call(v_theta, None, eps, x0, v_ref, v_ema, tt, a, lo, kl_beta * k_ref, ema_beta * k_ema, 1,
+                   weighting=DF.WEIGHTINGS.index(weighting), power=p, clip=clip_range)
+    loss_rows, policy, kl, ema, aux, clipped = out[:6]
+    ratio = aux[:, 1]
+    stats = {"logp": aux[:, 0], "ratio": ratio, "adv": a, "policy": policy, "clipped": clipped, "kl": kl * k_ref,
+             "ema_kl": ema * k_ema, "clipfrac": torch.abs(ratio - 1.0) > clip_range}
+    return loss_rows.mean(), {k: x.detach() for k, x in stats.items()}
+
+
+@torch.no_grad()
+def awm_log_likelihood(v: Tensor, eps: Tensor, x0: Tensor, t: Tensor, *, weighting: str = "ghuber",
+                       p: float = 0.25, check: bool = True) -> Tensor:
+    """AWM's per-row surrogate log-likelihood ``[B]`` from the fused op's forward (the compute
+    dtype; the ``logp_old`` that :func:`awm_loss` compares against)."""
+    _fp_checks([("weighting", weighting, FP.AWM_WEIGHTINGS), ("p", p, "positive")])
+    vv = _latents(v=v, eps=eps, x0=x0)
+    tt = _fp_rows("t", t, vv)
+    if check:
+        _check_finite({"t": tt})
+    zero = torch.zeros_like(tt)
+    out = _fp_call(v, None, eps, x0, None, None, tt, zero, None, zero, zero, 1,
+                   weighting=DF.WEIGHTINGS.index(weighting), power=p)
+    return out[4][:, 0].clone()

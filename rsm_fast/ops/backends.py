@@ -1,5 +1,5 @@
-"""Which implementation of the backend functions runs for a device: the five fused-op functions
-(see ``decomposed``) and the two counter-based noise functions ``noise`` / ``noise_words`` (see
+"""Which implementation of the backend functions runs for a device: the seven fused-op functions
+(see ``decomposed`` and, for ``fp_fwd`` / ``fp_bwd``, ``decomposed_fp``) and the two counter-based noise functions ``noise`` / ``noise_words`` (see
 ``philox``; called by ``rsm_fast.engine.noise.gaussian``).
 
 * CUDA -> the Triton kernels of ``rsm_fast.kernels``.
@@ -18,10 +18,10 @@ from types import SimpleNamespace
 
 import torch
 
-from . import decomposed, philox
+from . import decomposed, decomposed_fp, philox
 
 BACKENDS = ("decomposed", "cpp", "triton")
-FUNCTIONS = ("zo_fwd", "zo_bwd", "score_fwd", "score_bwd", "step_fwd")
+FUNCTIONS = ("zo_fwd", "zo_bwd", "score_fwd", "score_bwd", "step_fwd", "fp_fwd", "fp_bwd")
 NOISE_FUNCTIONS = ("noise", "noise_words")
 
 
@@ -31,8 +31,10 @@ def _triton() -> SimpleNamespace:
     sc = importlib.import_module("rsm_fast.kernels.score_loss")
     st = importlib.import_module("rsm_fast.kernels.sampler_step")
     pn = importlib.import_module("rsm_fast.kernels.philox_noise")
+    fp = importlib.import_module("rsm_fast.kernels.fp_loss")
     return SimpleNamespace(name="triton", zo_fwd=zo.zo_fwd, zo_bwd=zo.zo_bwd, score_fwd=sc.score_fwd,
-                           score_bwd=sc.score_bwd, step_fwd=st.step_fwd, noise=pn.noise, noise_words=pn.noise_words)
+                           score_bwd=sc.score_bwd, step_fwd=st.step_fwd, fp_fwd=fp.fp_fwd, fp_bwd=fp.fp_bwd,
+                           noise=pn.noise, noise_words=pn.noise_words)
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,7 +48,8 @@ def _cpp() -> SimpleNamespace | None:
                            noise=mod.philox_normal, noise_words=mod.philox_words)
 
 
-_DECOMPOSED = SimpleNamespace(name="decomposed", **{f: getattr(decomposed, f) for f in FUNCTIONS},
+_DECOMPOSED = SimpleNamespace(name="decomposed", **{f: getattr(decomposed_fp if f.startswith("fp_") else decomposed, f)
+                                                     for f in FUNCTIONS},
                               **{f: getattr(philox, f) for f in NOISE_FUNCTIONS})
 
 
@@ -58,7 +61,7 @@ def forced() -> str | None:
 
 
 def for_device(device: torch.device) -> SimpleNamespace:
-    """The backend namespace (``.name`` + the seven functions) used for tensors on ``device``."""
+    """The backend namespace (``.name`` + the nine functions) used for tensors on ``device``."""
     name = forced()
     if name is None:
         name = "triton" if device.type == "cuda" else "cpp"

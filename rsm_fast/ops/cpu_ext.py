@@ -1,8 +1,9 @@
 """The C++ CPU kernels (``csrc/``), JIT-built on first use with torch's cpp_extension.
 
 ``load()`` returns the compiled module (functions ``zo_fwd``, ``zo_bwd``, ``score_fwd``,
-``score_bwd``, ``step_fwd`` with the signatures of :mod:`rsm_fast.ops.decomposed`, and the noise
-kernels ``philox_normal`` / ``philox_words`` of :mod:`rsm_fast.ops.philox`) or None, after
+``score_bwd``, ``step_fwd`` with the signatures of :mod:`rsm_fast.ops.decomposed`, ``fp_fwd`` /
+``fp_bwd`` with those of :mod:`rsm_fast.ops.decomposed_fp`, and the noise kernels
+``philox_normal`` / ``philox_words`` of :mod:`rsm_fast.ops.philox`) or None, after
 one one-line warning, when no compiler is found, the build fails or ``RSM_FAST_NO_CPP=1``.
 
 Builds (``build_extension``) go to ``<root>/<name>-<key>/`` where root is torch's extensions folder
@@ -45,7 +46,7 @@ except ImportError:  # not POSIX: no lock of ours (torch's own baton still appli
     fcntl = None
 
 NAME = "rsm_fast_cpu_ops"
-SOURCES = ("rsm_ops.cpp", "rsm_zo.cpp", "rsm_noise.cpp")
+SOURCES = ("rsm_ops.cpp", "rsm_zo.cpp", "rsm_fp.cpp", "rsm_noise.cpp")
 HEADERS = ("rsm_ops.h", "rsm_ops_detail.h")
 # -fopenmp: at::parallel_for is OpenMP-backed in torch's CPU wheels (the runtime is torch's libgomp).
 # -fno-trapping-math lets the compiler turn the bf16/fp16 conversions' selects into vector code; it

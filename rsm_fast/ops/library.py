@@ -1,7 +1,8 @@
 """The fused ops registered with ``torch.library``: one custom op per loss, with autograd.
 
 ``rsm_fast::zo_loss`` / ``rsm_fast::zo_loss_backward``, ``rsm_fast::score_loss`` /
-``rsm_fast::score_loss_backward`` and ``rsm_fast::sampler_step``. Each has a CPU kernel (C++ or
+``rsm_fast::score_loss_backward``, ``rsm_fast::fp_loss`` / ``rsm_fast::fp_loss_backward`` (the
+forward-process losses, math in ``decomposed_fp``) and ``rsm_fast::sampler_step``. Each has a CPU kernel (C++ or
 the plain-torch fallback), a CUDA kernel (Triton) and a fake (meta) implementation for tracing, so
 ``torch.compile(fullgraph=True)`` sees each as one opaque node. The backward formulas call the
 ``*_backward`` ops, so compiled backward graphs stay free of Python too.
@@ -141,6 +142,79 @@ score_loss.register_autograd(_score_backward, setup_context=_score_setup)
 
 
 # ---------------------------------------------------------------------------------------------
+# Forward-process loss (DiffusionNFT / AWM; math in ``decomposed_fp``)
+# ---------------------------------------------------------------------------------------------
+FPOut = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+@torch.library.custom_op("rsm_fast::fp_loss", mutates_args=())
+def fp_loss(v: Tensor, v_old: Optional[Tensor], xa: Tensor, x0: Tensor, v_ref: Optional[Tensor],
+            v_ema: Optional[Tensor], t: Tensor, w: Tensor, logp_old: Optional[Tensor], kl_coef: Tensor,
+            ema_coef: Tensor, kind: int, beta: float, scale: float, weighting: int, power: float, clip: float,
+            mean: bool) -> FPOut:
+    """-> (loss, policy, kl, ema_kl, aux [B, 4], clipped, coef [B, 2]); see ``decomposed_fp``."""
+    be = backends.for_device(v.device)
+    with annotate("fp_loss", v.device):
+        return tuple(be.fp_fwd(v, v_old, xa, x0, v_ref, v_ema, t, w, logp_old, kl_coef, ema_coef, kind, beta, scale,
+                               weighting, power, clip, mean))
+
+
+@fp_loss.register_fake
+def _(v, *rest):
+    B, cd = v.shape[0], _cd(v)
+    new = lambda *shape, dtype=cd: v.new_empty((B, *shape), dtype=dtype)  # noqa: E731
+    return new(), new(), new(), new(), new(4), new(dtype=torch.bool), new(2)
+
+
+@torch.library.custom_op("rsm_fast::fp_loss_backward", mutates_args=())
+def fp_loss_backward(g_loss: Tensor, g_policy: Tensor, g_kl: Tensor, g_ema: Tensor, v: Tensor,
+                     v_old: Optional[Tensor], xa: Tensor, x0: Tensor, v_ref: Optional[Tensor],
+                     v_ema: Optional[Tensor], t: Tensor, kl_coef: Tensor, ema_coef: Tensor, coef: Tensor, kind: int,
+                     beta: float, mean: bool) -> Tensor:
+    be = backends.for_device(v.device)
+    with annotate("fp_loss_backward", v.device):
+        return be.fp_bwd(g_loss, g_policy, g_kl, g_ema, v, v_old, xa, x0, v_ref, v_ema, t, kl_coef, ema_coef, coef,
+                         kind, beta, mean)
+
+
+@fp_loss_backward.register_fake
+def _(g_loss, g_policy, g_kl, g_ema, v, *rest):
+    return torch.empty_like(v)
+
+
+_FP_SAVED = ("v", "v_old", "xa", "x0", "v_ref", "v_ema", "t", "kl_coef", "ema_coef")
+
+
+def _fp_save(ctx, inputs, coef) -> None:
+    """Save what the backward reads; absent optional latents are saved as ``v`` and remembered."""
+    v, v_old, xa, x0, v_ref, v_ema, t = inputs[:7]
+    ctx.present = tuple(x is not None for x in (v_old, v_ref, v_ema))
+    ctx.kind, ctx.beta, ctx.mean = inputs[11], inputs[12], inputs[17]
+    ctx.save_for_backward(v, v_old if v_old is not None else v, xa, x0, v_ref if v_ref is not None else v,
+                          v_ema if v_ema is not None else v, t, inputs[9], inputs[10], coef)
+
+
+def _fp_grad(ctx, g_loss, g_policy, g_kl, g_ema, bwd):
+    v, v_old, xa, x0, v_ref, v_ema, t, klc, emac, coef = ctx.saved_tensors
+    has_old, has_ref, has_ema = ctx.present
+    return bwd(_contig(g_loss, t), _contig(g_policy, t), _contig(g_kl, t), _contig(g_ema, t), v,
+               v_old if has_old else None, xa, x0, v_ref if has_ref else None, v_ema if has_ema else None, t, klc,
+               emac, coef, ctx.kind, ctx.beta, ctx.mean)
+
+
+def _fp_setup(ctx, inputs, output):
+    _fp_save(ctx, inputs, output[6])
+    ctx.mark_non_differentiable(*output[4:])
+
+
+def _fp_backward(ctx, g_loss, g_policy, g_kl, g_ema, *_unused):
+    return (_fp_grad(ctx, g_loss, g_policy, g_kl, g_ema, fp_loss_backward),) + (None,) * 17
+
+
+fp_loss.register_autograd(_fp_backward, setup_context=_fp_setup)
+
+
+# ---------------------------------------------------------------------------------------------
 # Eager fast path: the same backends and formulas without the torch.library autograd wrapper
 # ---------------------------------------------------------------------------------------------
 class ZOLossFn(torch.autograd.Function):
@@ -186,6 +260,29 @@ class ScoreLossFn(torch.autograd.Function):
             grad = ctx.be.score_bwd(_contig(g_loss, c1), s, s_ref, psi, s_old if ctx.has_old else None, c1, gamma,
                                     c2, ctx.mean)
         return (grad,) + (None,) * 7
+
+
+class FPLossFn(torch.autograd.Function):
+    """``FPLossFn.apply(*fp_loss args)``: eager twin of ``rsm_fast::fp_loss``."""
+
+    @staticmethod
+    def forward(ctx, v, v_old, xa, x0, v_ref, v_ema, t, w, logp_old, kl_coef, ema_coef, kind, beta, scale,
+                weighting, power, clip, mean):
+        be = backends.for_device(v.device)
+        with annotate("fp_loss", v.device):
+            out = tuple(be.fp_fwd(v, v_old, xa, x0, v_ref, v_ema, t, w, logp_old, kl_coef, ema_coef, kind, beta,
+                                  scale, weighting, power, clip, mean))
+        ctx.be = be
+        _fp_save(ctx, (v, v_old, xa, x0, v_ref, v_ema, t, w, logp_old, kl_coef, ema_coef, kind, beta, scale,
+                       weighting, power, clip, mean), out[6])
+        ctx.mark_non_differentiable(*out[4:])
+        return out
+
+    @staticmethod
+    def backward(ctx, g_loss, g_policy, g_kl, g_ema, *_unused):
+        with annotate("fp_loss_backward", ctx.saved_tensors[0].device):
+            grad = _fp_grad(ctx, g_loss, g_policy, g_kl, g_ema, ctx.be.fp_bwd)
+        return (grad,) + (None,) * 17
 
 
 # ---------------------------------------------------------------------------------------------
