@@ -477,3 +477,30 @@ def test_other_functions_bad_arguments():
         kl_anchor_loss(s, s_ref, torch.ones(5), 1.0)
     with pytest.raises(ValueError, match=r"\bf_ref\b"):
         kl_anchor_loss(s, s_ref[:2], 1.0, 1.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_clipped_row_whose_ratio_overflows_has_a_zero_gradient(family):
+    """Sum reduction over 1600 dims, a policy mean moved onto the sampled point: log r = sum z^2 / 2
+    (~800) overflows exp in float64. The row is clipped (A > 0), so its loss is -A (1 + eps) and its
+    gradient 0, not 0 * inf = NaN; the other rows keep their gradients (the fused ops agree)."""
+    from rsm_fast import ops
+
+    tr = _transition(family)
+    B, g = 4, torch.Generator().manual_seed(5)
+    co = tr.coeffs(torch.tensor([1, 2, 3, 4]) % tr.num_steps, dtype=F64)
+    z = torch.randn(B, 40, 40, generator=g, dtype=F64)
+    f_old = torch.randn(B, 40, 40, generator=g, dtype=F64)
+    f = f_old + 1e-3 * torch.randn(B, 40, 40, generator=g, dtype=F64)
+    f[0] = f_old[0] - z[0] / co.omega[0]                # log r = sum z^2 / 2 on row 0
+    adv = torch.tensor([1.0, -0.5, 0.7, 1.2], dtype=F64)
+    grads = []
+    for fn in (zo_row_loss, ops.zo_loss):
+        fv = f.clone().requires_grad_(True)
+        out = fn(fv, f_old, z, adv, co, form="ratio", clip_eps=0.2, reduce="sum")
+        assert bool(out.clipped[0]) and torch.isinf(torch.exp(out.log_ratio[0]))
+        torch.testing.assert_close(out.loss[0], torch.tensor(-1.2, dtype=F64))
+        (gr,) = torch.autograd.grad(out.loss.sum(), fv)
+        assert torch.isfinite(gr).all() and torch.equal(gr[0], torch.zeros_like(gr[0])) and gr[1:].abs().sum() > 0
+        grads.append(gr)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)

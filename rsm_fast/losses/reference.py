@@ -153,10 +153,13 @@ def _surrogate(form: str, adv: Tensor, L: Tensor, o: Tensor, eps: float):
     if form == "pg":
         return -o * adv * L, torch.zeros_like(adv, dtype=torch.bool)
     if form == "ratio":
-        r = torch.exp(L)
+        r = torch.exp(L.detach())
         clipped = ((adv > 0) & (r > 1 + eps)) | ((adv < 0) & (r < 1 - eps))
         # == max(-A r, -A clip(r)): on clipped rows the clipped branch is the larger one (and constant).
-        pol = torch.where(clipped, -adv * torch.clamp(r, 1 - eps, 1 + eps), -adv * r)
+        # The unclipped branch sees L only where it is selected: a clipped row whose ratio overflows
+        # would otherwise send 0 * inf = NaN back through exp (the fused ops give 0 there).
+        r_live = torch.exp(torch.where(clipped, torch.zeros_like(L), L))
+        pol = torch.where(clipped, -adv * torch.clamp(r, 1 - eps, 1 + eps), -adv * r_live)
         return o * pol, clipped
     h = eps * adv.abs() - adv * L
     clipped = h < 0
