@@ -302,11 +302,16 @@ def coeff_fields() -> tuple[str, ...]:
 
 def pcpo_target(tr: GaussianTransition, kind: str = "dt") -> Tensor:
     """PCPO-reweight's target native weight omega' per step, float64 (spec §5.3; [UNCERTAIN] zeta: we
-    recompute zeta = sum(omega)/sum(dt) over the noisy steps of the schedule in use instead of the
-    released 4.3152; the diffusion form ``kind="const"``'s constant omega' is the mean omega, spec §12.3)."""
+    recompute zeta = sum(omega)/sum(dt) over the schedule in use instead of the released 4.3152; the
+    diffusion form ``kind="const"``'s constant omega' is the mean omega, spec §12.3).
+
+    The flow form's sums run over the noisy steps the release trains: every SDE step but the final
+    transition into the clean sample (flow_grpo trains 9 of SD3's 10; that last step's tiny dt,
+    0.0089 with omega 1.77, would otherwise lift zeta from 3.970 to 5.705 on SD3's 10-step schedule)."""
     steps = torch.arange(tr.num_steps)
     cs = tr.coeffs(steps, torch.ones_like(steps, dtype=torch.bool), dtype=torch.float64)
     on = tr.sde_mask.to(torch.bool) & (cs.omega > 0)
     if kind == "dt":
+        on = on & (steps < tr.num_steps - 1)
         return cs.dt * (cs.omega[on].sum() / cs.dt[on].sum())
     return torch.full_like(cs.omega, float(cs.omega[on].mean()))

@@ -52,16 +52,37 @@ def _rows(tr: Trainer, seed: int):
 
 def _rho(tr: Trainer, c) -> torch.Tensor:
     """PCPO's omega'/omega, recomputed from the schedule (spec §5.3): const = mean omega over the
-    noisy steps, dt = zeta dt with zeta = sum omega / sum dt over them."""
+    noisy steps, dt = zeta dt with zeta = sum omega / sum dt over the trained noisy steps (all but
+    the final transition), summed here step by step."""
     tab = tr.task.transition
-    steps = torch.arange(tab.num_steps)
-    all_c = tab.coeffs(steps, torch.ones_like(steps, dtype=torch.bool), dtype=torch.float64)
-    on = tab.sde_mask.to(torch.bool) & (all_c.omega > 0)
+    N = tab.num_steps
     if tr.cfg.method.pcpo_target == "const":
+        steps = torch.arange(N)
+        all_c = tab.coeffs(steps, torch.ones_like(steps, dtype=torch.bool), dtype=torch.float64)
+        on = tab.sde_mask.to(torch.bool) & (all_c.omega > 0)
         target = all_c.omega[on].mean() * torch.ones_like(c.omega)
     else:
-        target = c.dt * all_c.omega[on].sum() / all_c.dt[on].sum()
+        num = den = 0.0
+        for i in range(N - 1):
+            ci = tab.coeffs(torch.tensor([i]), torch.tensor([True]), dtype=torch.float64)
+            if bool(tab.sde_mask[i]) and float(ci.omega) > 0:
+                num, den = num + float(ci.omega), den + float(ci.dt)
+        target = c.dt * (num / den)
     return target / c.omega
+
+
+def test_pcpo_flow_zeta_on_sd3_ten_steps():
+    """zeta over SD3's 10-step shift-3 schedule: 3.970 from the 9 trained steps (the released
+    constant is 4.3152; with the final transition the sum would give 5.705)."""
+    from rsm_fast import schedules as S
+    from rsm_fast import transitions as T
+
+    tr = T.flow_grpo_sde(S.rf_sigmas(10, 3.0), noise_level=0.7)
+    c = tr.coeffs(torch.arange(10), torch.ones(10, dtype=torch.bool), dtype=torch.float64)
+    zeta = T.pcpo_target(tr, "dt") / c.dt
+    assert torch.allclose(zeta, zeta[0].expand(10), rtol=1e-14, atol=0)
+    assert abs(float(zeta[0]) - float(c.omega[:9].sum() / c.dt[:9].sum())) < 1e-12
+    assert abs(float(zeta[0]) - 3.9702) < 1e-4
 
 
 def _log_ratio_per_dim_mean(c, x, f, f_old, z):
