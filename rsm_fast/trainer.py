@@ -538,6 +538,10 @@ class Trainer(TrainerState, FirstOrderMixin):
             out = {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "kl_to_reference": float(kl.mean())}
             if metrics:
                 out.update(self.task.evaluate(x0.cpu(), seed=self.cfg.train.seed))
+                if "objective_target" in out:      # J = E[r] - alpha path KL, and its share of J*'s gain
+                    j = out["reward_mean"] - self.task.alpha * out["kl_to_reference"]
+                    gain = out["objective_target"] - out["objective_reference"]
+                    out.update(objective=j, objective_gain=(j - out["objective_reference"]) / gain)
         self.nfe["eval"] += rec.nfe["total"] + n_ref
         self._sum_nfe(nfe0)
         return out
