@@ -1,6 +1,10 @@
 """Run configuration: typed dataclasses, YAML presets, ``--set key=value`` overrides.
 
-Precedence: dataclass defaults < preset YAML (``--preset``) < ``--config FILE`` < ``--set``.
+Precedence: dataclass defaults < preset YAML (``--preset``) < the preset's section for the run's
+task < ``--config FILE`` < ``--set``. A preset's optional top-level ``tasks:`` mapping holds
+per-task defaults keyed by ``task.name`` (``digits-ddim: {train: {batch_size: 32}}``): the run's
+task is the last of preset, file and ``--set`` that names one, and its section applies on top of
+the preset, so a file or ``--set`` still overrides it.
 Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` with a one-line
 message naming the offending field (and the file, when it came from one). Nothing touches the
 run directory before the whole configuration has validated.
@@ -392,13 +396,46 @@ def preset_data(name: str) -> dict:
     return yaml.safe_load(text) or {}
 
 
+def split_preset(name: str, data: dict) -> tuple[dict, dict]:
+    """``(preset values, {task name: per-task section})`` of a preset's YAML mapping."""
+    data = dict(data)
+    tasks = data.pop("tasks", None) or {}
+    allowed = _CHOICES["task.name"]
+    if not isinstance(tasks, dict):
+        raise ConfigError(f"preset {name}: 'tasks' must map task names to config sections, got {type(tasks).__name__}")
+    for key, section in tasks.items():
+        if key not in allowed:
+            raise ConfigError(f"preset {name}: 'tasks.{key}' is not a task name; allowed: {', '.join(allowed)}")
+        if not isinstance(section, dict) or "tasks" in section:
+            raise ConfigError(f"preset {name}: 'tasks.{key}' must be a config mapping (no nested 'tasks')")
+    return data, tasks
+
+
+def _run_task(cfg: RunConfig, file_data: dict | None, overrides) -> str:
+    """The task the run will have: the last of preset, config file and ``--set`` that names one."""
+    name = cfg.task.name
+    task = (file_data or {}).get("task")
+    if isinstance(task, dict) and "name" in task:
+        name = task["name"]
+    for expr in overrides:
+        key, value = parse_set(expr)
+        if key == "task.name":
+            name = value
+    return name
+
+
 def build_config(preset: str | None = None, config_file: str | None = None, overrides: list[str] = ()) -> RunConfig:
     cfg = RunConfig()
+    file_data = load_yaml(config_file) if config_file is not None else None
     if preset is not None:
-        apply_mapping(cfg, preset_data(preset), source=f"preset {preset}")
+        values, per_task = split_preset(preset, preset_data(preset))
+        apply_mapping(cfg, values, source=f"preset {preset}")
+        task = _run_task(cfg, file_data, overrides)
+        if task in per_task:
+            apply_mapping(cfg, per_task[task], source=f"preset {preset}, tasks.{task}")
         cfg.preset = preset
-    if config_file is not None:
-        apply_mapping(cfg, load_yaml(config_file), source=str(config_file))
+    if file_data is not None:
+        apply_mapping(cfg, file_data, source=str(config_file))
     for expr in overrides:
         set_dotted(cfg, *parse_set(expr))
     validate(cfg)

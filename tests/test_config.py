@@ -31,6 +31,59 @@ def test_precedence_preset_then_file_then_set(tmp_path):
     assert cfg.train.lr == 0.5                      # --set over file
 
 
+def test_per_task_preset_sections(tmp_path):
+    """A preset's ``tasks.<name>`` section applies when the run has that task, named by the preset,
+    a config file or --set; a file or --set still overrides it; other tasks never see it."""
+    toy = build_config("grpo")
+    assert (toy.train.batch_size, toy.task.num_steps, toy.method.clip_eps) == (512, 50, 0.01)
+    dig = build_config("grpo", None, ["task.name=digits-ddim"])
+    assert (dig.train.batch_size, dig.method.group_size, dig.task.num_steps, dig.train.lr) == (32, 8, 10, 0.003)
+    assert build_config("grpo", None, ["task.name=digits-flow", "train.batch_size=16"]).train.batch_size == 16
+    f = tmp_path / "c.yaml"
+    f.write_text("task:\n  name: digits-flow\ntrain:\n  lr: 0.01\n")
+    byfile = build_config("grpo", str(f))
+    assert (byfile.train.batch_size, byfile.train.lr) == (32, 0.01)       # section, then the file over it
+    img = build_config("grpo", None, ["task.name=diffusers", "task.model=sd15-tiny"])
+    assert (img.method.clip_eps, img.train.lr, img.train.grad_accum, img.method.adv_norm) == (1e-4, 3e-4, 48, "global")
+    # back to the 2-D task by --set: the digits section is not applied
+    assert build_config("grpo", None, ["task.name=digits-ddim", "task.name=toy2d"]).train.batch_size == 512
+
+
+def test_every_presets_task_sections_validate():
+    from rsm_fast.config import split_preset
+
+    for name in preset_names():
+        _, per_task = split_preset(name, preset_data(name))
+        for task in per_task:
+            extra = ["task.model=sd15-tiny"] if task == "diffusers" else []
+            assert build_config(name, None, [f"task.name={task}", *extra]).task.name == task
+
+
+@pytest.mark.parametrize("tasks, match", [
+    ({"mnist": {"train": {"lr": 1.0}}}, "tasks.mnist"),
+    ({"digits-ddim": {"train": {"lrr": 1.0}}}, "train.lrr"),
+    ({"digits-ddim": 3}, "tasks.digits-ddim"),
+    (["digits-ddim"], "'tasks'"),
+])
+def test_bad_per_task_section_names_it(monkeypatch, tasks, match):
+    import rsm_fast.config as C
+
+    real = C.preset_data
+    monkeypatch.setattr(C, "preset_data", lambda name: {**real(name), "tasks": tasks})
+    with pytest.raises(ConfigError, match=match) as e:
+        C.build_config("grpo", None, ["task.name=digits-ddim"])
+    assert "grpo" in _one_line(e)
+
+
+def test_grpo_on_digits_fits_this_machine():
+    """The preset's own sizes on digits: 512 x 50 records in one training forward estimated ~62 GB;
+    its digits section needs well under 2 GB."""
+    from rsm_fast import preflight as P
+
+    cfg = build_config("grpo", None, ["task.name=digits-ddim"])
+    assert P.estimate_memory(cfg, P.task_geometry(cfg)).total < 2 * 2**30
+
+
 def test_unknown_preset_names_the_preset():
     with pytest.raises(ConfigError) as e:
         build_config("no-such-method")
