@@ -177,7 +177,7 @@ class TrainConfig:
     lr_final_frac: float = field(default=0.1, metadata={"help": "cosine: final learning rate as a fraction of lr"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip (0 = off)"})
-    timestep_fraction: float = field(default=1.0, metadata={"help": "train the first fraction of stochastic steps (flow_grpo timestep_fraction)"})
+    timestep_fraction: float = field(default=1.0, metadata={"help": "train the first int(fraction x noisy steps) stochastic steps, at least one (flow_grpo timestep_fraction: 0.99 of 10 steps trains 9)"})
     seed: int = field(default=0, metadata={"help": "seed for weights, noise and evaluation, in [0, 2**63 - 1]"})
     device: str = field(default="cpu", metadata={"help": "torch device: cpu, cuda or cuda:N (checked against this machine before anything is written)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch default; at most os.cpu_count() of this machine)"})

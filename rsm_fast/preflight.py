@@ -211,7 +211,7 @@ def plan_counts(cfg: RunConfig, sde_mask: tuple[bool, ...] | None = None, *, bud
         return PlanCounts((T,) * (N + 1), T * S)
     if ro.plan == "sde":
         stoch = [i for i, v in enumerate(noisy) if v]
-        n = min(len(stoch), max(1, math.ceil(tc.timestep_fraction * len(stoch)))) if stoch else 0
+        n = min(len(stoch), max(1, int(tc.timestep_fraction * len(stoch)))) if stoch else 0
         if ro.window:
             n = min(ro.window, n)
         return PlanCounts((T,) * (N + 1), T * n)

@@ -89,7 +89,7 @@ def plan_spec(cfg: RunConfig, num_steps: int, sde_mask: Tensor, epoch: int = 0) 
     noisy = [bool(v) for v in sde_mask]
     if ro.plan == "sde":
         stoch = [i for i, v in enumerate(noisy) if v]
-        span = stoch[:max(1, math.ceil(tc.timestep_fraction * len(stoch)))]
+        span = stoch[:max(1, int(tc.timestep_fraction * len(stoch)))]   # flow_grpo: int(N x fraction)
         if ro.window:
             W = min(ro.window, len(span))
             start = ((epoch // ro.window_every) * ro.window_stride) % (len(span) - W + 1)
