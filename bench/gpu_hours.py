@@ -6,7 +6,9 @@
 
 **Runs.** Every (preset, seed) run is built like ``python -m rsm_fast.train --preset P --set ...``
 (``rsm_fast.config.build_config``) with the same ``--set`` overrides for every preset, then
-``Trainer.epoch()`` is called in a loop until the first budget is spent: ``--epochs`` epochs,
+``Trainer.epoch()`` is called in a loop until the first budget is spent (the fused ops' backend is
+recorded in every row, and a run whose ops fell back from C++ / Triton to plain torch refuses to
+start unless ``RSM_FAST_OPS_BACKEND`` asks for that backend): ``--epochs`` epochs,
 ``--budget-nfe`` training model evaluations or ``--budget-seconds`` training seconds (process CPU
 seconds on a CPU device, wall-clock on CUDA); the epoch that crosses a budget is the last one.
 Per epoch: training NFE (rollout + reference + train, as ``Trainer.nfe`` counts them), wall-clock
@@ -66,6 +68,7 @@ except ImportError:
     from bench.machine_info import cpu_model
 
 from rsm_fast.config import ConfigError, build_config
+from rsm_fast.ops import backends
 from rsm_fast.rewards import RewardError
 from rsm_fast.trainer import NonFiniteError, Trainer
 
@@ -77,7 +80,8 @@ except ImportError:
 DEFAULT_PRESETS = "tempflow-grpo,tempflow-grpo-k1,rsm-uniform-realloc,rsm-evr,rsm-evr-cost,tempflow-evr,tempflow-evr-cost"
 PHASES = ("rollout", "reward", "train", "alloc")       # the trainer's phase clock (wall seconds)
 EPOCH_FIELDS = ("preset", "seed", "epoch", "nfe", "nfe_rollout", "nfe_reference", "nfe_train", "wall_s", "cpu_s",
-                "train_reward", "train_kl", "eval_reward", "eval_kl", "eval_s", "eval_nfe") + tuple(f"{k}_s" for k in PHASES)
+                "train_reward", "train_kl", "eval_reward", "eval_kl", "eval_s", "eval_nfe") + tuple(f"{k}_s" for k in PHASES) \
+    + ("ops_backend",)
 COSTS = ("epochs", "nfe", "cpu_s", "wall_s")          # the x's of a crossing, in this order
 
 
@@ -247,7 +251,7 @@ def run_one(preset: str, seed: int, args, log=print) -> tuple[list[dict], str]:
     nothing to train) ends with that epoch, as 'failed: <message>': its cost counts (no train
     reward/KL) and the policy as it was left is evaluated."""
     tr = Trainer(run_config(preset, args, seed))
-    cuda = tr.device.type == "cuda"
+    cuda, backend = tr.device.type == "cuda", backends.for_device(tr.device).name
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     wall = cpu = eval_s = 0.0
 
@@ -266,7 +270,7 @@ def run_one(preset: str, seed: int, args, log=print) -> tuple[list[dict], str]:
                 "nfe_reference": tr.nfe["reference"], "nfe_train": tr.nfe["train"], "wall_s": round(wall, 4),
                 "cpu_s": round(cpu, 4), "train_reward": s.get("reward_mean", math.nan), "train_kl": s.get("kl", math.nan),
                 "eval_reward": math.nan, "eval_kl": math.nan, "eval_s": round(eval_s, 4), "eval_nfe": tr.nfe["eval"],
-                **{f"{k}_s": round(tr.clock.seconds.get(k, 0.0), 4) for k in PHASES}}
+                **{f"{k}_s": round(tr.clock.seconds.get(k, 0.0), 4) for k in PHASES}, "ops_backend": backend}
 
     rows = [row(0, {})]
     evaluate(rows[0])
@@ -305,7 +309,8 @@ def machine(device: str, threads: int) -> dict:
     cpu = cpu_model()
     info = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "python": platform.python_version(), "device": device, "date": date.today().isoformat(),
-            "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+            "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+            "ops_backend": backends.for_device(torch.device(device)).name}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
@@ -343,7 +348,7 @@ def read_epochs(path: Path) -> list[dict]:
     rows = []
     with open(path, newline="") as fh:
         for r in csv.DictReader(fh):
-            rows.append({k: (v if k == "preset" else int(v) if k in ("seed", "epoch") or k.startswith("nfe")
+            rows.append({k: (v if k in ("preset", "ops_backend") else int(v) if k in ("seed", "epoch") or k.startswith("nfe")
                              or k == "eval_nfe" else float(v)) for k, v in r.items()})
     return rows
 
@@ -390,7 +395,8 @@ def write_markdown(path: Path, runs: list[dict], meta: dict, target_note: str) -
                   else f" with uncommitted changes in {code['changed_files']} file(s) under rsm_fast/"))
     lines = [f"# GPU-hours benchmark: {a['task']} ({'GPU' if gpu else 'CPU'}-hours)", "",
              f"- Date {m['date']}; {dev}; {m['threads']} torch thread(s) per run; torch {m['torch']}; "
-             f"Python {m['python']}. 1-min load average before / after: {m['loadavg_before']} / {m.get('loadavg_after', '?')}.",
+             f"Python {m['python']}; fused ops on `{m.get('ops_backend', '?')}`. 1-min load average before / after: "
+             f"{m['loadavg_before']} / {m.get('loadavg_after', '?')}.",
              f"- Code: {code_note}.",
              f"- Command: `{meta['command']}`" + (f"; tables rewritten by `{meta['reanalyzed']}`" if meta.get("reanalyzed") else ""),
              f"- Budget per run: the first of {', '.join(b for b in budget if b)} (the epoch that crosses it is the last); "
@@ -561,6 +567,11 @@ def main(argv: list[str] | None = None) -> int:
             "args": {k: getattr(args, k) for k in ("task", "baseline", "seeds", "epochs", "budget_nfe", "budget_seconds",
                                                     "set", "target", "target_frac", "eval_every", "eval_samples", "jobs")}}
     meta["args"]["presets"] = args.preset_list
+    want = backends.forced() or ("triton" if cfgs[0].train.device.startswith("cuda") else "cpp")
+    if meta["machine"]["ops_backend"] != want:      # a silent fallback would time another implementation
+        print(f"error: the fused ops fell back to '{meta['machine']['ops_backend']}' instead of '{want}'; fix the "
+              f"build, or set RSM_FAST_OPS_BACKEND to benchmark a backend on purpose", file=sys.stderr)
+        return 2
     rows: list[dict] = []
     meta["runs"] = []
     t0 = time.perf_counter()

@@ -123,6 +123,31 @@ def test_bad_preset_or_override_is_one_line(tmp_path, capsys):
             G.main(bad + ["--out", str(tmp_path / "x")])
 
 
+def test_a_fallback_backend_fails_the_benchmark_and_rows_name_the_backend(tmp_path, monkeypatch, capsys):
+    """The fused ops' backend is in every epoch row and the header; a silent fallback to plain torch
+    refuses to start (one line, nothing written), while a backend forced on purpose is measured."""
+    from rsm_fast.ops import backends
+
+    real = backends.for_device
+    monkeypatch.delenv("RSM_FAST_OPS_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "for_device", lambda device: backends._DECOMPOSED)
+    args = ["--task", "toy2d", "--presets", "grpo", "--baseline", "grpo", "--seeds", "0", "--epochs", "1",
+            "--eval-samples", "16",
+            "--set", "train.batch_size=8", "--set", "method.group_size=4", "--set", "policy.hidden=16",
+            "--target", "3.1"]
+    rc = G.main(args + ["--out", str(tmp_path / "fb")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "fell back to 'decomposed' instead of 'cpp'" in err and "\n" not in err
+    assert not list(tmp_path.glob("fb*"))
+    monkeypatch.setattr(backends, "for_device", real)
+    monkeypatch.setenv("RSM_FAST_OPS_BACKEND", "decomposed")
+    assert G.main(args + ["--out", str(tmp_path / "ok")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "ok.csv")))
+    assert rows and all(r["ops_backend"] == "decomposed" for r in rows)
+    assert "fused ops on `decomposed`" in (tmp_path / "ok.md").read_text()
+    assert G.read_epochs(tmp_path / "ok.csv")[0]["ops_backend"] == "decomposed"
+
+
 def test_a_run_that_fails_midway_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
     real = G.Trainer.epoch
 
