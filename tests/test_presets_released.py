@@ -118,7 +118,7 @@ def test_grpo_on_flow_tasks_is_flow_grpo_geneval_loss(grpo_flow, seed):
 
 
 def test_grpo_on_flow_tasks_uses_flow_grpos_global_std(grpo_flow):
-    tr, mc = grpo_flow, grpo_flow.cfg.method
+    mc = grpo_flow.cfg.method
     assert mc.adv_norm == "global" and mc.baseline == "mean"
     g = torch.Generator().manual_seed(4)
     G, n = 4, mc.group_size
