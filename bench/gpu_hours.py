@@ -22,7 +22,10 @@ at that seed), mean reward and KL to the reference. Its cost is recorded apart (
 **Time to target.** On the held-out curve (the pre-training evaluation is point 0 at zero cost):
 the first evaluation with reward >= target, interpolated linearly from the evaluation before it,
 with the same fraction in epochs, NFE, CPU and wall seconds. At point 0 already: cost 0. Never:
-"not reached". ``--target T`` is an absolute reward; ``--target-frac f`` sets
+"not reached". ``--target-gain g`` (2-D task) crosses the regularised objective instead: the
+evaluation's ``objective_gain`` = (J - J_ref) / (J* - J_ref) with J = E[r] - alpha path KL reaching
+g, so a run that buys reward with KL past p* does not reach it (the exact 50-step tilted process
+measures 0.935). ``--target T`` is an absolute reward; ``--target-frac f`` sets
 ``T = r0 + f (r_best - r0)`` with r0 the median pre-training reward and r_best the best preset's
 median final reward (= f x r_best when r0 = 0; the offset form because a reward such as the 2-D
 task's starts at 3, not 0).
@@ -47,13 +50,11 @@ PREFIX.csv and PREFIX.json and writes the summary, markdown and plot for another
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -73,130 +74,11 @@ from rsm_fast.rewards import RewardError
 from rsm_fast.trainer import NonFiniteError, Trainer
 
 try:                                    # imported as bench.gpu_hours (tests) or run as a script
-    from bench.gpu_hours_plots import write_plots
+    from bench.gpu_hours_report import EPOCH_FIELDS, PHASES, read_epochs, write_csv, write_outputs
 except ImportError:
-    from gpu_hours_plots import write_plots
+    from gpu_hours_report import EPOCH_FIELDS, PHASES, read_epochs, write_csv, write_outputs
 
 DEFAULT_PRESETS = "tempflow-grpo,tempflow-grpo-k1,rsm-uniform-realloc,rsm-evr,rsm-evr-cost,tempflow-evr,tempflow-evr-cost"
-PHASES = ("rollout", "reward", "train", "alloc")       # the trainer's phase clock (wall seconds)
-EPOCH_FIELDS = ("preset", "seed", "epoch", "nfe", "nfe_rollout", "nfe_reference", "nfe_train", "wall_s", "cpu_s",
-                "train_reward", "train_kl", "eval_reward", "eval_kl", "eval_s", "eval_nfe") + tuple(f"{k}_s" for k in PHASES) \
-    + ("ops_backend",)
-COSTS = ("epochs", "nfe", "cpu_s", "wall_s")          # the x's of a crossing, in this order
-
-
-# ------------------------------------------------------------------------------------------------
-# arithmetic
-# ------------------------------------------------------------------------------------------------
-def crossing(points: list[tuple[float, ...]], target: float) -> list[float] | None:
-    """``points`` = [(reward, x1, x2, ...)] in time order: the x's where the reward first reaches
-    ``target``, linearly interpolated from the previous point (the first point's own x's if it
-    is already there); None if it never does."""
-    for j, p in enumerate(points):
-        if p[0] >= target:
-            if j == 0:
-                return list(p[1:])
-            q = points[j - 1]
-            f = (target - q[0]) / (p[0] - q[0])
-            return [a + f * (b - a) for a, b in zip(q[1:], p[1:])]
-    return None
-
-
-def eval_points(rows: list[dict]) -> list[tuple[float, ...]]:
-    """One run's evaluation rows as crossing points (reward, epochs, nfe, cpu_s, wall_s)."""
-    return [(r["eval_reward"], r["epoch"], r["nfe"], r["cpu_s"], r["wall_s"])
-            for r in rows if not math.isnan(r["eval_reward"])]
-
-
-def paired_ratios(base: dict[int, tuple], other: dict[int, tuple]) -> list[tuple[int, float, str]]:
-    """Speedup per seed = baseline cost / preset cost, ``base`` and ``other`` mapping seed ->
-    (cost to target or None if missed, total spent). Returns (seed, value, kind): kind '' exact,
-    '>' lower bound (the baseline missed), '<' upper bound (the preset missed), 'na' both missed
-    (value nan). Seeds missing from either side are skipped."""
-    def div(a, b):
-        return a / b if b > 0 else (1.0 if a == 0 else math.inf)
-    out = []
-    for seed in sorted(set(base) & set(other)):
-        (b, b_spent), (o, o_spent) = base[seed], other[seed]
-        if b is not None and o is not None:
-            out.append((seed, div(b, o), ""))
-        elif b is None and o is not None:
-            out.append((seed, div(b_spent, o), ">"))
-        elif b is not None:
-            out.append((seed, div(b, o_spent), "<"))
-        else:
-            out.append((seed, math.nan, "na"))
-    return out
-
-
-def ratio_stats(rs: list[tuple[int, float, str]]) -> dict:
-    """Median and min/max over the exact ratios; 'faster' = seeds on which the preset is surely
-    faster (exact > 1, or a lower bound >= 1), out of 'n'."""
-    exact = [v for _, v, k in rs if k == ""]
-    faster = sum(1 for _, v, k in rs if (k == "" and v > 1) or (k == ">" and v >= 1))
-    return {"median": statistics.median(exact) if exact else math.nan, "min": min(exact, default=math.nan),
-            "max": max(exact, default=math.nan), "n_exact": len(exact), "faster": faster, "n": len(rs),
-            "bounds": [(s, v, k) for s, v, k in rs if k]}
-
-
-def pareto(points: list[tuple[str, float, float]]) -> list[bool]:
-    """Non-dominated flags for (name, reward, kl): higher reward and lower KL are better."""
-    return [not any(r2 >= r and k2 <= k and (r2 > r or k2 < k) for _, r2, k2 in points) for _, r, k in points]
-
-
-def resolve_target(rows: list[dict], target: float | None, frac: float | None) -> tuple[float, str]:
-    """The absolute target and a sentence saying where it came from."""
-    if target is not None:
-        return target, f"{target:g} (absolute, --target)"
-    runs = group_runs(rows)
-    r0 = statistics.median(eval_points(rs)[0][0] for rs in runs.values())
-    finals: dict[str, list[float]] = {}
-    for (p, _), rs in runs.items():
-        finals.setdefault(p, []).append(eval_points(rs)[-1][0])
-    best_p, best = max(((p, statistics.median(v)) for p, v in finals.items()), key=lambda t: t[1])
-    t = r0 + frac * (best - r0)
-    if best <= r0:
-        print(f"warning: no preset improved on the reward before training ({best:.4g} <= {r0:.4g}); "
-              "every run reaches --target-frac's target at zero cost", file=sys.stderr)
-    return t, (f"{t:.4g} = r0 + {frac:g} (r_best - r0) with r0 = {r0:.4g} (median before training) and "
-               f"r_best = {best:.4g} ({best_p}'s median final reward) (--target-frac)")
-
-
-def group_runs(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
-    out: dict[tuple[str, int], list[dict]] = {}
-    for r in rows:
-        out.setdefault((r["preset"], r["seed"]), []).append(r)
-    return out
-
-
-def summarize(rows: list[dict], target: float, baseline: str, stops: dict | None = None) -> list[dict]:
-    """One summary row per (preset, seed): totals, costs to target, final reward/KL, speedups.
-    ``stops`` maps (preset, seed) to why the run ended ('epochs', 'nfe', 'seconds' or 'failed: ...');
-    a run that failed before reaching the target gets no speedup (kind 'failed')."""
-    runs = []
-    for (p, seed), rs in group_runs(rows).items():
-        pts, last = eval_points(rs), rs[-1]
-        hit = crossing(pts, target)
-        run = {"preset": p, "seed": seed, "stop": (stops or {}).get((p, seed), ""), "epochs": last["epoch"],
-               "nfe": last["nfe"], "cpu_s": last["cpu_s"],
-               "wall_s": last["wall_s"], "eval_s": last["eval_s"], "eval_nfe": last["eval_nfe"],
-               "nfe_per_epoch": last["nfe"] / max(last["epoch"], 1), "target": target, "reached": hit is not None}
-        for c, v in zip(COSTS, hit or [None] * len(COSTS)):
-            run[f"{c}_to_target"] = v
-        run.update(final_reward=pts[-1][0], final_kl=[r["eval_kl"] for r in rs if not math.isnan(r["eval_reward"])][-1])
-        for k in ("cpu", "wall") + PHASES:      # per epoch, for the systems side (phases: wall-clock)
-            run[f"{k}_s_per_epoch"] = last.get(f"{k}_s", math.nan) / max(last["epoch"], 1)
-        runs.append(run)
-    base = {r["seed"]: r for r in runs if r["preset"] == baseline}
-    for run in runs:          # kind 'unpaired': no baseline run at this seed
-        for c in ("nfe", "cpu_s", "wall_s"):
-            b = base.get(run["seed"])
-            rs = paired_ratios({0: (b[f"{c}_to_target"], b[c])}, {0: (run[f"{c}_to_target"], run[c])}) if b else []
-            if b and any(x["stop"].startswith("failed") and not x["reached"] for x in (b, run)):
-                rs = [(0, math.nan, "failed")]
-            run[f"speedup_{c}"] = rs[0][1] if rs else math.nan
-            run[f"speedup_{c}_kind"] = rs[0][2] if rs else "unpaired"
-    return runs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,13 +145,15 @@ def run_one(preset: str, seed: int, args, log=print) -> tuple[list[dict], str]:
         sync()
         eval_s += time.perf_counter() - t0
         row.update(eval_reward=ev["reward_mean"], eval_kl=ev["kl_to_reference"], eval_s=round(eval_s, 4),
-                   eval_nfe=tr.nfe["eval"])
+                   eval_nfe=tr.nfe["eval"], eval_objective=ev.get("objective", math.nan),
+                   eval_gain=ev.get("objective_gain", math.nan))
 
     def row(epoch: int, s: dict) -> dict:
         return {"preset": preset, "seed": seed, "epoch": epoch, "nfe": tr.nfe_total(), "nfe_rollout": tr.nfe["rollout"],
                 "nfe_reference": tr.nfe["reference"], "nfe_train": tr.nfe["train"], "wall_s": round(wall, 4),
                 "cpu_s": round(cpu, 4), "train_reward": s.get("reward_mean", math.nan), "train_kl": s.get("kl", math.nan),
                 "eval_reward": math.nan, "eval_kl": math.nan, "eval_s": round(eval_s, 4), "eval_nfe": tr.nfe["eval"],
+                "eval_objective": math.nan, "eval_gain": math.nan,
                 **{f"{k}_s": round(tr.clock.seconds.get(k, 0.0), 4) for k in PHASES}, "ops_backend": backend}
 
     rows = [row(0, {})]
@@ -335,162 +219,6 @@ def provenance() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# outputs
-# ------------------------------------------------------------------------------------------------
-def write_csv(path: Path, rows: list[dict], fields=None) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(fields or rows[0]), extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-
-
-def read_epochs(path: Path) -> list[dict]:
-    rows = []
-    with open(path, newline="") as fh:
-        for r in csv.DictReader(fh):
-            rows.append({k: (v if k in ("preset", "ops_backend") else int(v) if k in ("seed", "epoch") or k.startswith("nfe")
-                             or k == "eval_nfe" else float(v)) for k, v in r.items()})
-    return rows
-
-
-def _num(v: float, digits: int = 3) -> str:
-    return f"{v:,.0f}" if abs(v) >= 10 ** digits else f"{v:.{digits}g}"
-
-
-def _fmt(vals, digits: int = 3, scale: float = 1.0) -> str:
-    """Median (min–max) of the non-missing values."""
-    vals = [v * scale for v in vals if v is not None and not math.isnan(v)]
-    if not vals:
-        return "—"
-    med, lo, hi = (_num(v, digits) for v in (statistics.median(vals), min(vals), max(vals)))
-    return f"{med} ({lo}–{hi})" if len(vals) > 1 and lo != hi else med
-
-
-def _ratio_cell(st: dict) -> str:
-    cell = "—" if not st["n_exact"] else (f"{st['median']:.3g}× ({st['min']:.3g}–{st['max']:.3g})" if st["n_exact"] > 1
-                                         else f"{st['median']:.3g}×")
-    if st["bounds"]:
-        cell += "; " + ", ".join(f"s{s}: " + ({"na": "NA", "failed": "failed"}.get(k) or f"{k}{v:.3g}×")
-                                 for s, v, k in st["bounds"])
-    return cell + f"; faster {st['faster']}/{st['n']}"
-
-
-def _kind(v: float, k: str) -> str:
-    return {"na": "NA (both missed)", "unpaired": "—", "failed": "failed"}.get(k, f"{k}{v:.3g}×")
-
-
-def write_markdown(path: Path, runs: list[dict], meta: dict, target_note: str) -> None:
-    a, m = meta["args"], meta["machine"]
-    gpu = m["device"].startswith("cuda")
-    clocks = [("wall_s", "GPU-hours")] if gpu else [("cpu_s", "CPU-hours"), ("wall_s", "wall-clock hours")]
-    presets = list(dict.fromkeys(r["preset"] for r in runs))
-    by = {p: [r for r in runs if r["preset"] == p] for p in presets}
-    base = a["baseline"] if a["baseline"] in by else None
-    budget = [f"{a['epochs']} epochs" if a["epochs"] else "", f"{a['budget_nfe']:,} training NFE" if a["budget_nfe"] else "",
-              f"{a['budget_seconds']:g} training {'wall' if gpu else 'CPU'} seconds" if a["budget_seconds"] else ""]
-    dev = f"CUDA {m['gpu']}" if gpu else f"CPU {m['cpu']}, {m['cores']} cores"
-    code = meta.get("code", {})
-    code_note = (f"rsm_fast from `{code.get('path')}` at git {code.get('commit')}" +
-                 ("" if code.get("changed_files") is None else " (clean)" if not code["changed_files"]
-                  else f" with uncommitted changes in {code['changed_files']} file(s) under rsm_fast/"))
-    lines = [f"# GPU-hours benchmark: {a['task']} ({'GPU' if gpu else 'CPU'}-hours)", "",
-             f"- Date {m['date']}; {dev}; {m['threads']} torch thread(s) per run; torch {m['torch']}; "
-             f"Python {m['python']}; fused ops on `{m.get('ops_backend', '?')}`. 1-min load average before / after: "
-             f"{m['loadavg_before']} / {m.get('loadavg_after', '?')}.",
-             f"- Code: {code_note}.",
-             f"- Command: `{meta['command']}`" + (f"; tables rewritten by `{meta['reanalyzed']}`" if meta.get("reanalyzed") else ""),
-             f"- Budget per run: the first of {', '.join(b for b in budget if b)} (the epoch that crosses it is the last); "
-             f"seeds {a['seeds']}; `--set` for every preset: {' '.join(a['set']) or 'none'}"
-             + ("; `preset[k=v,...]` = the preset with its own overrides" if any("[" in p for p in presets) else "")
-             + (f"; {a['jobs']} runs at a time, one process each" if a.get("jobs", 1) > 1 else "") + ".",
-             f"- Held-out evaluation before training, every {a['eval_every']} epoch(s) and at the end: {a['eval_samples']} "
-             "full-SDE samples from a fixed seed per training seed; its cost is not charged to the run (eval_s in the CSV).",
-             f"- Target reward: {target_note}. Time to target: the first evaluation at or above it, linearly interpolated "
-             "from the one before (cost 0 if the policy starts there).",
-             f"- Speedup = {base or a['baseline'] + ' (not run)'}'s cost to the target / the preset's, paired by seed, "
-             "median (min–max) over the seeds where both reached it; `>x` = the baseline missed it (lower bound), "
-             "`<x` = the preset missed it (upper bound); faster k/n = seeds on which the preset is surely faster.",
-             "- " + ("GPU-hours = wall-clock on the device." if gpu else
-                     "CPU-hours = process CPU time (all threads) of the training epochs; wall-clock includes time the "
-                     "process waited for a core, so on a shared machine CPU-hours are the more reliable timing."), ""]
-    head = ["preset", "reached", "epochs to target", "training NFE to target"] + [f"{h} to target" for _, h in clocks]
-    head += ([f"speedup {x}" for x in ["NFE"] + [h for _, h in clocks]] if base else [])
-    head += ["final reward", "final KL"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for p in presets:
-        rs = by[p]
-        cells = [p, f"{sum(r['reached'] for r in rs)}/{len(rs)}", _fmt([r["epochs_to_target"] for r in rs]),
-                 _fmt([r["nfe_to_target"] for r in rs])]
-        cells += [_fmt([r[f"{c}_to_target"] for r in rs], scale=1 / 3600) for c, _ in clocks]
-        for c in (["nfe"] + [c for c, _ in clocks]) if base else []:
-            cells.append("1× (baseline)" if p == base else _ratio_cell(ratio_stats(
-                [(r["seed"], r[f"speedup_{c}"], r[f"speedup_{c}_kind"]) for r in rs
-                 if r[f"speedup_{c}_kind"] != "unpaired"])))
-        cells += [_fmt([r["final_reward"] for r in rs], 4), _fmt([r["final_kl"] for r in rs])]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Cells: median (min–max) over seeds of the runs that reached the target; hours = seconds / 3600.", ""]
-    if base:
-        lines += [f"## Speedup over {base} per seed", "", "| preset | seed | NFE | " + " | ".join(h for _, h in clocks) + " |",
-                  "|---|---|---|" + "---|" * len(clocks)]
-        lines += [f"| {r['preset']} | {r['seed']} | " + " | ".join(_kind(r[f"speedup_{c}"], r[f"speedup_{c}_kind"])
-                                                               for c in ["nfe"] + [c for c, _ in clocks]) + " |"
-                  for r in runs if r["preset"] != base]
-        lines.append("")
-    lines += ["## Cost per epoch", "", "Mean over each run's epochs, median over seeds: the systems side (an epoch's "
-              "price) apart from the algorithmic side (epochs to target, above). Phases are the trainer's wall-clock "
-              "phase clock (`alloc`: per-step statistics, the allocator and re-compiling the plan).", "",
-              "| preset | NFE | CPU ms | wall ms | " + " | ".join(f"{k} ms" for k in PHASES) + " | µs CPU per NFE |",
-              "|---|---|---|---|" + "---|" * (len(PHASES) + 1)]
-    for p in presets:
-        rs = by[p]
-        cells = [_fmt([r["nfe_per_epoch"] for r in rs])]
-        cells += [_fmt([r[f"{k}_s_per_epoch"] for r in rs], scale=1e3) for k in ("cpu", "wall") + PHASES]
-        cells.append(_fmt([1e6 * r["cpu_s"] / r["nfe"] for r in rs if r["nfe"]]))
-        lines.append(f"| {p} | " + " | ".join(cells) + " |")
-    lines.append("")
-    pts = [(p, statistics.median(r["final_reward"] for r in by[p]), statistics.median(r["final_kl"] for r in by[p]))
-           for p in presets]
-    lines += ["## Reward–KL at the end of the budget", "",
-              "Held-out reward and KL to the reference (nats per path) of the last evaluation, median over seeds; "
-              "**yes** = Pareto point (no other preset has both a higher reward and a lower KL). Runs that stopped "
-              "before the budget (failed) are compared where they stopped: see the training NFE.", "",
-              "| preset | final reward | final KL | training NFE at the end | Pareto |", "|---|---|---|---|---|"]
-    lines += [f"| {p} | {r:.4g} | {k:.4g} | {_fmt([x['nfe'] for x in by[p]])} | {'**yes**' if f else 'no'} |"
-              for (p, r, k), f in zip(pts, pareto(pts))]
-    lines += ["", "## Per run", "", "| preset | seed | stop | epochs | training NFE | CPU s | wall s | eval s (not charged) "
-              "| epochs to target | NFE to target | CPU s to target | wall s to target | final reward | final KL |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    f = lambda v, d: "not reached" if v is None else f"{v:,.{d}f}"  # noqa: E731
-    failures = list(dict.fromkeys(r["stop"][8:] for r in runs if r["stop"].startswith("failed: ")))
-    for r in runs:
-        stop = f"failed ({failures.index(r['stop'][8:]) + 1})" if r["stop"].startswith("failed: ") else r["stop"] or "—"
-        lines.append(f"| {r['preset']} | {r['seed']} | {stop} | {r['epochs']} | {r['nfe']:,} | {r['cpu_s']:.1f} | {r['wall_s']:.1f} "
-                     f"| {r['eval_s']:.1f} | {f(r['epochs_to_target'], 2)} | {f(r['nfe_to_target'], 0)} "
-                     f"| {f(r['cpu_s_to_target'], 2)} | {f(r['wall_s_to_target'], 2)} | {r['final_reward']:.4g} "
-                     f"| {r['final_kl']:.4g} |")
-    if failures:
-        lines += ["", "Failures (the trainer raised; the run ends with that epoch, its cost counted):", ""]
-        lines += [f"{i}. {msg}" for i, msg in enumerate(failures, 1)]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def write_outputs(out: str, rows: list[dict], meta: dict, args) -> list[dict]:
-    target, note = resolve_target(rows, args.target, args.target_frac)
-    stops = {(r["preset"], r["seed"]): r["stop"] for r in meta.get("runs", [])}
-    runs = summarize(rows, target, meta["args"]["baseline"], stops)
-    write_csv(Path(f"{out}_summary.csv"), runs)
-    write_markdown(Path(f"{out}.md"), runs, meta, note)
-    gpu = meta["machine"]["device"].startswith("cuda")
-    presets = list(dict.fromkeys(r["preset"] for r in runs))
-    med = [(p, statistics.median(r["final_reward"] for r in runs if r["preset"] == p),
-            statistics.median(r["final_kl"] for r in runs if r["preset"] == p)) for p in presets]
-    front = dict(zip(presets, pareto(med)))
-    done = write_plots(Path(f"{out}.png"), rows, runs, front, target, meta["args"]["task"], gpu)
-    print(f"target {note}\nwrote {out}.md, {out}_summary.csv" + (f", {out}.png" if done else ""))
-    return runs
-
-
-# ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -511,6 +239,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--target-frac", type=float, default=None,
                    help="target = r0 + f (r_best - r0): r0 the median reward before training, r_best the best "
                         "preset's median final reward")
+    g.add_argument("--target-gain", type=float, default=None,
+                   help="2-D task: target = this share of J*'s gain over p_ref on the regularised objective "
+                        "J = E[r] - alpha path KL (the evaluation's objective_gain)")
     p.add_argument("--eval-every", type=int, default=1, help="epochs between held-out evaluations")
     p.add_argument("--eval-samples", type=int, default=1024)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (CPU-time accounting: 1)")
@@ -528,8 +259,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error(f"--seeds must be comma-separated integers, got {a.seeds!r}")
     if not a.preset_list or not a.seed_list:
         p.error("--presets and --seeds must name at least one preset and one seed")
-    if a.target_frac is not None and not 0 < a.target_frac <= 1:
-        p.error(f"--target-frac must be in (0, 1], got {a.target_frac}")
+    for name in ("target_frac", "target_gain"):
+        v = getattr(a, name)
+        if v is not None and not 0 < v <= 1:
+            p.error(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
+    if a.target_gain is not None and a.task != "toy2d":
+        p.error("--target-gain needs the 2-D task (the only one with J* in closed form)")
     if not a.reanalyze and not (a.epochs or a.budget_nfe or a.budget_seconds):
         p.error("give a budget: --epochs, --budget-nfe and/or --budget-seconds")
     if min(a.epochs, a.budget_nfe, a.budget_seconds) < 0 or a.eval_every < 1 or a.eval_samples < 2 or a.threads < 0:
@@ -554,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         meta["reanalyzed"] = command
         meta["args"]["baseline"] = args.baseline
-        write_outputs(str(out), rows, meta, args)
+        try:
+            write_outputs(str(out), rows, meta, args)
+        except ValueError as e:            # e.g. --target-gain on runs that recorded no objective
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     try:      # every preset x override must validate before the first run starts
         cfgs = [run_config(p, args, args.seed_list[0]) for p in args.preset_list]
@@ -565,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: baseline {args.baseline} is not among --presets: no speedup columns", file=sys.stderr)
     meta = {"command": command, "argv": argv, "machine": machine(cfgs[0].train.device, args.threads), "code": provenance(),
             "args": {k: getattr(args, k) for k in ("task", "baseline", "seeds", "epochs", "budget_nfe", "budget_seconds",
-                                                    "set", "target", "target_frac", "eval_every", "eval_samples", "jobs")}}
+                                                    "set", "target", "target_frac", "target_gain", "eval_every",
+                                                    "eval_samples", "jobs")}}
     meta["args"]["presets"] = args.preset_list
     want = backends.forced() or ("triton" if cfgs[0].train.device.startswith("cuda") else "cpp")
     if meta["machine"]["ops_backend"] != want:      # a silent fallback would time another implementation

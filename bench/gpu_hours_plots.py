@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 
-def write_plots(path: Path, rows: list[dict], runs: list[dict], front: dict[str, bool], target: float, task: str,
+def write_plots(path: Path, rows: list[dict], runs: list[dict], front: dict[str, bool], target: float | None, task: str,
                 gpu: bool) -> bool:
     """One PNG, four panels: held-out reward vs training NFE, vs CPU-hours (GPU-hours on CUDA), vs
     wall-clock hours (one thin line per seed, the target dotted), and the final reward vs KL per
@@ -36,9 +36,11 @@ def write_plots(path: Path, rows: list[dict], runs: list[dict], front: dict[str,
                    label=None if p in labelled else p)
         labelled.add(p)
     for a, (_, _, label) in zip(ax.flat, xs):
-        a.axhline(target, color="k", ls=":", lw=1)
+        if target is not None:            # a reward target (an objective-gain target is not on this axis)
+            a.axhline(target, color="k", ls=":", lw=1)
         a.set(xlabel=label, ylabel="held-out reward")
-    ax.flat[0].set_title(f"{task}: reward vs NFE (one thin line per seed; dotted: target {target:.3g})")
+    note = "" if target is None else f"; dotted: target {target:.3g}"
+    ax.flat[0].set_title(f"{task}: reward vs NFE (one thin line per seed{note})")
     ax.flat[1].set_title("reward vs " + ("GPU" if gpu else "CPU") + "-hours")
     ax.flat[2].set_title("reward vs wall-clock")
     ax.flat[0].legend(fontsize=8)

@@ -9,6 +9,7 @@ import math
 import pytest
 
 from bench import gpu_hours as G
+from bench import gpu_hours_report as R
 
 
 def _curve(preset, seed, rewards, nfe_per_epoch=100, cpu_per_epoch=2.0, kl=0.1):
@@ -20,17 +21,17 @@ def _curve(preset, seed, rewards, nfe_per_epoch=100, cpu_per_epoch=2.0, kl=0.1):
 
 def test_crossing_interpolates_and_reports_misses():
     pts = [(1.0, 0.0, 0.0), (2.0, 100.0, 10.0), (4.0, 300.0, 20.0)]
-    assert G.crossing(pts, 3.0) == [200.0, 15.0]          # half-way between the 2nd and 3rd points
-    assert G.crossing(pts, 2.0) == [100.0, 10.0]          # exactly on a point
-    assert G.crossing(pts, 0.5) == [0.0, 0.0]             # reached at the first point: no cost
-    assert G.crossing(pts, 4.5) is None                   # never reached
-    assert G.crossing([(1.0, 0.0), (3.0, 10.0), (2.0, 20.0), (5.0, 30.0)], 2.5) == [7.5]   # the first crossing counts
+    assert R.crossing(pts, 3.0) == [200.0, 15.0]          # half-way between the 2nd and 3rd points
+    assert R.crossing(pts, 2.0) == [100.0, 10.0]          # exactly on a point
+    assert R.crossing(pts, 0.5) == [0.0, 0.0]             # reached at the first point: no cost
+    assert R.crossing(pts, 4.5) is None                   # never reached
+    assert R.crossing([(1.0, 0.0), (3.0, 10.0), (2.0, 20.0), (5.0, 30.0)], 2.5) == [7.5]   # the first crossing counts
 
 
 def test_summarize_costs_to_target_on_synthetic_curves():
     rows = (_curve("base", 0, [1.0, 2.0, 3.0, 4.0]) + _curve("fast", 0, [1.0, 3.0, 5.0, 6.0], nfe_per_epoch=50)
             + _curve("slow", 0, [1.0, 1.5, 2.0, 2.5]) + _curve("early", 0, [3.5, 3.6, 3.7, 3.8]))
-    runs = {r["preset"]: r for r in G.summarize(rows, 3.5, "base")}
+    runs = {r["preset"]: r for r in R.summarize(rows, 3.5, "base")}
     b, f, s, e = runs["base"], runs["fast"], runs["slow"], runs["early"]
     assert b["reached"] and b["epochs_to_target"] == pytest.approx(2.5) and b["nfe_to_target"] == pytest.approx(250)
     assert b["cpu_s_to_target"] == pytest.approx(5.0) and b["wall_s_to_target"] == pytest.approx(7.5)
@@ -45,25 +46,25 @@ def test_summarize_costs_to_target_on_synthetic_curves():
 def test_paired_ratios_are_per_seed_with_bounds():
     base = {0: (100.0, 300.0), 1: (200.0, 300.0), 2: (None, 300.0), 3: (50.0, 300.0), 4: (None, 300.0), 9: (1.0, 1.0)}
     other = {0: (50.0, 200.0), 1: (400.0, 500.0), 2: (150.0, 200.0), 3: (None, 200.0), 4: (None, 200.0)}
-    r = G.paired_ratios(base, other)
+    r = R.paired_ratios(base, other)
     assert [s for s, _, _ in r] == [0, 1, 2, 3, 4]                       # seed 9 unpaired: skipped
     assert r[0][1:] == (2.0, "") and r[1][1:] == (0.5, "")
     assert r[2][1:] == (2.0, ">") and r[3][1:] == (0.25, "<")            # 300/150 lower bound, 50/200 upper bound
     assert math.isnan(r[4][1]) and r[4][2] == "na"
-    st = G.ratio_stats(r)
+    st = R.ratio_stats(r)
     assert st["median"] == pytest.approx(1.25) and (st["min"], st["max"]) == (0.5, 2.0) and st["n_exact"] == 2
     assert st["faster"] == 2 and st["n"] == 5                            # seed 0 exact, seed 2 lower bound
-    assert "s2: >2×" in G._ratio_cell(st) and "faster 2/5" in G._ratio_cell(st)
-    assert G.paired_ratios({0: (10.0, 20.0), 1: (0.0, 20.0)}, {0: (0.0, 5.0), 1: (0.0, 5.0)}) == [(0, math.inf, ""), (1, 1.0, "")]
+    assert "s2: >2×" in R._ratio_cell(st) and "faster 2/5" in R._ratio_cell(st)
+    assert R.paired_ratios({0: (10.0, 20.0), 1: (0.0, 20.0)}, {0: (0.0, 5.0), 1: (0.0, 5.0)}) == [(0, math.inf, ""), (1, 1.0, "")]
 
 
 def test_target_frac_and_pareto():
     rows = _curve("a", 0, [3.0, 5.0, 7.0]) + _curve("a", 1, [3.0, 6.0, 9.0]) + _curve("b", 0, [3.0, 4.0, 5.0])
-    t, note = G.resolve_target(rows, None, 0.5)
+    t, note = R.resolve_target(rows, None, 0.5)
     assert t == pytest.approx(3.0 + 0.5 * (8.0 - 3.0)) and "--target-frac" in note     # a's median final 8
-    assert G.resolve_target(rows, 4.2, None)[0] == 4.2
+    assert R.resolve_target(rows, 4.2, None)[0] == 4.2
     pts = [("a", 5.0, 1.0), ("b", 4.0, 2.0), ("c", 6.0, 3.0), ("d", 5.0, 1.0)]
-    assert G.pareto(pts) == [True, False, True, True]
+    assert R.pareto(pts) == [True, False, True, True]
 
 
 def test_tiny_run_writes_tables_and_reanalyzes(tmp_path):
@@ -145,7 +146,7 @@ def test_a_fallback_backend_fails_the_benchmark_and_rows_name_the_backend(tmp_pa
     rows = list(csv.DictReader(open(tmp_path / "ok.csv")))
     assert rows and all(r["ops_backend"] == "decomposed" for r in rows)
     assert "fused ops on `decomposed`" in (tmp_path / "ok.md").read_text()
-    assert G.read_epochs(tmp_path / "ok.csv")[0]["ops_backend"] == "decomposed"
+    assert R.read_epochs(tmp_path / "ok.csv")[0]["ops_backend"] == "decomposed"
 
 
 def test_a_run_that_fails_midway_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
@@ -218,3 +219,33 @@ def test_forward_process_presets_run_as_baselines(tmp_path):
     epochs = [r for r in csv.DictReader(open(f"{out}.csv")) if r["preset"] in ("diffusion-nft", "awm")]
     assert all(int(r["nfe"]) == int(r["nfe_rollout"]) + int(r["nfe_reference"]) + int(r["nfe_train"]) for r in epochs)
     assert all(int(r["nfe_rollout"]) > 0 for r in epochs if r["epoch"] != "0")
+
+
+def test_target_gain_crosses_the_regularised_objective(tmp_path, capsys):
+    """--target-gain: the crossing is on the evaluation's objective gain, (J - J_ref)/(J* - J_ref);
+    the rows record J and the gain, the table names the target and the final gain; a digits run or
+    an old CSV without the columns is refused in one line."""
+    out = tmp_path / "g"
+    rc = G.main(["--task", "toy2d", "--presets", "grpo", "--baseline", "grpo", "--seeds", "0", "--epochs", "2",
+                 "--eval-samples", "64", "--set", "train.batch_size=8", "--set", "method.group_size=4",
+                 "--set", "policy.hidden=16", "--target-gain", "0.05", "--out", str(out)])
+    assert rc == 0
+    rows = R.read_epochs(tmp_path / "g.csv")
+    ev = [r for r in rows if not math.isnan(r["eval_reward"])]
+    assert all(r["eval_objective"] == pytest.approx(r["eval_reward"] - r["eval_kl"], abs=1e-6) for r in ev)
+    assert ev[0]["eval_kl"] == 0.0 and abs(ev[0]["eval_gain"]) < 0.5
+    run = R.summarize(rows, 0.05, "grpo", key="eval_gain")[0]
+    want = R.crossing([(r["eval_gain"], r["epoch"], r["nfe"], r["cpu_s"], r["wall_s"]) for r in ev], 0.05)
+    assert run["reached"] == (want is not None) and run["final_gain"] == ev[-1]["eval_gain"]
+    md = (tmp_path / "g.md").read_text()
+    assert "Target objective gain: 0.05 of J*'s gain" in md and "final J gain" in md
+    with pytest.raises(SystemExit):
+        G.main(["--task", "digits-flow", "--presets", "grpo", "--epochs", "1", "--target-gain", "0.5",
+                "--out", str(tmp_path / "d")])
+    old = tmp_path / "old"
+    cols = [c for c in R.EPOCH_FIELDS if c not in ("eval_objective", "eval_gain")]
+    R.write_csv(tmp_path / "old.csv", [{c: r[c] for c in cols} for r in rows], cols)
+    (tmp_path / "old.json").write_text((tmp_path / "g.json").read_text())
+    capsys.readouterr()
+    assert G.main(["--reanalyze", str(old), "--target-gain", "0.5", "--out", str(tmp_path / "re")]) == 2
+    assert "recorded no objective gain" in capsys.readouterr().err
