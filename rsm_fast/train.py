@@ -71,6 +71,10 @@ def format_table(s: dict) -> str:
         rows.append(("mode weights", mw, mt))
         rows.append((f"distance to p* ({s['distance_metric']})", f"{s['distance_to_target']:.4f}",
                      f"{s['distance_floor']:.4f} = two exact samples"))
+    if "objective" in s:
+        rows.append(("objective J = E[r] - alpha path KL", f"{s['objective']:.4f}",
+                     f"{s['objective_target']:.4f} = J* (ref {s['objective_reference']:.2f}): {s['objective_gain']:.3f} "
+                     f"of the gain; path KL {s['kl_to_reference']:.3f} vs {s['kl_target']:.3f} at p*"))
     rows.append(("model evaluations (NFE)", f"{s['nfe']:,}", ", ".join(f"{k} {v:,}" for k, v in s["nfe_by_kind"].items())))
     sec = s["seconds"]
     rows.append(("wall-clock (s)", f"{sec['total']:.1f}",
