@@ -17,7 +17,7 @@ except ImportError:
 PHASES = ("rollout", "reward", "train", "alloc")       # the trainer's phase clock (wall seconds)
 EPOCH_FIELDS = ("preset", "seed", "epoch", "nfe", "nfe_rollout", "nfe_reference", "nfe_train", "wall_s", "cpu_s",
                 "train_reward", "train_kl", "eval_reward", "eval_kl", "eval_s", "eval_nfe") + tuple(f"{k}_s" for k in PHASES) \
-    + ("eval_objective", "eval_gain", "ops_backend")
+    + ("eval_objective", "eval_gain", "eval_gain_marginal", "ops_backend")
 COSTS = ("epochs", "nfe", "cpu_s", "wall_s")          # the x's of a crossing, in this order
 
 
@@ -81,14 +81,16 @@ def pareto(points: list[tuple[str, float, float]]) -> list[bool]:
 
 
 def resolve_target(rows: list[dict], target: float | None, frac: float | None,
-                   gain: float | None = None) -> tuple[float, str]:
+                   gain: float | None = None, gain_kl: str = "path") -> tuple[float, str]:
     """The absolute target and a sentence saying where it came from (``gain``: on the objective
-    gain curve, see :func:`target_key`)."""
+    gain curve with the ``gain_kl`` KL, see :func:`target_key`)."""
     if gain is not None:
-        if not any(not math.isnan(r.get("eval_gain", math.nan)) for r in rows):
+        col = target_key(gain, gain_kl)
+        if not any(not math.isnan(r.get(col, math.nan)) for r in rows):
             raise ValueError("--target-gain: these runs recorded no objective gain (not the 2-D task, or an older CSV)")
-        return gain, (f"{gain:g} of J*'s gain over p_ref on the regularised objective J = E[r] - alpha path KL "
-                      "(--target-gain; the evaluation's objective_gain)")
+        kl = "path KL" if gain_kl == "path" else "the k-NN estimate of the samples' marginal KL"
+        return gain, (f"{gain:g} of J*'s gain over p_ref on the regularised objective J = E[r] - alpha KL, with "
+                      f"{kl} (--target-gain, --gain-kl {gain_kl})")
     if target is not None:
         return target, f"{target:g} (absolute, --target)"
     runs = group_runs(rows)
@@ -112,9 +114,9 @@ def group_runs(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
     return out
 
 
-def target_key(gain: float | None) -> str:
+def target_key(gain: float | None, gain_kl: str = "path") -> str:
     """The evaluation column a target is crossed on."""
-    return "eval_reward" if gain is None else "eval_gain"
+    return "eval_reward" if gain is None else "eval_gain" if gain_kl == "path" else "eval_gain_marginal"
 
 
 def summarize(rows: list[dict], target: float, baseline: str, stops: dict | None = None,
@@ -123,7 +125,7 @@ def summarize(rows: list[dict], target: float, baseline: str, stops: dict | None
     ``stops`` maps (preset, seed) to why the run ended ('epochs', 'nfe', 'seconds' or 'failed: ...');
     a run that failed before reaching the target gets no speedup (kind 'failed'). ``key``: the
     evaluation column the target is crossed on (reward, or the 2-D task's objective gain)."""
-    runs = []
+    runs, gcol = [], key if key != "eval_reward" else "eval_gain"
     for (p, seed), rs in group_runs(rows).items():
         pts, last = eval_points(rs), rs[-1]
         hit = crossing(eval_points(rs, key), target)
@@ -134,7 +136,7 @@ def summarize(rows: list[dict], target: float, baseline: str, stops: dict | None
         for c, v in zip(COSTS, hit or [None] * len(COSTS)):
             run[f"{c}_to_target"] = v
         run.update(final_reward=pts[-1][0], final_kl=[r["eval_kl"] for r in rs if not math.isnan(r["eval_reward"])][-1],
-                   final_gain=[r.get("eval_gain", math.nan) for r in rs if not math.isnan(r["eval_reward"])][-1])
+                   final_gain=[r.get(gcol, math.nan) for r in rs if not math.isnan(r["eval_reward"])][-1])
         for k in ("cpu", "wall") + PHASES:      # per epoch, for the systems side (phases: wall-clock)
             run[f"{k}_s_per_epoch"] = last.get(f"{k}_s", math.nan) / max(last["epoch"], 1)
         runs.append(run)
@@ -294,9 +296,9 @@ def write_markdown(path: Path, runs: list[dict], meta: dict, target_note: str, k
 
 
 def write_outputs(out: str, rows: list[dict], meta: dict, args) -> list[dict]:
-    gain = getattr(args, "target_gain", None)
-    target, note = resolve_target(rows, args.target, args.target_frac, gain)
-    key = target_key(gain)
+    gain, gain_kl = getattr(args, "target_gain", None), getattr(args, "gain_kl", "path")
+    target, note = resolve_target(rows, args.target, args.target_frac, gain, gain_kl)
+    key = target_key(gain, gain_kl)
     stops = {(r["preset"], r["seed"]): r["stop"] for r in meta.get("runs", [])}
     runs = summarize(rows, target, meta["args"]["baseline"], stops, key)
     write_csv(Path(f"{out}_summary.csv"), runs)

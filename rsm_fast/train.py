@@ -75,6 +75,9 @@ def format_table(s: dict) -> str:
         rows.append(("objective J = E[r] - alpha path KL", f"{s['objective']:.4f}",
                      f"{s['objective_target']:.4f} = J* (ref {s['objective_reference']:.2f}): {s['objective_gain']:.3f} "
                      f"of the gain; path KL {s['kl_to_reference']:.3f} vs {s['kl_target']:.3f} at p*"))
+        rows.append(("objective with the samples' marginal KL", f"{s['objective_marginal']:.4f}",
+                     f"{s['objective_gain_marginal']:.3f} of the gain; k-NN KL estimate {s['kl_marginal']:.3f} "
+                     "(reads ~0.01 high at p*)"))
     rows.append(("model evaluations (NFE)", f"{s['nfe']:,}", ", ".join(f"{k} {v:,}" for k, v in s["nfe_by_kind"].items())))
     sec = s["seconds"]
     rows.append(("wall-clock (s)", f"{sec['total']:.1f}",

@@ -22,7 +22,6 @@ reweighting, trust region, KL); this loop never branches on a method *name*. Per
 """
 from __future__ import annotations
 
-import math
 import signal
 from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
@@ -538,10 +537,12 @@ class Trainer(TrainerState, FirstOrderMixin):
             out = {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "kl_to_reference": float(kl.mean())}
             if metrics:
                 out.update(self.task.evaluate(x0.cpu(), seed=self.cfg.train.seed))
-                if "objective_target" in out:      # J = E[r] - alpha path KL, and its share of J*'s gain
-                    j = out["reward_mean"] - self.task.alpha * out["kl_to_reference"]
-                    gain = out["objective_target"] - out["objective_reference"]
-                    out.update(objective=j, objective_gain=(j - out["objective_reference"]) / gain)
+                if "objective_target" in out:      # J = E[r] - alpha KL (path; marginal), and its share of J*'s gain
+                    a, j0 = self.task.alpha, out["objective_reference"]
+                    gain = out["objective_target"] - j0
+                    j, jm = out["reward_mean"] - a * out["kl_to_reference"], out["reward_mean"] - a * out["kl_marginal"]
+                    out.update(objective=j, objective_gain=(j - j0) / gain, objective_marginal=jm,
+                               objective_gain_marginal=(jm - j0) / gain)
         self.nfe["eval"] += rec.nfe["total"] + n_ref
         self._sum_nfe(nfe0)
         return out

@@ -238,12 +238,18 @@ def test_target_gain_crosses_the_regularised_objective(tmp_path, capsys):
     want = R.crossing([(r["eval_gain"], r["epoch"], r["nfe"], r["cpu_s"], r["wall_s"]) for r in ev], 0.05)
     assert run["reached"] == (want is not None) and run["final_gain"] == ev[-1]["eval_gain"]
     md = (tmp_path / "g.md").read_text()
-    assert "Target objective gain: 0.05 of J*'s gain" in md and "final J gain" in md
+    assert "Target objective gain: 0.05 of J*'s gain" in md and "final J gain" in md and "with path KL" in md
+    assert all(not math.isnan(r["eval_gain_marginal"]) for r in ev)
+    assert G.main(["--reanalyze", str(out), "--target-gain", "0.05", "--gain-kl", "marginal", "--out",
+                   str(tmp_path / "gm")]) == 0
+    assert "samples' marginal KL (--target-gain, --gain-kl marginal)" in (tmp_path / "gm.md").read_text()
+    runm = R.summarize(rows, 0.05, "grpo", key="eval_gain_marginal")[0]
+    assert runm["final_gain"] == ev[-1]["eval_gain_marginal"]
     with pytest.raises(SystemExit):
         G.main(["--task", "digits-flow", "--presets", "grpo", "--epochs", "1", "--target-gain", "0.5",
                 "--out", str(tmp_path / "d")])
     old = tmp_path / "old"
-    cols = [c for c in R.EPOCH_FIELDS if c not in ("eval_objective", "eval_gain")]
+    cols = [c for c in R.EPOCH_FIELDS if c not in ("eval_objective", "eval_gain", "eval_gain_marginal")]
     R.write_csv(tmp_path / "old.csv", [{c: r[c] for c in cols} for r in rows], cols)
     (tmp_path / "old.json").write_text((tmp_path / "g.json").read_text())
     capsys.readouterr()
