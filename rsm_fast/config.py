@@ -421,7 +421,7 @@ def _run_task(cfg: RunConfig, file_data: dict | None, overrides) -> str:
         key, value = parse_set(expr)
         if key == "task.name":
             name = value
-    return name
+    return name if isinstance(name, str) else ""      # a bad value is refused by the field's own check
 
 
 def build_config(preset: str | None = None, config_file: str | None = None, overrides: list[str] = ()) -> RunConfig:

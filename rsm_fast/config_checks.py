@@ -275,8 +275,9 @@ def _check_rollout(cfg: RunConfig) -> None:
         if any(v < 0 for v in ro.k) or not any(ro.k):
             raise ConfigError(f"config field 'rollout.k' must be >= 0 with at least one branching step, got {ro.k}")
     if ro.plan != "sde" and cfg.train.timestep_fraction < 1:
-        raise ConfigError("config field 'train.timestep_fraction' applies to rollout.plan=sde only; "
-                          "a branching plan trains its branching steps")
+        raise ConfigError(f"config field 'train.timestep_fraction' ({cfg.train.timestep_fraction:g}) applies to "
+                          "rollout.plan=sde only; a branching plan trains its branching steps (set it to 1; a "
+                          "preset's per-task section may have set it)")
 
 
 PRECISION_DEFAULTS = {"policy.dtype": "fp32", "policy.autocast": "", "policy.gradient_checkpointing": False,

@@ -549,7 +549,8 @@ def test_estimate_against_measured_peak_rss(tmp_path):
         "peak = kb('VmHWM:')\n"
         "print(json.dumps({'est': est.total, 'delta': peak - rss0}))\n")
     sets = ["task.name=diffusers", "task.model=sd15-tiny", "task.resolution=64", "task.num_steps=2",
-            "train.batch_size=8", "method.group_size=4", "task.eval_samples=4"]
+            "train.batch_size=8", "method.group_size=4", "task.eval_samples=4",
+            "train.grad_accum=1", "rollout.chunk_size=0"]       # not grpo's diffusers micro-batching: one forward
     env = {**os.environ, "RSM_FAST_CACHE": str(tmp_path), "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-c", script, *sets], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)

@@ -29,7 +29,8 @@ PLANS = [
     ("tempflow-grpo", TOY + ["method.group_size=4", "rollout.profile=", "rollout.k=[0,3,0,2,0,0,5,0,0,1]"]),
     ("grpo", TOY + ["rollout.plan=tree", "rollout.k=[2,1,3,1,1,1,1,1,1]", "train.batch_size=16"]),
     ("grpo", DIGITS),
-    ("grpo", DIGITS + ["task.name=digits-flow", "rollout.plan=branch", "rollout.k=[2,0,3,0]"]),
+    ("grpo", DIGITS + ["task.name=digits-flow", "rollout.plan=branch", "rollout.k=[2,0,3,0]",
+                       "train.timestep_fraction=1"]),       # grpo's digits-flow section trains int(0.99 N) SDE steps
 ]
 
 
