@@ -1,6 +1,13 @@
-"""Shared random cases for the fused-op tests (imported by the backend test files)."""
+"""Shared random cases and helpers for the fused-op tests (imported by the backend test files):
+the backends available on this machine, the built C++ extension as a fixture, per-case seeds and
+the relative comparison the C++ tests use."""
 from __future__ import annotations
 
+import os
+import warnings
+import zlib
+
+import pytest
 import torch
 
 from rsm_fast import schedules as S
@@ -8,6 +15,51 @@ from rsm_fast import transitions as T
 from rsm_fast.losses import zo_row_loss
 
 F64 = torch.float64
+
+
+def available_backends() -> list[str]:
+    """'decomposed', plus 'cpp' when the C++ ops build (built on first use, cached afterwards) and
+    'triton' under TRITON_INTERPRET=1 when its kernels import."""
+    from rsm_fast.ops import backends
+
+    names = ["decomposed"]
+    if backends._cpp() is not None:
+        names.append("cpp")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        try:
+            backends._triton()
+            names.append("triton")
+        except Exception:  # noqa: BLE001 - kernels absent or triton missing: not available here
+            pass
+    return names
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """The built C++ extension module; the test skips (with the build's warning) when it cannot build."""
+    from rsm_fast.ops import cpu_ext
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        mod = cpu_ext.load()
+    if mod is None:
+        pytest.skip(f"C++ CPU ops could not be built: {w[0].message if w else 'unknown reason'}")
+    return mod
+
+
+def seed_of(*key) -> int:
+    return zlib.crc32(repr(key).encode())
+
+
+def close_rel(got, exp, rel):
+    """|got - exp| <= rel (|exp| + max|exp| / 10): relative, with a floor at the vector's scale (and at
+    the subnormal spacing of a low-precision output: fp16 gradients can be that small)."""
+    exp = exp.to(F64)
+    scale = float(exp.abs().max()) if exp.numel() else 0.0
+    atol = rel * max(scale, 1e-30) / 10
+    if got.dtype in (torch.float16, torch.bfloat16):
+        atol = max(atol, torch.finfo(got.dtype).tiny * torch.finfo(got.dtype).eps)
+    torch.testing.assert_close(got.to(F64), exp, rtol=rel, atol=atol)
 
 
 def make_zo_case(family: str, seed: int, B: int = 16, latent=(3, 5, 7), ode_frac: float = 0.25, dtype=F64):

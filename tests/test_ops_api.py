@@ -4,34 +4,20 @@ torch.compile(fullgraph=True) against eager, and the input checks."""
 from __future__ import annotations
 
 import itertools
-import os
 import zlib
 
 import pytest
 import torch
 
-from opcases import make_zo_case
+from opcases import available_backends, make_zo_case
 from rsm_fast.losses import score_regression_loss, zo_row_loss
-from rsm_fast.ops import FusedOpInputError, backends, sampler_step, score_loss, zo_loss
+from rsm_fast.ops import FusedOpInputError, sampler_step, score_loss, zo_loss
 from rsm_fast.ops import library as L
 
 F64 = torch.float64
 
 
-def _available_backends():
-    names = ["decomposed"]
-    if backends._cpp() is not None:  # builds the C++ ops on first use (cached afterwards)
-        names.append("cpp")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        try:
-            backends._triton()
-            names.append("triton")
-        except Exception:  # noqa: BLE001 - kernels absent or triton missing: not available here
-            pass
-    return names
-
-
-BACKENDS = _available_backends()
+BACKENDS = available_backends()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -11,46 +11,18 @@ import itertools
 import os
 import subprocess
 import sys
-import warnings
-import zlib
 
 import pytest
 import torch
 
 from rsm_fast.losses import score_regression_loss
-from rsm_fast.ops import cpu_ext
 from rsm_fast.ops import decomposed as D
-from opcases import decomposed_args, make_zo_case, zo_reference
+from opcases import close_rel, decomposed_args, ext, make_zo_case, seed_of, zo_reference  # noqa: F401 (ext: fixture)
 
 F64, F32 = torch.float64, torch.float32
 LOWP = {F32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}  # relative tolerances vs float64
 CHUNK = 8192  # kChunk of rsm_ops_detail.h: rows longer than this are split across work items
 LONG = (3, 61, 97)  # 17751 elements: three chunks, the last one odd-sized
-
-
-@pytest.fixture(scope="module")
-def ext():
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        mod = cpu_ext.load()
-    if mod is None:
-        pytest.skip(f"C++ CPU ops could not be built: {w[0].message if w else 'unknown reason'}")
-    return mod
-
-
-def _seed(*key) -> int:
-    return zlib.crc32(repr(key).encode())
-
-
-def _close(got, exp, rel):
-    """|got - exp| <= rel (|exp| + max|exp| / 10): relative, with a floor at the vector's scale (and at
-    the subnormal spacing of a low-precision output: fp16 gradients can be that small)."""
-    exp = exp.to(F64)
-    scale = float(exp.abs().max()) if exp.numel() else 0.0
-    atol = rel * max(scale, 1e-30) / 10
-    if got.dtype in (torch.float16, torch.bfloat16):
-        atol = max(atol, torch.finfo(got.dtype).tiny * torch.finfo(got.dtype).eps)
-    torch.testing.assert_close(got.to(F64), exp, rtol=rel, atol=atol)
 
 
 def _zo_call(fn, args, form, reweight, eps, kl_dt, mean):
@@ -68,7 +40,7 @@ def _bwd(fn, grads, args, d_out, mean):
 @pytest.mark.parametrize("form,reweight", list(itertools.product(D.FORMS, D.REWEIGHTS)))
 @pytest.mark.parametrize("with_kl,kl_dt,mean", [(True, False, True), (True, True, False), (False, False, True)])
 def test_zo_fp64_matches_reference(ext, form, reweight, with_kl, kl_dt, mean):
-    seed = _seed("zo64", form, reweight, with_kl, kl_dt, mean)
+    seed = seed_of("zo64", form, reweight, with_kl, kl_dt, mean)
     family = "ddim" if seed % 2 else "flow"
     c = make_zo_case(family, seed, B=16, latent=(3, 5, 7))
     eps = 0.02 if form == "ratio" else 1e-3
@@ -102,7 +74,7 @@ def test_zo_cases_cover_clipped_unclipped_and_both_signs(ext):
 @pytest.mark.parametrize("form,reweight", [(0, 0), (1, 4), (2, 6)])
 def test_zo_long_rows_fp64(ext, B, form, reweight):
     """Rows longer than one work item (partial sums reduced across chunks), B = 1 included."""
-    c = make_zo_case("flow", _seed("long", B, form), B=B, latent=LONG, ode_frac=0.0)
+    c = make_zo_case("flow", seed_of("long", B, form), B=B, latent=LONG, ode_frac=0.0)
     args = decomposed_args(c, True)
     eps = 0.02 if form == 1 else 1e-3
     out = _zo_call(ext.zo_fwd, args, form, reweight, eps, True, True)
@@ -132,7 +104,7 @@ def _rounded(c, dtype, with_kl):
 @pytest.mark.parametrize("form,reweight", [(0, 0), (0, 2), (1, 0), (1, 3), (1, 6), (2, 0), (2, 4), (2, 5), (2, 6)])
 @pytest.mark.parametrize("latent", [(3, 5, 7), LONG], ids=["odd", "long"])
 def test_zo_low_precision(ext, dtype, form, reweight, latent):
-    seed = _seed("lowp", str(dtype), form, reweight, latent)
+    seed = seed_of("lowp", str(dtype), form, reweight, latent)
     B = 1 if latent == LONG else 16
     c = make_zo_case("ddim" if seed % 2 else "flow", seed, B=B, latent=latent)
     mean, kl_dt = bool(seed % 3), bool(seed % 5 < 2)
@@ -146,13 +118,13 @@ def test_zo_low_precision(ext, dtype, form, reweight, latent):
     assert int((~same).sum()) <= 1
     for i, (got, want) in enumerate(zip(out, exp)):
         if i != 3:
-            _close(got[same], want[same], rel)
+            close_rel(got[same], want[same], rel)
     g = torch.Generator().manual_seed(seed)
     grads = tuple(torch.randn(B, generator=g, dtype=F64) for _ in range(3))
     grad = _bwd(ext.zo_bwd, tuple(x.to(F32) for x in grads), low, out[6:], mean)
     want = _bwd(D.zo_bwd, tuple(x.to(F32).to(F64) for x in grads), oracle, exp[6:], mean)
     assert grad.dtype == dtype and grad.shape == low[0].shape
-    _close(grad[same], want[same], rel)
+    close_rel(grad[same], want[same], rel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +141,7 @@ def _score_case(seed, B, latent, with_old):
 @pytest.mark.parametrize("with_old,mean", [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("B,latent", [(9, (9, 4, 7)), (1, LONG)], ids=["B9", "B1long"])
 def test_score_fp64_matches_reference(ext, with_old, mean, B, latent):
-    s, s_ref, psi, s_old, c1, gamma, c2, gl = _score_case(_seed("score", with_old, mean, B), B, latent, with_old)
+    s, s_ref, psi, s_old, c1, gamma, c2, gl = _score_case(seed_of("score", with_old, mean, B), B, latent, with_old)
     sv = s.clone().requires_grad_(True)
     ref = score_regression_loss(sv, s_ref, s_old, psi, C1=c1, gamma=gamma, C2=c2, reduce="mean" if mean else "sum")
     want = torch.autograd.grad((gl * ref).sum(), sv)[0]
@@ -183,7 +155,7 @@ def test_score_fp64_matches_reference(ext, with_old, mean, B, latent):
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("with_old,mean", [(True, True), (False, False)])
 def test_score_low_precision(ext, dtype, with_old, mean):
-    seed = _seed("score-lp", str(dtype), with_old)
+    seed = seed_of("score-lp", str(dtype), with_old)
     s, s_ref, psi, s_old, c1, gamma, c2, gl = _score_case(seed, 7, (5, 11, 13), with_old)
     lat = [t.to(dtype) if t is not None else None for t in (s, s_ref, psi, s_old)]
     rows = [t.to(F32) for t in (c1, gamma, c2, gl)]
@@ -191,17 +163,17 @@ def test_score_low_precision(ext, dtype, with_old, mean):
     o_rows = [t.to(F64) for t in rows]
     got = ext.score_fwd(*lat, *rows[:3], mean)
     assert got.dtype == F32
-    _close(got, D.score_fwd(*o_lat, *o_rows[:3], mean), LOWP[dtype])
+    close_rel(got, D.score_fwd(*o_lat, *o_rows[:3], mean), LOWP[dtype])
     grad = ext.score_bwd(rows[3], *lat, *rows[:3], mean)
     assert grad.dtype == dtype
-    _close(grad, D.score_bwd(o_rows[3], *o_lat, *o_rows[:3], mean), LOWP[dtype])
+    close_rel(grad, D.score_bwd(o_rows[3], *o_lat, *o_rows[:3], mean), LOWP[dtype])
 
 
 @pytest.mark.parametrize("dtype", [F64, F32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mean", [True, False])
 @pytest.mark.parametrize("B,latent", [(16, (3, 5, 7)), (1, LONG)], ids=["B16", "B1long"])
 def test_step(ext, dtype, mean, B, latent):
-    c = make_zo_case("ddim" if mean else "flow", _seed("step", str(dtype), mean, B), B=B, latent=latent,
+    c = make_zo_case("ddim" if mean else "flow", seed_of("step", str(dtype), mean, B), B=B, latent=latent,
                      ode_frac=0.25 if B > 1 else 0.0)
     co = c["co"]
     cd = F64 if dtype == F64 else F32
@@ -215,8 +187,8 @@ def test_step(ext, dtype, mean, B, latent):
         torch.testing.assert_close(xn, exn, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(lp, elp, rtol=1e-10, atol=1e-10)
     else:
-        _close(xn, exn, LOWP[dtype])
-        _close(lp, elp, max(LOWP[dtype], 1e-5))
+        close_rel(xn, exn, LOWP[dtype])
+        close_rel(lp, elp, max(LOWP[dtype], 1e-5))
     assert (lp[~co.stochastic] == 0).all()  # ODE rows: log-prob 0
 
 

@@ -8,15 +8,13 @@ counts; argument checks.
 The first run builds the extension (about a minute); later runs reuse torch's extensions cache."""
 from __future__ import annotations
 
-import warnings
-import zlib
 
 import pytest
 import torch
 
-from rsm_fast.ops import cpu_ext
 from rsm_fast.ops import decomposed_fp as DF
 from fpcases import CONFIGS, make_fp_case, oracle, oracle_grad, raw_args, split
+from opcases import close_rel, ext, seed_of  # noqa: F401 (ext: fixture)
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 LOWP = {F32: 1e-5, BF16: 1e-2, F16: 1e-2}  # relative tolerances vs float64
@@ -31,34 +29,9 @@ OUT = ("loss", "policy", "kl", "ema_kl", "aux")  # the float outputs compared wi
 CFG_IDS = [f"{k}-{o.get('weighting', 'b' + str(o.get('beta')))}-{i}" for i, (k, o) in enumerate(CONFIGS)]
 
 
-@pytest.fixture(scope="module")
-def ext():
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        mod = cpu_ext.load()
-    if mod is None:
-        pytest.skip(f"C++ CPU ops could not be built: {w[0].message if w else 'unknown reason'}")
-    return mod
-
-
-def _seed(*key) -> int:
-    return zlib.crc32(repr(key).encode())
-
-
-def _close(got, exp, rel):
-    """|got - exp| <= rel (|exp| + max|exp| / 10): relative, with a floor at the vector's scale (and at
-    the subnormal spacing of a low-precision output)."""
-    exp = exp.to(F64)
-    scale = float(exp.abs().max()) if exp.numel() else 0.0
-    atol = rel * max(scale, 1e-30) / 10
-    if got.dtype in (F16, BF16):
-        atol = max(atol, torch.finfo(got.dtype).tiny * torch.finfo(got.dtype).eps)
-    torch.testing.assert_close(got.to(F64), exp, rtol=rel, atol=atol)
-
-
 def _close64(got, exp):
     assert got.dtype == F64
-    _close(got, exp, 1e-10)
+    close_rel(got, exp, 1e-10)
 
 
 def _bwd(fn, grads, args, coef):
@@ -78,7 +51,7 @@ def _rows_of(c, idx):
 
 def _check_vs_oracle(out, exp, rel):
     for i, name in enumerate(OUT):
-        _close(out[i], exp[name].detach(), rel)
+        close_rel(out[i], exp[name].detach(), rel)
     assert torch.equal(out[5], exp["clipped"])
 
 
@@ -88,7 +61,7 @@ def _check_vs_oracle(out, exp, rel):
 @pytest.mark.parametrize("kind,opts", CONFIGS, ids=CFG_IDS)
 def test_fp64_matches_oracle(ext, kind, opts):
     o, ra = split(opts)
-    seed = _seed("fp64", kind, repr(opts))
+    seed = seed_of("fp64", kind, repr(opts))
     B = 12
     c = make_fp_case(kind, seed, B=B, clip=o.get("clip", 0.2))
     v, exp, rows = oracle(c, kind, **o)
@@ -147,7 +120,7 @@ def test_nft_weight_floor(ext):
 @pytest.mark.parametrize("kind,opts", CONFIGS, ids=CFG_IDS)
 def test_fp64_sum_and_long_rows(ext, kind, opts, B, latent, mean):
     o, ra = split(opts)
-    seed = _seed("fp64-long", kind, repr(opts), B, latent)
+    seed = seed_of("fp64-long", kind, repr(opts), B, latent)
     c = make_fp_case(kind, seed, B=4 if B == 1 else B, latent=latent, clip=o.get("clip", 0.2))
     if B == 1:
         c = _rows_of(c, slice(3, 4))  # a row with a random advantage
@@ -174,7 +147,7 @@ def test_fp64_sum_and_long_rows(ext, kind, opts, B, latent, mean):
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
 def test_low_precision(ext, dtype, kind, opts):
     o, ra = split(opts)
-    seed = _seed("lowp", str(dtype), kind, repr(opts))
+    seed = seed_of("lowp", str(dtype), kind, repr(opts))
     rel = LOWP[dtype]
     # make_fp_case rounds the latents to `dtype`; the oracle reads them back as float64
     c = make_fp_case(kind, seed, B=12, dtype=dtype, clip=o.get("clip", 0.2))
@@ -187,13 +160,13 @@ def test_low_precision(ext, dtype, kind, opts):
         if want.dtype == torch.bool:
             assert torch.equal(got, want)
         else:
-            _close(got, want, rel)
+            close_rel(got, want, rel)
     grads, want = oracle_grad(v, exp, seed)
     g32 = tuple(x.to(F32) for x in grads)
     grad = _bwd(ext.fp_bwd, g32, args, out[6])
     assert grad.dtype == dtype and grad.shape == c["v"].shape
-    _close(grad, _bwd(DF.fp_bwd, g32, args, dec[6]), rel)
-    _close(grad, want, GRAD_F32_VS_F64 if dtype == F32 else rel)
+    close_rel(grad, _bwd(DF.fp_bwd, g32, args, dec[6]), rel)
+    close_rel(grad, want, GRAD_F32_VS_F64 if dtype == F32 else rel)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,16 +7,16 @@ eager, the registered op against the eager fast path; the input checks; and the 
 trained with the fused op against the reference."""
 from __future__ import annotations
 
-import os
 import zlib
 
 import pytest
 import torch
 
 from fpcases import CONFIGS, make_fp_case, oracle, oracle_grad, raw_args, split
+from opcases import available_backends
 from rsm_fast import ops
 from rsm_fast.losses import forward_process as FP
-from rsm_fast.ops import FusedOpInputError, backends
+from rsm_fast.ops import FusedOpInputError
 from rsm_fast.ops import decomposed_fp as DF
 from rsm_fast.ops import library as L
 
@@ -24,20 +24,7 @@ F64 = torch.float64
 OUT = ("loss", "policy", "kl", "ema_kl", "aux")
 
 
-def _available_backends():
-    names = ["decomposed"]
-    if backends._cpp() is not None:
-        names.append("cpp")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        try:
-            backends._triton()
-            names.append("triton")
-        except Exception:  # noqa: BLE001 - kernels absent or triton missing: not available here
-            pass
-    return names
-
-
-BACKENDS = _available_backends()
+BACKENDS = available_backends()
 
 
 @pytest.fixture(params=BACKENDS)
