@@ -78,7 +78,7 @@ try:                                    # imported as bench.gpu_hours (tests) or
 except ImportError:
     from gpu_hours_report import EPOCH_FIELDS, PHASES, read_epochs, write_csv, write_outputs
 
-DEFAULT_PRESETS = "tempflow-grpo,tempflow-grpo-k1,rsm-uniform-realloc,rsm-evr,rsm-evr-cost,tempflow-evr,tempflow-evr-cost"
+DEFAULT_PRESETS = "tempflow-grpo,tempflow-grpo-rsm,tempflow-grpo-k1,rsm-uniform-realloc,rsm-evr,rsm-evr-cost,tempflow-evr,tempflow-evr-cost"
 
 
 # ------------------------------------------------------------------------------------------------

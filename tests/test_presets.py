@@ -147,7 +147,7 @@ def test_every_method_of_the_issue_has_a_preset():
     want = {"reinforce", "ddpo", "grpo", "pcpo", "pcpo-reweight", "pcpo-reweight-flow", "tempflow-grpo",
             "tempflow-grpo-k1", "branch-grpo", "mix-grpo", "grpo-guard", "rsm-uniform-realloc", "rsm-lowsnr",
             "rsm-sparse", "rsm-fo-terminal", "rsm-soft-zo", "rsm-evr", "rsm-evr-cost", "tempflow-evr",
-            "tempflow-evr-cost", "tempflow-evr-k1"}
+            "tempflow-evr-cost", "tempflow-evr-k1", "tempflow-grpo-rsm"}
     assert want <= set(preset_names())
 
 
