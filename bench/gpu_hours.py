@@ -46,6 +46,12 @@ per run: costs to target, final reward/KL, per-seed speedups), ``PREFIX.md``, ``
 ``PREFIX.json`` (the command, machine, code version and settings). ``--reanalyze PREFIX`` re-reads
 PREFIX.csv and PREFIX.json and writes the summary, markdown and plot for another ``--target`` (to
 ``--out``) without training again.
+
+``--tuned SWEEP.json`` (written by bench/sweep.py) gives each preset the overrides its sweep chose
+(e.g. its learning rate): ``P`` runs as the variant ``P[train.lr=...]``, so every table and the
+JSON name the value. Refused (one line) if the sweep ran another task, its seeds overlap
+``--seeds``, a preset has no chosen value or ``--set`` sets a tuned key; a note says when the
+sweep's budget or ``--set`` differ from this run's.
 """
 from __future__ import annotations
 
@@ -68,7 +74,7 @@ try:                      # run as a script (bench/ on sys.path) or imported as 
 except ImportError:
     from bench.machine_info import cpu_model
 
-from rsm_fast.config import ConfigError, build_config
+from rsm_fast.config import ConfigError, build_config, parse_set
 from rsm_fast.ops import backends
 from rsm_fast.rewards import RewardError
 from rsm_fast.trainer import NonFiniteError, Trainer
@@ -114,6 +120,41 @@ def parse_variant(label: str) -> tuple[str, list[str]]:
     if not sets or any("=" not in x for x in sets):
         raise ConfigError(f"--presets entry {label!r}: each override inside [] is key=value")
     return name, sets
+
+
+def add_overrides(label: str, sets: list[str]) -> str:
+    """``preset[own]`` + ``sets`` -> ``preset[own,sets]`` (a later override of a key wins)."""
+    name, own = parse_variant(label)
+    return f"{name}[{','.join(own + list(sets))}]" if own or sets else name
+
+
+def apply_tuned(args) -> dict:
+    """``--tuned FILE``: relabel each preset (and the baseline) ``P`` -> ``P[chosen overrides]``;
+    returns what the run's JSON records. Raises ConfigError / OSError / ValueError / KeyError."""
+    sweep = json.loads(Path(args.tuned).read_text())
+    s_args, chosen = sweep["args"], {p: v["chosen"] for p, v in sweep["presets"].items()}
+    where = f"--tuned {args.tuned}"
+    if s_args["task"] != args.task:
+        raise ConfigError(f"{where}: the sweep ran task {s_args['task']}, this run {args.task}")
+    shared = sorted(set(s_args["seeds"]) & set(args.seed_list))
+    if shared:
+        raise ConfigError(f"{where}: seeds {shared} were used to tune; --seeds must be disjoint from the sweep's")
+    mine, relabel = {parse_set(x)[0] for x in args.set}, {}
+    for p in args.preset_list:
+        if not chosen.get(p):
+            raise ConfigError(f"{where}: no chosen overrides for preset {p} (swept: {', '.join(chosen) or 'none'})")
+        clash = sorted(mine & {parse_set(x)[0] for x in chosen[p]})
+        if clash:
+            raise ConfigError(f"{where}: --set {clash[0]} would replace the value tuned for {p}; drop it")
+        relabel[p] = add_overrides(p, chosen[p])
+    differ = [k for k in ("epochs", "budget_nfe") if s_args.get(k) != getattr(args, k)]
+    differ += ["set"] if sorted(s_args.get("set", [])) != sorted(args.set) else []
+    if differ:
+        print(f"note: {where} was tuned with other {', '.join(differ)} than this run's", file=sys.stderr)
+    args.baseline = relabel.get(args.baseline, args.baseline)
+    args.preset_list = [relabel[p] for p in args.preset_list]
+    return {"file": args.tuned, "sweep_command": sweep.get("command"), "sweep_seeds": s_args["seeds"],
+            "overrides": {p: chosen[p] for p in relabel}, "differs_in": differ}
 
 
 def run_config(preset: str, args, seed: int):
@@ -252,6 +293,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="runs at a time, each in its own process (CPU: at most one per core; the CPU-seconds of a "
                         "run are its own process's, the wall-clock includes contention for memory bandwidth)")
     p.add_argument("--out", required=True, help="output prefix, e.g. bench/results/gpu_hours_toy2d_2026-11-23")
+    p.add_argument("--tuned", default=None, metavar="FILE",
+                   help="a bench/sweep.py JSON: run each preset with the overrides its sweep chose")
     p.add_argument("--reanalyze", default=None, metavar="PREFIX",
                    help="no training: re-read PREFIX.csv and PREFIX.json and rewrite the tables for this target")
     a = p.parse_args(argv)
@@ -299,9 +342,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     try:      # every preset x override must validate before the first run starts
+        tuned = apply_tuned(args) if args.tuned else None
         cfgs = [run_config(p, args, args.seed_list[0]) for p in args.preset_list]
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, OSError, ValueError, KeyError, TypeError) as e:
+        print(f"error: {e if isinstance(e, ConfigError) else f'--tuned {args.tuned}: cannot read a sweep JSON: {e!r}'}",
+              file=sys.stderr)
         return 2
     if args.baseline not in args.preset_list:
         print(f"note: baseline {args.baseline} is not among --presets: no speedup columns", file=sys.stderr)
@@ -310,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     "set", "target", "target_frac", "target_gain", "gain_kl", "eval_every",
                                                     "eval_samples", "jobs")}}
     meta["args"]["presets"] = args.preset_list
+    if tuned:
+        meta["tuned"] = tuned
     want = backends.forced() or ("triton" if cfgs[0].train.device.startswith("cuda") else "cpp")
     if meta["machine"]["ops_backend"] != want:      # a silent fallback would time another implementation
         print(f"error: the fused ops fell back to '{meta['machine']['ops_backend']}' instead of '{want}'; fix the "
