@@ -120,6 +120,7 @@ class MethodConfig:
     fo_discount: float = field(default=0.9, metadata={"help": "fo_gamma=discount: the per-step discount (SQDF sqdf_gamma = 0.9)"})
     fo_reward_scale: float = field(default=1.0, metadata={"help": "K in Psi = K (Sigma/b) grad r (lookahead, terminal) or K grad r (current state); K = 1/alpha of RSM"})
     fo_jacobian: str = field(default="auto", metadata={"help": "fo_current / fo_lookahead: d x0_hat/dx with the model output held fixed: 'tweedie' (1/alpha_t for eps, identity for v), 'identity' (grad r at x0_hat, VGG-Flow), 'auto' = identity for fo_current, tweedie for fo_lookahead"})
+    fo_value: str = field(default="tweedie", metadata={"help": "fo_lookahead: the value whose gradient at the sampled next state x' is the guidance: 'tweedie' r(x0_hat(x')) (SQDF, nabla-DB), 'path' the return of the rest of the record's own sampled path, differentiated through the policy's sampler with its noise held fixed (the soft return r - alpha sum_{j>i} KL_j with method.returns=soft; consistent for Psi*; K = 1 sde plans training every step); 'exact' the 2-D task's closed-form Psi* at the record's state, a ceiling for diagnostics, not a method"})
     fo_lookahead_model: str = field(default="policy", metadata={"help": "fo_lookahead: whose output at the next state x' gives x0_hat(x'): the rollout 'policy' (nabla-DB) or the frozen 'reference' (SQDF without its consistency model); one extra model call per record"})
     fo_grad_chunk: int = field(default=0, metadata={"help": "fo_current / fo_lookahead: records per decode + reward backward (0 = rollout.chunk_size; 0 there = all)"})
     trust_c2: float = field(default=0.0, metadata={"help": "fo trust region C2 (relative, spec §3.2)"})
@@ -214,7 +215,7 @@ _CHOICES = {
     "method.fp_weighting": FP_WEIGHTINGS, "rollout.solver": SOLVERS, "method.returns": RETURNS, "method.baseline": BASELINES,
     "method.adv_norm": ADV_NORMS, "method.surrogate": FORMS, "method.reweight": REWEIGHTS,
     "method.fo_weight": FO_WEIGHTS, "method.fo_gamma": FO_GAMMAS,
-    "method.fo_jacobian": FO_JACOBIANS, "method.fo_lookahead_model": FO_MODELS,
+    "method.fo_jacobian": FO_JACOBIANS, "method.fo_lookahead_model": FO_MODELS, "method.fo_value": ("tweedie", "path", "exact"),
     "task.name": ("toy2d", "digits-ddim", "digits-flow", "diffusers"),
     "train.lr_schedule": ("constant", "cosine"), "train.loss_impl": ("fused", "reference"),
     "rollout.plan": ("sde", "branch", "tree"), "train.reward_faults": ("error", "skip"),

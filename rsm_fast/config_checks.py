@@ -241,6 +241,19 @@ def _check_method(cfg: RunConfig) -> None:
     if m.estimator == "zo" and m.returns == "soft" and tc.timestep_fraction < 1:
         raise ConfigError("config field 'train.timestep_fraction' must be 1 with method.returns=soft (the soft "
                           "return counts the KL of every noisy step, and only trained steps are recorded)")
+    if m.fo_value != "tweedie" and m.estimator != "fo_lookahead":
+        raise ConfigError(f"config field 'method.fo_value': {m.fo_value!r} is the value of method.estimator="
+                          f"fo_lookahead, got estimator {m.estimator!r}")
+    if m.fo_value == "exact" and cfg.task.name != "toy2d":
+        raise ConfigError(f"config field 'method.fo_value': 'exact' is the 2-D task's closed-form Psi*, got "
+                          f"task.name={cfg.task.name!r}")
+    if m.estimator == "fo_lookahead" and m.fo_value == "path":
+        ro = cfg.rollout
+        if ro.plan != "sde" or ro.window or tc.timestep_fraction < 1:
+            raise ConfigError("config field 'method.fo_value': 'path' follows each sample's recorded path back from "
+                              "its end, so it needs rollout.plan=sde without rollout.window and "
+                              f"train.timestep_fraction=1 (got plan={ro.plan}, window={ro.window}, "
+                              f"timestep_fraction={tc.timestep_fraction:g})")
 
 
 def _check_rollout(cfg: RunConfig) -> None:

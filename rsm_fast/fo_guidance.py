@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import rewards as R
-from .estimators import detached_tweedie, tweedie_reward_grad
+from .estimators import _slice_coeffs, detached_tweedie, tweedie_reward_grad
 from .transitions import rowwise
 
 if TYPE_CHECKING:
@@ -95,11 +95,90 @@ class FirstOrderMixin:
         return mc.trust_c2 + torch.where(on, absolute / torch.where(on, c1, torch.ones_like(c1)), torch.zeros_like(c1))
 
     def _fo_grads(self, rec: Records, c) -> Tensor:
-        """The reward phase's first-order signal: ``grad_{x0} r`` per final sample (fo_terminal) or
-        the per-record gradient of :meth:`_fo_record_grads` (fo_current, fo_lookahead)."""
-        if self.cfg.method.estimator == "fo_terminal":
+        """The reward phase's first-order signal: ``grad_{x0} r`` per final sample (fo_terminal),
+        the path gradient of :meth:`_fo_path_grads` (fo_lookahead, fo_value=path) or the per-record
+        gradient of :meth:`_fo_record_grads` (fo_current, fo_lookahead)."""
+        mc = self.cfg.method
+        if mc.estimator == "fo_terminal":
             return self._reward_grad(rec.x0, rec.x0_group)
+        if mc.estimator == "fo_lookahead" and mc.fo_value == "path":
+            return self._fo_path_grads(rec)
+        if mc.estimator == "fo_lookahead" and mc.fo_value == "exact":
+            # the ceiling: g with K (Sigma/b) g = Psi*(x) exactly (closed form, float64)
+            psi = self.task.psi_star(rec.x.double(), c.alpha.double() ** 2)
+            return (rowwise(c.b.double() / (mc.fo_reward_scale * c.Sigma.double()), psi) * psi).to(rec.x.dtype)
         return self._fo_record_grads(rec.x, rec.step, rec.f_old, rec.z, rec.group, c)
+
+    def _fo_path_grads(self, rec: Records) -> Tensor:
+        """Per record at step i: ``g_i = grad_{x_{i+1}} R_i`` along the record's own sampled path,
+        ``R_i = r(x_N) - alpha sum_{j>i} KL_j(x_j)`` (soft returns; hard: ``r(x_N)``), with the
+        path's noise held fixed, so ``x_{j+1} = mean_theta(x_j) + sigma_j z_j`` is differentiated
+        through the rollout policy (reparameterisation). Its expectation given ``x_{i+1}`` is the
+        gradient of the current policy's (soft) value there, so with the lookahead scale
+        ``Psi = (Sigma/(alpha b)) g`` the estimator is consistent for ``Psi*`` at the fixed point,
+        like soft zeroth order, without its score-function noise.
+
+        One backward sweep (the adjoint of the sampled path): ``a_N = grad r(x_N)``;
+        ``a_j = (d mean_j/d x_j)^T a_{j+1} - alpha grad_{x_j} KL_j`` with the policy and the
+        reference evaluated with grad at the recorded ``x_j`` (chunks of ``method.fo_grad_chunk``
+        rows, counted as reference NFE: 2 per row and step); ``g_i = a_{i+1}``. Needs every step
+        recorded on every path (checked by the config)."""
+        mc, tr = self.cfg.method, self.task.transition
+        anc = rec.leaf_ancestor                                   # [N, R_N] record per step and sample
+        N, R = anc.shape
+        have = (anc >= 0).all(1).tolist()
+        L = max((j for j in range(N) if have[j]), default=-1)     # the last recorded (noisy) step
+        if L < 0 or not all(have[:L + 1]) or bool((anc[L + 1:] >= 0).any()):
+            raise RuntimeError("method.fo_value=path needs a record at every noisy step of every path (plan bug)")
+        soft = mc.returns == "soft"
+        alpha = float(self.kl_alpha)
+        chunk = mc.fo_grad_chunk or self.cfg.rollout.chunk_size or R
+        cfg_x = 2 if self.task.cfg_scale is not None else 1
+        g = torch.empty_like(rec.x)
+        # a_{L+1}: the final steps after L are deterministic (DDIM's last step to t = 0), so the
+        # gradient of r(x_N) reaches x_{L+1} through them alone
+        last = anc[L]
+        cL = tr.coeffs(rec.step.index_select(0, last), torch.ones_like(last, dtype=torch.bool))
+        x_next = cL.step(rec.x.index_select(0, last), rec.f_old.index_select(0, last), rec.z.index_select(0, last))
+        a = torch.empty_like(x_next)
+        for s in range(0, R, chunk):
+            sl = slice(s, min(s + chunk, R))
+            with torch.enable_grad():
+                x = x_next[sl].detach().requires_grad_(True)
+                y = x
+                for j in range(L + 1, N):
+                    cj = tr.coeffs_at(j, y.shape[0], device=y.device, dtype=cL.alpha.dtype, stochastic=False)
+                    y = cj.step(y, self._policy_out(y, self._t_table[j].expand(y.shape[0]), rec.x0_group[sl]),
+                                torch.zeros_like(y))
+                gr = self._reward_grad(y.detach(), rec.x0_group[sl]).to(y.dtype)
+                (a[sl],) = torch.autograd.grad(y, x, grad_outputs=gr) if N > L + 1 else (gr,)
+        self.nfe["reference"] += (N - 1 - L) * R * cfg_x
+        g.index_copy_(0, last, a.to(g.dtype))
+        for j in range(L, 0, -1):
+            ids = anc[j]
+            c = tr.coeffs(rec.step.index_select(0, ids), torch.ones_like(ids, dtype=torch.bool))
+            nxt = torch.empty_like(a)
+            for s in range(0, R, chunk):
+                sl = slice(s, min(s + chunk, R))
+                rid = ids[sl]
+                cs = _slice_coeffs(c, sl)
+                with torch.enable_grad():
+                    x = rec.x.index_select(0, rid).detach().requires_grad_(True)
+                    t = self._t_table.index_select(0, rec.step.index_select(0, rid))
+                    grp = rec.group.index_select(0, rid)
+                    f = self._policy_out(x, t, grp)
+                    obj = (cs.mean(x, f) * a[sl].to(f.dtype)).sum()
+                    if soft:
+                        f_ref = self._policy_out(x, t, grp, model=self.handle.reference)
+                        obj = obj - alpha * cs.kl(f, f_ref, reduce="sum").sum()
+                    (gx,) = torch.autograd.grad(obj, x)
+                nxt[sl] = gx.to(a.dtype)
+            self.nfe["reference"] += (2 if soft else 1) * R * cfg_x
+            a = nxt
+            g.index_copy_(0, anc[j - 1], a)
+        if not torch.isfinite(g).all():
+            raise R.RewardError(f"reward '{self.reward_name}' returned a non-finite path gradient")
+        return g
 
     def _fo_record_grads(self, x: Tensor, step: Tensor, f_old: Tensor, z: Tensor, group: Tensor, c) -> Tensor:
         """Per-record ``g`` ``[M, ...]`` of the current-state and lookahead estimators (spec §4.1,
