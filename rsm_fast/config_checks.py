@@ -410,7 +410,7 @@ def _check_trains_something(cfg: RunConfig) -> None:
     """A plan that trains no transition, blamed on its cause: a deterministic sampler
     (``task.eta`` / ``task.noise_level`` = 0), or one DDIM step, which ends on the clean sample
     without noise; and a plan too large for any machine (a deep tree)."""
-    from .preflight import plan_counts, task_geometry
+    from .memory_estimate import plan_counts, task_geometry
 
     geo = task_geometry(cfg)
     mask = geo.sde_mask if geo is not None else None

@@ -378,7 +378,7 @@ def _diffusers(spec: str, res: int, t5: bool, slicing: bool, tiling: bool, pc_ke
 
 def diffusers_profile(cfg) -> ModelProfile | None:
     """The diffusers task's model under ``cfg`` (None when its configs cannot be read)."""
-    from .preflight import task_geometry
+    from .memory_estimate import task_geometry
 
     geo = task_geometry(cfg)
     if geo is None:
@@ -398,14 +398,14 @@ def _vae_factor(spec: str) -> int:
 
 # ------------------------------------------------------------------------------------------------
 def image_geometry(cfg, geo, device=None):
-    """``geo`` (:class:`rsm_fast.preflight.TaskGeometry`) with the image model's measured sizes:
+    """``geo`` (:class:`rsm_fast.memory_estimate.TaskGeometry`) with the image model's measured sizes:
     trained parameters in their dtype, frozen weights, text encoders, reference copy, activations
     and decode (digits, diffusers); unchanged for the 2-D task or a model whose configs cannot be
     read. ``device`` (default ``train.device``): ``task.offload=cpu`` moves bytes off a CUDA
     device only (on a CPU device every part is in the same memory)."""
     from dataclasses import replace
 
-    from .preflight import DIGITS_ACT_GRAD, DIGITS_ACT_NOGRAD
+    from .memory_estimate import DIGITS_ACT_GRAD, DIGITS_ACT_NOGRAD
 
     t, pc = cfg.task, cfg.policy
     b = BYTES[pc.dtype]
