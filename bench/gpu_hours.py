@@ -47,7 +47,7 @@ per run: costs to target, final reward/KL, per-seed speedups), ``PREFIX.md``, ``
 PREFIX.csv and PREFIX.json and writes the summary, markdown and plot for another ``--target`` (to
 ``--out``) without training again.
 
-``--tuned SWEEP.json`` (written by bench/sweep.py) gives each preset the overrides its sweep chose
+``--tuned SWEEP.json[,SWEEP2.json]`` (written by bench/sweep.py) gives each preset the overrides its sweep chose
 (e.g. its learning rate): ``P`` runs as the variant ``P[train.lr=...]``, so every table and the
 JSON name the value. Refused (one line) if the sweep ran another task, its seeds overlap
 ``--seeds``, a preset has no chosen value or ``--set`` sets a tuned key; a note says when the
@@ -131,14 +131,22 @@ def add_overrides(label: str, sets: list[str]) -> str:
 def apply_tuned(args) -> dict:
     """``--tuned FILE``: relabel each preset (and the baseline) ``P`` -> ``P[chosen overrides]``;
     returns what the run's JSON records. Raises ConfigError / OSError / ValueError / KeyError."""
-    sweep = json.loads(Path(args.tuned).read_text())
-    s_args, chosen = sweep["args"], {p: v["chosen"] for p, v in sweep["presets"].items()}
+    files = [f for f in args.tuned.split(",") if f]
+    sweeps = [json.loads(Path(f).read_text()) for f in files]
+    chosen: dict = {}
+    for f, sweep in zip(files, sweeps):         # several sweeps (e.g. lr-only and lr x beta) add up
+        where = f"--tuned {f}"
+        if sweep["args"]["task"] != args.task:
+            raise ConfigError(f"{where}: the sweep ran task {sweep['args']['task']}, this run {args.task}")
+        shared = sorted(set(sweep["args"]["seeds"]) & set(args.seed_list))
+        if shared:
+            raise ConfigError(f"{where}: seeds {shared} were used to tune; --seeds must be disjoint from the sweep's")
+        for p, v in sweep["presets"].items():
+            if p in chosen and v["chosen"]:
+                raise ConfigError(f"{where}: preset {p} is tuned by two sweeps; give each preset one")
+            if v["chosen"]:
+                chosen[p] = v["chosen"]
     where = f"--tuned {args.tuned}"
-    if s_args["task"] != args.task:
-        raise ConfigError(f"{where}: the sweep ran task {s_args['task']}, this run {args.task}")
-    shared = sorted(set(s_args["seeds"]) & set(args.seed_list))
-    if shared:
-        raise ConfigError(f"{where}: seeds {shared} were used to tune; --seeds must be disjoint from the sweep's")
     mine, relabel = {parse_set(x)[0] for x in args.set}, {}
     for p in args.preset_list:
         if not chosen.get(p):
@@ -147,13 +155,14 @@ def apply_tuned(args) -> dict:
         if clash:
             raise ConfigError(f"{where}: --set {clash[0]} would replace the value tuned for {p}; drop it")
         relabel[p] = add_overrides(p, chosen[p])
-    differ = [k for k in ("epochs", "budget_nfe") if s_args.get(k) != getattr(args, k)]
-    differ += ["set"] if sorted(s_args.get("set", [])) != sorted(args.set) else []
+    differ = sorted({k for sw in sweeps for k in ("epochs", "budget_nfe") if sw["args"].get(k) != getattr(args, k)})
+    differ += ["set"] if any(sorted(sw["args"].get("set", [])) != sorted(args.set) for sw in sweeps) else []
     if differ:
         print(f"note: {where} was tuned with other {', '.join(differ)} than this run's", file=sys.stderr)
     args.baseline = relabel.get(args.baseline, args.baseline)
     args.preset_list = [relabel[p] for p in args.preset_list]
-    return {"file": args.tuned, "sweep_command": sweep.get("command"), "sweep_seeds": s_args["seeds"],
+    return {"file": args.tuned, "sweep_command": [sw.get("command") for sw in sweeps],
+            "sweep_seeds": sorted({x for sw in sweeps for x in sw["args"]["seeds"]}),
             "overrides": {p: chosen[p] for p in relabel}, "differs_in": differ}
 
 
@@ -294,7 +303,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "run are its own process's, the wall-clock includes contention for memory bandwidth)")
     p.add_argument("--out", required=True, help="output prefix, e.g. bench/results/gpu_hours_toy2d_2026-11-23")
     p.add_argument("--tuned", default=None, metavar="FILE",
-                   help="a bench/sweep.py JSON: run each preset with the overrides its sweep chose")
+                   help="bench/sweep.py JSON(s), comma-separated: run each preset with the overrides its sweep chose")
     p.add_argument("--reanalyze", default=None, metavar="PREFIX",
                    help="no training: re-read PREFIX.csv and PREFIX.json and rewrite the tables for this target")
     a = p.parse_args(argv)

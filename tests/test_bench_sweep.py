@@ -214,3 +214,24 @@ def test_gpu_hours_tuned_refuses_a_mismatch_in_one_line(real_sweep, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error:") and "\n" not in err and word in err, err
     assert not list(tmp_path.iterdir())
+
+
+def test_gpu_hours_tuned_takes_several_sweeps_each_preset_from_one(real_sweep, tmp_path, capsys):
+    full = json.loads(real_sweep.with_suffix(".json").read_text())
+    parts = []
+    for p in ("rsm-soft-zo", "grpo"):                # one sweep per preset, as lr-only and lr x beta sweeps
+        part = dict(full, presets={p: full["presets"][p]})
+        parts.append(tmp_path / f"{p}.json")
+        parts[-1].write_text(json.dumps(part))
+    base = ["--task", "toy2d", "--presets", "rsm-soft-zo,grpo", "--seeds", "0", "--epochs", "1",
+            "--target", "1", "--eval-samples", "32"] + TINY[:2] + TINY[4:]
+    out = tmp_path / "two"
+    assert G.main(base + ["--tuned", ",".join(map(str, parts)), "--out", str(out)]) == 0
+    meta = json.loads((tmp_path / "two.json").read_text())
+    assert meta["tuned"]["overrides"] == {p: e["chosen"] for p, e in full["presets"].items()}
+    assert len(meta["tuned"]["sweep_command"]) == 2
+    capsys.readouterr()
+    twice = f"{parts[0]},{parts[0]}"
+    assert G.main(base + ["--tuned", twice, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "tuned by two sweeps" in err and "\n" not in err
