@@ -247,7 +247,7 @@ def _check_method(cfg: RunConfig) -> None:
     if m.fo_value == "exact" and cfg.task.name != "toy2d":
         raise ConfigError(f"config field 'method.fo_value': 'exact' is the 2-D task's closed-form Psi*, got "
                           f"task.name={cfg.task.name!r}")
-    if m.estimator == "fo_lookahead" and m.fo_value == "path":
+    if m.fo_value == "path":                  # fo_lookahead, by the check above
         ro = cfg.rollout
         if ro.plan != "sde" or ro.window or tc.timestep_fraction < 1:
             raise ConfigError("config field 'method.fo_value': 'path' follows each sample's recorded path back from "

@@ -105,6 +105,24 @@ def _stat_tracker_global_std(prompts, rewards):
     return adv
 
 
+def _random_rows(tr, seed):
+    """Random float64 rows at the trainer's trained steps and a policy output ``v`` off-policy by
+    10^-3 .. 1 per row, so the ratio lands on both sides of the clip. The trainer clips advantages
+    when it forms them (set_advantages(clip=method.adv_clip)); the releases clamp them in the loss:
+    the same numbers reach the surrogate."""
+    g = torch.Generator().manual_seed(seed)
+    idx = tr.plan.record_step.clone()
+    M, shape = idx.numel(), tuple(tr.task.latent_shape)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
+    x, z, v_old, v_ref = r(M, *shape), r(M, *shape), r(M, *shape), r(M, *shape)
+    clip = tr.cfg.method.adv_clip
+    rows = Rows(idx=idx, t=tr._t_table.index_select(0, idx).double(), x=x, z=z, f_old=v_old, f_ref=v_ref,
+                adv=(3 * r(M)).clamp(-clip, clip))
+    size = torch.logspace(-3, 0, M, dtype=F64)[torch.randperm(M, generator=g)]
+    v = (v_old + size.view(-1, *([1] * len(shape))) * r(M, *shape)).requires_grad_(True)
+    return rows, v
+
+
 @pytest.fixture(scope="module")
 def grpo_flow():
     return Trainer(build_config("grpo", None, ["task.name=digits-flow", "task.condition=none",
@@ -123,27 +141,17 @@ def test_grpo_on_flow_tasks_is_flow_grpo_geneval_loss(grpo_flow, seed):
     """The trainer's loss and its gradient on random float64 rows at the trained steps, off-policy
     on both sides of the clip, against the transcription of train_sd3.py's loss lines."""
     tr, mc = grpo_flow, grpo_flow.cfg.method
-    g = torch.Generator().manual_seed(seed)
-    idx = tr.plan.record_step.clone()
-    M, shape = idx.numel(), tuple(tr.task.latent_shape)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
-    x, z, v_old, v_ref = r(M, *shape), r(M, *shape), r(M, *shape), r(M, *shape)
-    # the trainer clips advantages when it forms them (set_advantages(clip=method.adv_clip)); the
-    # release clamps them in the loss: the same numbers reach the surrogate
-    rows = Rows(idx=idx, t=tr._t_table.index_select(0, idx).double(), x=x, z=z, f_old=v_old, f_ref=v_ref,
-                adv=(3 * r(M)).clamp(-mc.adv_clip, mc.adv_clip))
-    T = tr.task.transition
+    rows, v = _random_rows(tr, seed)
+    idx, T = rows.idx, tr.task.transition
     c = T.coeffs(idx, torch.ones_like(idx, dtype=torch.bool), dtype=F64)
-    size = torch.logspace(-3, 0, M, dtype=F64)[torch.randperm(M, generator=g)]
-    v = (v_old + size.view(-1, 1, 1, 1) * r(M, *shape)).requires_grad_(True)
     ours, out = tr._loss(rows, c, v, None)
     assert out.clipped.any() and not out.clipped.all()
     (g_ours,) = torch.autograd.grad(ours, v)
 
     sig_tab, nxt_tab = T.table("t").to(F64), T.table("t_next").to(F64)
     v2 = v.detach().clone().requires_grad_(True)
-    theirs = _flow_grpo_loss(v2, v_old, v_ref, x, z, rows.adv, sig_tab[idx], nxt_tab[idx], float(sig_tab[1]),
-                             tr.cfg.task.noise_level, mc.clip_eps, mc.adv_clip, mc.kl_coef)
+    theirs = _flow_grpo_loss(v2, rows.f_old, rows.f_ref, rows.x, rows.z, rows.adv, sig_tab[idx], nxt_tab[idx],
+                             float(sig_tab[1]), tr.cfg.task.noise_level, mc.clip_eps, mc.adv_clip, mc.kl_coef)
     (g_theirs,) = torch.autograd.grad(theirs, v2)
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g_ours, g_theirs, rtol=1e-9, atol=1e-14)
@@ -167,19 +175,6 @@ def test_grpo_keeps_ddpo_like_settings_on_vp_tasks():
     for sets in ([], ["task.name=digits-ddim"]):
         mc = build_config("grpo", None, sets).method
         assert (mc.kl_dt_weight, mc.adv_norm) == (False, "group")
-
-
-def _random_rows(tr, seed):
-    g = torch.Generator().manual_seed(seed)
-    idx = tr.plan.record_step.clone()
-    M, shape = idx.numel(), tuple(tr.task.latent_shape)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
-    x, z, v_old, v_ref = r(M, *shape), r(M, *shape), r(M, *shape), r(M, *shape)
-    rows = Rows(idx=idx, t=tr._t_table.index_select(0, idx).double(), x=x, z=z, f_old=v_old, f_ref=v_ref,
-                adv=(3 * r(M)).clamp(-5.0, 5.0))
-    size = torch.logspace(-3, 0, M, dtype=F64)[torch.randperm(M, generator=g)]
-    v = (v_old + size.view(-1, *([1] * len(shape))) * r(M, *shape)).requires_grad_(True)
-    return rows, v
 
 
 @pytest.fixture(scope="module", params=["tempflow-grpo", "tempflow-grpo-rsm"])
