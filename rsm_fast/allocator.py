@@ -151,27 +151,32 @@ class BranchCosts:
 
 
 def branch_costs(plan_or_num_steps, *, f_fwd: float = 1.0, f_decode: float = 0.0, f_reward: float = 0.0,
-                 f_train: float = 0.0, f_ref: float | None = None, cfg: bool = False) -> BranchCosts:
+                 f_train: float = 0.0, f_ref: float | None = None, cfg: bool = False,
+                 truncate: int = -1) -> BranchCosts:
     """Marginal cost of one more branch per step in the engine's ``branch`` plan (see module doc).
 
     Units follow the inputs: ``f_fwd=1`` and the rest 0 gives model evaluations (NFE); measured
     seconds per unit (:func:`seconds_per_unit`) give seconds. ``f_train`` is per training record
     (as in ``Plan.epoch_cost``: include inner updates and CFG), ``f_ref`` per reference row
-    (default ``f_fwd``; 0 = not counted), doubled with ``cfg`` like the rollout forwards."""
+    (default ``f_fwd``; 0 = not counted), doubled with ``cfg`` like the rollout forwards.
+    ``truncate`` (a step count only; a plan carries its own ``spec.truncate``): children finish after
+    that many ODE steps with an x0_hat jump, so a child at step i costs ``min(N - 1 - i, d + 1)``."""
     if isinstance(plan_or_num_steps, int) and not isinstance(plan_or_num_steps, bool):
-        N, T = _int_arg(plan_or_num_steps, "plan_or_num_steps", 1), 1
+        N, T, d = _int_arg(plan_or_num_steps, "plan_or_num_steps", 1), 1, truncate
     elif hasattr(plan_or_num_steps, "spec"):
         spec = plan_or_num_steps.spec
         if spec.kind != "branch":
             raise ValueError(f"plan_or_num_steps must be a 'branch' plan, got kind {spec.kind!r}")
-        N, T = spec.num_steps, spec.groups * spec.trunks
+        N, T, d = spec.num_steps, spec.groups * spec.trunks, spec.truncate
     else:
         raise ValueError(f"plan_or_num_steps must be a compiled Plan or a step count, got {type(plan_or_num_steps).__name__}")
     f_fwd, f_decode, f_reward, f_train = (_vec([x], n, None, 0.0)[0] for x, n in
                                           ((f_fwd, "f_fwd"), (f_decode, "f_decode"), (f_reward, "f_reward"), (f_train, "f_train")))
     f_ref = f_fwd if f_ref is None else _vec([f_ref], "f_ref", None, 0.0)[0]
     g = 2.0 if cfg else 1.0
-    roll = [g * f_fwd * (N - 1 - i) for i in range(N)]
+    _int_arg(d, "truncate", -1)
+    # a child at step i runs N - 1 - i forwards, or d ODE steps plus its x0_hat jump (plan.py)
+    roll = [g * f_fwd * (N - 1 - i if d < 0 else min(N - 1 - i, d + 1)) for i in range(N)]
     dr, tr, ref = [f_decode + f_reward] * N, [f_train] * N, [g * f_ref] * N
     return BranchCosts([a + b + c + d for a, b, c, d in zip(roll, dr, tr, ref)], roll, dr, tr, ref,
                        [g * f_fwd * (i + 1) for i in range(N)], T)
@@ -183,7 +188,7 @@ def seconds_per_unit(plan, seconds: dict, cfg: bool = False) -> dict[str, float]
     updates). With reward waves the reward phase is only the wait, so f_reward is a lower bound."""
     g = 2 if cfg else 1
     M = max(plan.num_records, 1)
-    return {"f_fwd": seconds["rollout"] / max(g * (sum(plan.rows[:-1]) + plan.num_records), 1),
+    return {"f_fwd": seconds["rollout"] / max(g * (plan.evaluated_rows + plan.num_records), 1),
             "f_decode": 0.0, "f_reward": seconds["reward"] / max(plan.rows[-1], 1), "f_train": seconds["train"] / M}
 
 

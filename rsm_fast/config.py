@@ -147,6 +147,7 @@ class RolloutConfig:
     window: int = field(default=0, metadata={"help": "sde plans: MixGRPO sliding window, the number of consecutive SDE (and trained) steps; ODE elsewhere (0 = off)"})
     window_every: int = field(default=25, metadata={"help": "MixGRPO: epochs between window shifts (its iters_per_group = 25)"})
     window_stride: int = field(default=1, metadata={"help": "MixGRPO: steps the window moves per shift (its prog_overlap_step = 1); it wraps to step 0 past the trained range"})
+    truncate: int = field(default=-1, metadata={"help": "branch plans: a child takes this many ODE steps, then jumps to its Tweedie x0_hat (issue 20 truncated branches; -1 = every child runs to the end)"})
     chunk_size: int = field(default=0, metadata={"help": "rows per model call (0 = all rows of a step in one call)"})
     graphs: bool = field(default=False, metadata={"help": "replay the model from CUDA graphs (CUDA only; off until verified on a GPU)"})
     solver: str = field(default="dpm2", metadata={"help": f"method.estimator=forward: the deterministic rollout solver {SOLVERS} (rsm_fast/solvers.py; dpm2 = DiffusionNFT's)"})

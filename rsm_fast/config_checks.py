@@ -111,7 +111,7 @@ RANGES: dict[str, Range] = {
     "method.fp_fraction": Range(0.0, 1.0, lo_open=True),
     # rollout
     "rollout.window": _count(0, MAX_STEPS), "rollout.window_every": _count(1), "rollout.window_stride": _count(1),
-    "rollout.chunk_size": _count(0), "rollout.waves": _count(1), "rollout.alloc_budget": NONNEG,
+    "rollout.chunk_size": _count(0), "rollout.truncate": _count(-1, MAX_STEPS), "rollout.waves": _count(1), "rollout.alloc_budget": NONNEG,
     "rollout.alloc_k_min": _count(1, WIDTH_MAX), "rollout.alloc_k_max": _count(0, WIDTH_MAX),
     "rollout.alloc_every": _count(1), "rollout.alloc_max_step": _count(0), "rollout.alloc_patience": _count(0),
     "rollout.alloc_clip_tau": UNIT, "rollout.alloc_snr_min": NONNEG, "rollout.alloc_ema": Range(0.0, 1.0, hi_open=True),
@@ -260,6 +260,8 @@ def _check_rollout(cfg: RunConfig) -> None:
     ro, m, N = cfg.rollout, cfg.method, cfg.task.num_steps
     if ro.plan == "sde" and (ro.k or ro.profile):
         raise ConfigError(f"config field 'rollout.{'k' if ro.k else 'profile'}' is only used by the 'branch' and 'tree' plans")
+    if ro.truncate >= 0 and ro.plan != "branch":
+        raise ConfigError(f"config field 'rollout.truncate' finishes the children of a 'branch' plan early, got rollout.plan={ro.plan}")
     if ro.allocator and ro.plan != "branch":
         raise ConfigError(f"config field 'rollout.allocator': 'online' re-allocates a 'branch' plan, got rollout.plan={ro.plan}")
     if ro.allocator and m.estimator != "zo":

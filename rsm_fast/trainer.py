@@ -99,7 +99,7 @@ def plan_spec(cfg: RunConfig, num_steps: int, sde_mask: Tensor, epoch: int = 0) 
                         train_mask=tuple(i in keep for i in range(num_steps)))
     k = resolve_profile(ro.profile, num_steps) if ro.profile else list(ro.k)
     return PlanSpec(ro.plan, num_steps, tc.batch_size // G, G, k=tuple(k),
-                    sde_mask=tuple(noisy) if ro.plan == "tree" else ())
+                    sde_mask=tuple(noisy) if ro.plan == "tree" else (), truncate=ro.truncate)
 
 
 def _slice_rows(rows: Rows, sl: slice) -> Rows:

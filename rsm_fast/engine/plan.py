@@ -22,6 +22,12 @@ Kinds (spec §4.4, §7.1):
   ``[6, 6, 8, 10, 0, ...]``, SD1.5 sparse branching ``K = 4`` at every 10th step). Only the
   branching transitions are trained. [DECISION] The trunk is dropped after its last branching
   step (its own final sample is never scored), which saves ``N - 1 - last`` forwards per trunk.
+  ``truncate = d >= 0`` (issue 20 item 6, "truncated branches"): a child takes ``d`` ODE steps and
+  then jumps to its Tweedie estimate ``x0_hat`` in one step (``x0_hat = (x + sigma_t^2 s) / alpha``,
+  affine in the model output), so it costs ``min(d + 1, N - 1 - i)`` forwards instead of
+  ``N - 1 - i``. A finished row is *parked*: it stays in the row sets (so records, ancestors and
+  the final-sample order do not change) but is not evaluated again (``live[i]`` False) and is
+  carried unchanged to the end. ``d = -1`` (default): every child runs to the end.
 * ``tree`` — BranchGRPO-style recursive tree: every live row steps with noise where ``sde_mask``
   is on and splits into ``k[i]`` children at steps with ``k[i] > 1``; every noisy transition is
   trained, and shared prefixes are evaluated once.
@@ -80,6 +86,7 @@ class PlanSpec:
     sde_mask: tuple[bool, ...] = ()    # sde/tree: noisy steps (default all)
     train_mask: tuple[bool, ...] = ()  # sde: trained steps among the noisy ones (default all)
     group_offset: int = 0              # first group id (a wave of a larger plan: keys and group ids stay global)
+    truncate: int = -1                 # branch: ODE steps a child takes before its x0_hat jump (-1 = to the end)
 
 
 @dataclass
@@ -106,6 +113,21 @@ class Plan:
     record_set: Tensor = None          # [M] baseline set of each record (see compile_plan)
     set_sizes: list[int] = field(default_factory=list)  # records per baseline set (host)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    live: list[Tensor] = None          # [R_i] per step: rows the model evaluates (False: a parked, finished row)
+    jump: list[Tensor] = None          # [R_{i+1}] per step: leaving rows that take the x0_hat jump
+    live_rows: list[int] = None        # host: live rows per step (the forwards of step i)
+
+    def __post_init__(self):
+        if self.live is None:          # no truncation: every row is evaluated, none jumps
+            self.live = [torch.ones(n, dtype=torch.bool, device=self.device) for n in self.rows[:-1]]
+            self.jump = [torch.zeros(n, dtype=torch.bool, device=self.device) for n in self.rows[1:]]
+        if self.live_rows is None:
+            self.live_rows = [int(m.sum()) for m in self.live]
+
+    @property
+    def evaluated_rows(self) -> int:
+        """Model row-evaluations of one rollout (without CFG): the live rows of every step."""
+        return sum(self.live_rows)
 
     @property
     def num_steps(self) -> int:
@@ -117,7 +139,7 @@ class Plan:
 
     def nfe(self, cfg: bool = False) -> dict[str, int]:
         """Row-evaluations of the model predicted from the plan: trunk, branch and CFG extras."""
-        total = sum(self.rows[:-1])
+        total = self.evaluated_rows
         trunk = sum(self.trunk_rows)
         g = 2 if cfg else 1
         return {"trunk": trunk, "branch": total - trunk, "cfg": (g - 1) * total, "total": g * total}
@@ -127,7 +149,7 @@ class Plan:
         """The per-epoch cost model of performance.md §3 evaluated on this plan: rollout forwards,
         decode + reward per final sample, and ``f_train`` per training record."""
         g = 2.0 if cfg else 1.0
-        out = {"rollout": g * f_fwd * sum(self.rows[:-1]), "decode_reward": (f_decode + f_reward) * self.rows[-1],
+        out = {"rollout": g * f_fwd * self.evaluated_rows, "decode_reward": (f_decode + f_reward) * self.rows[-1],
                "train": f_train * self.num_records}
         out["total"] = sum(out.values())
         return out
@@ -138,7 +160,8 @@ class Plan:
         return Plan(self.spec, list(self.rows), mv(self.src), mv(self.noisy), mv(self.trained), mv(self.key),
                     mv(self.group), mv(self.record), list(self.trunk_rows), self.leaf_ancestor.to(dev),
                     self.record_step.to(dev), self.record_group.to(dev), self.record_parent.to(dev),
-                    self.initial_key.to(dev), self.record_set.to(dev), list(self.set_sizes), dev)
+                    self.initial_key.to(dev), self.record_set.to(dev), list(self.set_sizes), dev,
+                    mv(self.live), mv(self.jump), list(self.live_rows))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +176,11 @@ def _check_spec(spec: PlanSpec) -> tuple[list[int], list[bool], list[bool]]:
     v = spec.group_offset
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise PlanError(f"plan.group_offset must be an integer >= 0, got {v!r}")
+    v = spec.truncate
+    if isinstance(v, bool) or not isinstance(v, int) or v < -1:
+        raise PlanError(f"plan.truncate must be an integer >= -1 (-1 = off), got {v!r}")
+    if v >= 0 and spec.kind != "branch":
+        raise PlanError(f"plan.truncate finishes the children of a 'branch' plan early; got kind {spec.kind!r}")
     k = list(spec.k)
     if spec.kind == "sde":
         if k:
@@ -206,10 +234,15 @@ def compile_plan(spec: PlanSpec, require_records: bool = True) -> Plan:
     rec_step, rec_group, rec_parent, rec_src = [], [], [], []
     n_rec = 0
     last_branch = max((i for i, v in enumerate(k) if v > 0), default=-1) if spec.kind == "branch" else -1
+    d = spec.truncate
+    rem = torch.full((T,), -1, **i64)                   # truncated children: ODE steps left before the jump
+    done = torch.zeros(T, dtype=torch.bool)             # parked (already jumped to x0_hat)
+    live, jump = [], []
     for i in range(N):
         R = key.numel()
         groups.append(grp)
         trunk_rows.append(int(trunk.sum()))
+        live.append(~done)
         cont = int(i < last_branch)                     # branch: does the trunk continue past step i
         if spec.kind == "sde":
             counts = torch.ones(R, **i64)
@@ -246,6 +279,16 @@ def compile_plan(spec: PlanSpec, require_records: bool = True) -> Plan:
         n_rec += m
         if s_i.numel() == 0:
             raise PlanError(f"plan leaves no rows after step {i}")
+        if d >= 0:
+            rem_s, done_s = rem.index_select(0, s_i), done.index_select(0, s_i)
+            child = ~trunk.index_select(0, s_i) & ~done_s          # a live child continuing by ODE
+            j_i = child & (rem_s == 0) & (i < N - 1)               # the last step lands on x0 anyway
+            rem = torch.where(n_i, d, torch.where(child, rem_s - 1, -1))
+            done = done_s | j_i
+        else:
+            j_i = torch.zeros(s_i.numel(), dtype=torch.bool)
+            done = torch.zeros(s_i.numel(), dtype=torch.bool)
+        jump.append(j_i)
         key, grp, trunk = k_i, grp_s, new_trunk
         last = torch.where(t_i, rid, last_s)
         path = torch.cat([path.index_select(0, s_i), rid[:, None]], 1)
@@ -262,7 +305,7 @@ def compile_plan(spec: PlanSpec, require_records: bool = True) -> Plan:
     rs, rg, rp, rsrc = (torch.cat(v) for v in (rec_step, rec_group, rec_parent, rec_src))
     record_set, set_sizes = _baseline_sets(rs, rg, rsrc)
     return Plan(spec, rows, src, noisy, trained, keys, groups, records, trunk_rows, leaf_ancestor,
-                rs, rg, rp, initial_key, record_set, set_sizes)
+                rs, rg, rp, initial_key, record_set, set_sizes, live=live, jump=jump)
 
 
 def _first_seen_ids(code: Tensor) -> tuple[Tensor, list[int]]:

@@ -25,6 +25,7 @@ cheap late steps saves. ``nfe["padding"]`` counts the padded rows that were eval
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from .. import ops
 from ..ops.nvtx import annotate
-from ..transitions import GaussianTransition
+from ..transitions import GaussianTransition, StepCoeffs
 from . import noise as N
 from .graphs import GraphedModel
 from .plan import Plan, PlanError, check_chunk_size
@@ -56,6 +57,20 @@ class Records:
     x0_group: Tensor    # [R_N]
     leaf_ancestor: Tensor  # [N, R_N] record id of each sample's ancestor transition per step (-1: none)
     nfe: dict           # row-evaluations: trunk / branch / cfg / total (+ padding, not counted in total)
+
+
+def finish_rows(c: StepCoeffs, transition: GaussianTransition, step: int, jump: Tensor, parked: Tensor) -> StepCoeffs:
+    """Step ``step``'s per-row coefficients with truncated-branch rows rewritten (plan.py, ``truncate``):
+    a ``jump`` row lands on its Tweedie estimate ``x0_hat = (x + sigma_t^2 s) / alpha`` with
+    ``s = (f - p_x x) / p_s``, i.e. ``c_x = (1 - sigma_t^2 p_x / p_s) / alpha`` and
+    ``c_f = sigma_t^2 / (p_s alpha)`` (no noise); a ``parked`` row is copied (``c_x = 1, c_f = 0``)."""
+    tab = {k: float(transition.table(k)[step]) for k in ("alpha", "sigma_t", "p_x", "p_s")}
+    s2, a, px, ps = tab["sigma_t"] ** 2, tab["alpha"], tab["p_x"], tab["p_s"]
+    one, zero = torch.ones_like(c.c_x), torch.zeros_like(c.c_x)
+    return dataclasses.replace(
+        c, c_x=torch.where(jump, (1.0 - s2 * px / ps) / a * one, torch.where(parked, one, c.c_x)),
+        c_f=torch.where(jump, s2 / (ps * a) * one, torch.where(parked, zero, c.c_f)),
+        sigma=torch.where(jump | parked, zero, c.sigma), stochastic=c.stochastic & ~(jump | parked))
 
 
 class ChunkedEvaluation:
@@ -118,6 +133,13 @@ class RolloutEngine(ChunkedEvaluation):
         self._t = tr.table("t").to(self.device, dtype)
         self._coeffs = [tr.coeffs(torch.full((plan.rows[i + 1],), i, dtype=torch.long, device=self.device),
                                   self.plan.noisy[i], dtype=dtype) for i in range(plan.num_steps)]
+        # truncated branches: rows the model evaluates (None = all), jump and parked rows' coefficients
+        self._live_idx = [None if n == r else torch.nonzero(m).flatten().to(self.device)
+                          for n, r, m in zip(plan.live_rows, plan.rows, plan.live)]
+        for i in range(plan.num_steps):
+            if self._live_idx[i] is not None or bool(plan.jump[i].any()):
+                self._coeffs[i] = finish_rows(self._coeffs[i], tr, i, self.plan.jump[i],
+                                              ~self.plan.live[i].index_select(0, self.plan.src[i]))
         self._row_ids = [torch.full((t.numel(),), i, dtype=torch.long, device=self.device)
                          for i, t in enumerate(self._train_idx)]
         # records leave the loop step by step in row order; the plan numbers them its own way (a
@@ -158,11 +180,19 @@ class RolloutEngine(ChunkedEvaluation):
             label = "trunk" if plan.trunk_rows[i] == plan.rows[i] else "branch"
             with annotate(f"rollout/{label} step {i}", self.device):
                 rows_cond = None if cond is None else cond.index_select(0, plan.group[i])
-                f = self._evaluate(x, self._t[i:i + 1], rows_cond, uncond, nfe)
+                live = self._live_idx[i]
+                if live is None:
+                    f = self._evaluate(x, self._t[i:i + 1], rows_cond, uncond, nfe)
+                elif live.numel() == 0:            # every row parked: nothing to evaluate
+                    f = torch.zeros_like(x)
+                else:                              # parked rows get f = 0 (their c_f is 0)
+                    f_live = self._evaluate(x.index_select(0, live), self._t[i:i + 1],
+                                            None if rows_cond is None else rows_cond.index_select(0, live), uncond, nfe)
+                    f = f_live.new_zeros((x.shape[0], *f_live.shape[1:])).index_copy_(0, live, f_live)
                 nfe["trunk"] += plan.trunk_rows[i]
-                nfe["branch"] += plan.rows[i] - plan.trunk_rows[i]
+                nfe["branch"] += plan.live_rows[i] - plan.trunk_rows[i]
                 if self.cfg_scale is not None:
-                    nfe["cfg"] += plan.rows[i]
+                    nfe["cfg"] += plan.live_rows[i]
                 src = plan.src[i]
                 xs, fs = x.index_select(0, src), f.index_select(0, src)
                 z = torch.zeros_like(xs)

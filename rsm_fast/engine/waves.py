@@ -89,7 +89,9 @@ def merge_plans(plans: list[Plan]) -> Plan:
         torch.cat([_offset(p.record_parent, o) for p, o in zip(plans, rec_offs)]),
         torch.cat([p.initial_key for p in plans]),
         torch.cat([p.record_set + o for p, o in zip(plans, set_offs)]),
-        [n for p in plans for n in p.set_sizes], first.device)
+        [n for p in plans for n in p.set_sizes], first.device,
+        [cat("live", i) for i in range(N)], [cat("jump", i) for i in range(N)],
+        [sum(p.live_rows[i] for p in plans) for i in range(N)])
 
 
 def merge_records(records: list[Records], merged: Plan) -> Records:
