@@ -141,6 +141,19 @@ def write_md(path: Path, res: dict, claims: list[dict], args, wall: float) -> No
         *_table(rows, [("tempflow (vs hard)", "tempflow", "hard"), ("tempflow (vs psi_star)", "tempflow", "psi_star")],
                 "hard", ms)[2:],
         "",
+        "## Truncated branches (issue 20, item 6): TempFlow's continuation cut after d ODE steps",
+        "",
+        "`tempflow_<depth>`: the child's ODE continuation stops at the depth's timestep after d ODE steps ("
+        + ", ".join(f"{k}: d = {v}" for k, v in meta["truncate_steps"].items())
+        + "; 1step reads the child itself) and the reward is read at the stop state's Tweedie estimate "
+        "(`rollout.truncate=d` in the engine; the full continuation is 38 steps). "
+        "Columns as above (leaves per point, x = log2(NFE/39)). The bias truncation adds to TempFlow's own "
+        "estimand is the plateau against `ode`; against `psi_star` it is the change from the `tempflow` row.",
+        "",
+        *_table(rows, [(f"{name} (vs {t})", name, t) for t in ("ode", "psi_star", "hard")
+                       for name in ["tempflow"] + [f"tempflow_{d}" for d in ST.DEPTHS if d != "full"]],
+                "ode", ms, with_x=True),
+        "",
         "At equal NFE, RMSE of each tree / RMSE of independent rollouts (branch_1_1 interpolated in log-log at the "
         "same x; mean over budgets, and at the largest budget): "
         + "; ".join(f"{k}: {sum(p[1] for p in v) / len(v):.2f} mean, {v[-1][1]:.2f} at x={v[-1][0]:.2f}"

@@ -20,6 +20,9 @@ Estimators (all from :mod:`rsm_fast.estimators`, float64):
   * ``branch_S_B``   BranchGRPO tree: ``S`` splits of ``B`` branches at ``t - floor(t/S) j``
                      (spec §8.4), global mean baseline over the leaves; NFE counted exactly.
   * ``tempflow``     first step SDE, the rest ODE (DDIM eta = 0), mean baseline.
+  * ``tempflow_<d>`` the same with truncated branches (issue 20 item 6; ``rollout.truncate`` in the
+                     engine): the ODE continuation stops at depth ``d`` and the reward is read at
+                     the Tweedie estimate of the stop state (1step: no ODE step at all).
 
 Ground truths (decided here; spec §4.2-4.3, §8.6):
   * ``psi_star``  the exact optimal guidance ``Psi* = s*_t - s^ref_t`` (closed form, soft value). The
@@ -335,7 +338,8 @@ def rmse_stats(est: Tensor, truth: Tensor) -> tuple[float, float]:
 
 
 FAMILY = {"fo": "FO", "zo": "ZO", "branch": "branch", "tempflow": "tempflow"}
-PROPER_TRUTH = {"zo_soft": "psi_star", "tempflow": "ode"}      # everything else: "hard"
+PROPER_TRUTH = {"zo_soft": "psi_star", "tempflow": "ode",      # everything else: "hard"
+                **{f"tempflow_{d}": "ode" for d in DEPTHS if d != "full"}}
 
 
 def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
@@ -394,6 +398,11 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
             record(name, m, est, nfe)
         est, nfe = timed("tempflow", lambda: tempflow(proto, xg, n, gen("tempflow")))
         record("tempflow", m, est, nfe)
+        for d in cfg.depths:
+            if d != "full":   # truncated branches: the ODE continuation cut at depth d, x0_hat read there
+                est, nfe = timed(f"tempflow_{d}", lambda: zo_depth(proto, xg, n, d, gen(f"tempflow_{d}"),
+                                                                   baseline="mean", stochastic=False))
+                record(f"tempflow_{d}", m, est, nfe)
         log(f"n=2^{m}: done ({time.perf_counter() - t_start:.1f}s elapsed)")
     c = proto.transition.coeffs_at(proto.step, 1, dtype=torch.float64)
     meta = dict(points=cfg.points, repeats=R, seed=cfg.seed, log2_ns=cfg.log2_ns, gt_log2=cfg.gt_log2,
@@ -401,6 +410,7 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
                 Sigma_over_b=float(c.Sigma / c.b), n_steps=proto.n_steps,
                 stop_timesteps={d: (proto.t_at(s) if (s := proto.stop_step(d)) is not None else 0)
                                 for d in cfg.depths},
+                truncate_steps={d: proto.stop_step(d) - proto.step - 1 for d in cfg.depths if d != "full"},
                 split_timesteps={f"{S_}_{B_}": [proto.t_at(s) for s in split_steps(proto, S_)]
                                  for S_, B_ in cfg.branches},
                 hard_se_rms=float(hard_se.pow(2).mean().sqrt()), ode_se_rms=float(ode_se.pow(2).mean().sqrt()),

@@ -179,12 +179,27 @@ def test_tempflow_estimates_the_ode_continuation_target(proto, pts):
     assert float((ode - pts["hard"]).abs().max()) > 0.1          # a different control problem (spec §4.4)
 
 
+def test_truncated_tempflow_costs_d_plus_one_and_reads_the_tweedie_value(proto, pts):
+    """Truncated branches (issue 20 item 6): the ODE continuation cut after d steps costs d + 1
+    forwards per child; with no ODE step (1step) the Tweedie read of this linear reward is the hard
+    value, not TempFlow's ODE target: the truncation changes the estimand, measured here."""
+    R, n = 16, 256
+    est, nfe = ST.zo_depth(proto, pts["x"].repeat_interleave(R, 0), n, "1step", _gen(902), baseline="mean",
+                           stochastic=False)
+    assert nfe == 1 + n
+    mean, se = _repeat_mean(est, 4, R)
+    assert bool(((mean - pts["hard"]).abs() <= 4 * torch.sqrt(se**2 + pts["hard_se"]**2) + 0.01).all())
+    _, nfe3 = ST.zo_depth(proto, pts["x"][:1], 8, "0.9", _gen(903), baseline="mean", stochastic=False)
+    assert proto.stop_step("0.9") - proto.step - 1 == 3 and nfe3 == 1 + 8 * (3 + 1)
+
+
 def test_study_driver_and_cli_smoke(tmp_path):
     cfg = ST.StudyConfig(points=2, min_log2=4, max_log2=5, gt_log2=8, ode_gt_log2=8)
     a = ST.run_study(cfg, log=lambda s: None)
     b = ST.run_study(cfg, log=lambda s: None)
     assert [r["rmse"] for r in a["rows"]] == [r["rmse"] for r in b["rows"]]          # seeded
-    n_est = 1 + 5 + 4 + 4 + 5 + 1          # fo_cs, fo depths, zo_full x3 + soft, zo depths, branches, tempflow
+    n_est = 1 + 5 + 4 + 4 + 5 + 1 + 4      # fo_cs, fo depths, zo_full x3 + soft, zo depths, branches, tempflow
+    #                                        and tempflow truncated at the four lookahead depths
     assert len(a["rows"]) == n_est * 3 * 2
     assert len(ST.evaluate_claims(a)) == 4
     spec = importlib.util.spec_from_file_location("estimator_study", ROOT / "bench" / "estimator_study.py")
