@@ -88,21 +88,92 @@ def norm_of(n: int, mean: bool) -> float:
     return 1.0 / n if mean else 1.0
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernels can run on ``device``: CUDA, or the CPU under the interpreter."""
+    return device.type == "cuda" or (INTERPRET and device.type == "cpu")
+
+
+class KernelInputError(RuntimeError, ValueError):
+    """An argument of a Triton wrapper breaks the backend contract. A ``RuntimeError``, as the C++
+    backend's ``TORCH_CHECK`` raises for the same argument (so callers catch one class on every
+    backend), and a ``ValueError``, as these wrappers raised before."""
+
+
 def check_latents(first: torch.Tensor, *others: torch.Tensor | None) -> None:
     """Cheap checks of the backend contract: contiguous ``[B, ...]`` tensors of one shape/dtype on
     a CUDA device (or on CPU under the interpreter)."""
     if first.dim() < 1 or first.dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"latents must be [B, ...] fp64/fp32/bf16/fp16 tensors, got {first.dtype} "
-                         f"{tuple(first.shape)}")
-    if first.device.type != "cuda" and not INTERPRET:
+        raise KernelInputError(f"latents must be [B, ...] fp64/fp32/bf16/fp16 tensors, got {first.dtype} "
+                               f"{tuple(first.shape)}")
+    if not runs_on(first.device):
         raise RuntimeError("rsm_fast.kernels needs CUDA tensors (or TRITON_INTERPRET=1 set before importing triton)")
     for t in (first, *others):
         if t is None:
             continue
         if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
-            raise ValueError("latent tensors must share shape, dtype and device")
+            raise KernelInputError("latent tensors must share shape, dtype and device")
         if not t.is_contiguous():
-            raise ValueError("latent tensors must be contiguous")
+            raise KernelInputError("latent tensors must be contiguous")
+
+
+# c10's names of the scalar types, as the C++ backend's messages print them.
+_C10_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.bfloat16: "BFloat16", torch.float16: "Half",
+              torch.bool: "Bool", torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
+              torch.uint8: "Byte"}
+
+
+def c10_name(dtype: torch.dtype) -> str:
+    return _C10_NAMES.get(dtype) or str(dtype).removeprefix("torch.")
+
+
+def row_error(op: str, name: str, x, shape: tuple, dtype: torch.dtype, lead: torch.Tensor, lead_name: str) -> str:
+    """The message for a per-row argument ``x`` that fails :func:`check_rows`: the first broken
+    rule in the C++ backend's order (tensor, device, shape, dtype, contiguity), in its wording
+    (``csrc/rsm_ops_detail.h`` ``check_row``; the shape rule reads "must be of shape", not "must
+    have shape", so every message starts "``<name> must be``"), then the op."""
+    where = f" (rsm_fast.kernels {op})"
+    if not isinstance(x, torch.Tensor):
+        return f"{name} must be a tensor, got {type(x).__name__}{where}"
+    if x.device != lead.device:
+        return f"{name} must be a tensor on {lead.device} (the device of {lead_name}), got {x.device}{where}"
+    if tuple(x.shape) != shape:
+        return f"{name} must be of shape {list(shape)}, got {list(x.shape)}{where}"
+    if x.dtype != dtype:
+        if dtype == torch.bool:
+            return f"{name} must be a bool tensor, got {c10_name(x.dtype)}{where}"
+        return (f"{name} must be {c10_name(dtype)} (the compute dtype of {c10_name(lead.dtype)} latents), "
+                f"got {c10_name(x.dtype)}{where}")
+    return f"{name} must be contiguous{where}"
+
+
+def check_rows(op: str, lead: torch.Tensor, lead_name: str, bools: tuple = (), **rows) -> None:
+    """The per-row inputs ``rows`` of the op ``op`` against its first latent ``lead`` (``[B, ...]``,
+    checked by :func:`check_latents`): each must be a contiguous ``[B]`` tensor on ``lead``'s device
+    of the compute dtype (:func:`compute_dtype` of ``lead``'s), ``torch.bool`` for the names in
+    ``bools``; the kernels read them by raw row index, so a strided, stride-0 expanded, short or
+    mistyped tensor would be misread (or read out of bounds). The C++ backend's contract and order;
+    raises :class:`KernelInputError`. Pass only the inputs that are present (``None`` is rejected).
+    Metadata only: no device read, no host sync."""
+    shape, dev = (lead.shape[0],), lead.device
+    cd = torch.float64 if lead.dtype is torch.float64 else torch.float32
+    for name, x in rows.items():
+        want = torch.bool if name in bools else cd
+        try:   # a non-tensor has no such attributes: reported by row_error
+            ok = x.dtype is want and x.shape == shape and x.device == dev and x.is_contiguous()
+        except AttributeError:
+            ok = False
+        if not ok:
+            raise KernelInputError(row_error(op, name, x, shape, want, lead, lead_name))
+
+
+def check_tensor(op: str, name: str, x, shape: tuple, dtype: torch.dtype, lead: torch.Tensor, lead_name: str) -> None:
+    """One per-row input of another shape (``fp_bwd``'s ``coef``, ``[B, 2]``): :func:`check_rows`'s rules."""
+    try:
+        ok = x.dtype is dtype and x.shape == shape and x.device == lead.device and x.is_contiguous()
+    except AttributeError:
+        ok = False
+    if not ok:
+        raise KernelInputError(row_error(op, name, x, shape, dtype, lead, lead_name))
 
 
 def device_guard(t: torch.Tensor):

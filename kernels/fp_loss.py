@@ -11,8 +11,9 @@ Forward (2 launches):
 Backward (1 launch): ``_fp_grad`` on ``(B, n_chunks)`` forms the four per-row coefficients once
 and writes ``grad = k0 X0 + k1 X1 + ke e + kf f`` in the latent dtype.
 
-Unlike the older wrappers, every per-row input is checked here (:func:`check_rows`): a strided or
-mistyped ``[B]`` tensor would otherwise be read as if it were contiguous compute-dtype data.
+Every per-row input is checked here (:func:`rsm_fast.kernels._launch.check_rows`, the C++ backend's
+contract): a strided or mistyped ``[B]`` tensor would otherwise be read as if it were contiguous
+compute-dtype data.
 """
 
 import torch
@@ -248,33 +249,13 @@ def _fp_grad(g_ptr, v_ptr, vo_ptr, xa_ptr, x0_ptr, vr_ptr, ve_ptr, gl_ptr, gp_pt
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
-def _check_tensor(name: str, x, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
-    if tuple(x.shape) != shape or x.dtype != dtype or x.device != device or not x.is_contiguous():
-        layout = "" if x.is_contiguous() else " non-contiguous"
-        raise ValueError(f"{name} must be a contiguous {list(shape)} {dtype} tensor on {device}, got a{layout} "
-                         f"{list(x.shape)} {x.dtype} tensor on {x.device}")
-
-
-def check_rows(B: int, dtype: torch.dtype, device: torch.device, **named) -> None:
-    """Each named per-row input must be a contiguous ``[B]`` tensor of ``dtype`` on ``device``: the
-    kernels read them by raw row index. Pass only the inputs that are present."""
-    for name, x in named.items():
-        _check_tensor(name, x, (B,), dtype, device)
-
-
 def _check_modes(kind: int, weighting: int, v_old) -> None:
     if kind not in (0, 1):
-        raise ValueError(f"kind must be 0 (nft) or 1 (awm), got {kind!r}")
+        raise L.KernelInputError(f"kind must be 0 (nft) or 1 (awm), got {kind!r}")
     if weighting not in range(N_WEIGHTINGS):
-        raise ValueError(f"weighting must be in 0..{N_WEIGHTINGS - 1}, got {weighting!r}")
+        raise L.KernelInputError(f"weighting must be in 0..{N_WEIGHTINGS - 1}, got {weighting!r}")
     if kind == 0 and v_old is None:
-        raise ValueError("v_old is required for kind 0 (nft)")
-
-
-def _present(**named) -> dict:
-    return {k: x for k, x in named.items() if x is not None}
+        raise L.KernelInputError("v_old is required for kind 0 (nft)")
 
 
 def fp_fwd(v, v_old, xa, x0, v_ref, v_ema, t, w, logp_old, kl_coef, ema_coef, kind: int, beta: float, scale: float,
@@ -286,7 +267,10 @@ def fp_fwd(v, v_old, xa, x0, v_ref, v_ema, t, w, logp_old, kl_coef, ema_coef, ki
     L.check_latents(v, v_old, xa, x0, v_ref, v_ema)
     B, n, p = v.shape[0], L.row_len(v), L.plan(v)
     cd, acc, dev = L.compute_dtype(v.dtype), L.acc_type(v.dtype), v.device
-    check_rows(B, cd, dev, t=t, w=w, kl_coef=kl_coef, ema_coef=ema_coef, **_present(logp_old=logp_old))
+    if logp_old is None:
+        L.check_rows("fp_fwd", v, "v", t=t, w=w, kl_coef=kl_coef, ema_coef=ema_coef)
+    else:
+        L.check_rows("fp_fwd", v, "v", t=t, w=w, logp_old=logp_old, kl_coef=kl_coef, ema_coef=ema_coef)
     loss, policy, kl, ema_kl = (torch.empty(B, dtype=cd, device=dev) for _ in range(4))
     aux = torch.empty((B, 4), dtype=cd, device=dev)
     coef = torch.empty((B, 2), dtype=cd, device=dev)
@@ -318,10 +302,10 @@ def fp_bwd(g_loss, g_policy, g_kl, g_ema, v, v_old, xa, x0, v_ref, v_ema, t, kl_
     v_old = v_old if kind == 0 else None
     L.check_latents(v, v_old, xa, x0, v_ref, v_ema)
     B, n, p = v.shape[0], L.row_len(v), L.plan(v)
-    cd, dev = L.compute_dtype(v.dtype), v.device
-    check_rows(B, cd, dev, g_loss=g_loss, g_policy=g_policy, g_kl=g_kl, g_ema=g_ema, t=t, kl_coef=kl_coef,
-               ema_coef=ema_coef)
-    _check_tensor("coef", coef, (B, 2), cd, dev)
+    cd = L.compute_dtype(v.dtype)
+    L.check_rows("fp_bwd", v, "v", g_loss=g_loss, g_policy=g_policy, g_kl=g_kl, g_ema=g_ema, t=t, kl_coef=kl_coef,
+                 ema_coef=ema_coef)
+    L.check_tensor("fp_bwd", "coef", coef, (B, 2), cd, v, "v")
     grad = torch.empty_like(v)
     if B == 0 or n == 0:
         return grad

@@ -144,6 +144,45 @@ def _noise_kernel(out_ptr, keys_ptr, steps_ptr, step, k0, k1, block0, numel, pro
             tl.store(ptrs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_MAX_BLOCKS = 1 << 32
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_stream(op, row_keys, steps, step, block0, numel, dtype=None) -> None:
+    """The C++ backend's checks (``csrc/rsm_noise.cpp`` ``check_stream``), same order and wording:
+    ``row_keys`` a contiguous int64 ``[R]`` tensor, ``steps`` ``None`` or a contiguous int64 ``[R]``
+    tensor on its device, else ``step`` in ``[0, 2^32)``; the block window inside the counter
+    range. Raises :class:`~rsm_fast.kernels._launch.KernelInputError`. Metadata only."""
+    where = f" (rsm_fast.kernels {op})"
+    if not isinstance(row_keys, torch.Tensor):
+        raise L.KernelInputError(f"row_keys must be a tensor, got {type(row_keys).__name__}{where}")
+    if not (row_keys.dim() == 1 and row_keys.dtype == torch.int64 and row_keys.is_contiguous()):
+        raise L.KernelInputError(f"row_keys must be a contiguous int64 tensor [R], got {L.c10_name(row_keys.dtype)} "
+                                 f"{list(row_keys.shape)}{where}")
+    if not L.runs_on(row_keys.device):
+        raise L.KernelInputError(f"row_keys must be a CUDA tensor (or a CPU tensor under TRITON_INTERPRET=1), got "
+                                 f"{row_keys.device}{where}")
+    R = row_keys.shape[0]
+    if steps is not None:
+        if not isinstance(steps, torch.Tensor):
+            raise L.KernelInputError(f"steps must be a tensor or None, got {type(steps).__name__}{where}")
+        if steps.device != row_keys.device:
+            raise L.KernelInputError(f"steps must be a tensor on {row_keys.device} (the device of row_keys), got "
+                                     f"{steps.device}{where}")
+        if not (steps.dim() == 1 and steps.shape[0] == R and steps.dtype == torch.int64 and steps.is_contiguous()):
+            raise L.KernelInputError(f"steps must be a contiguous int64 tensor [{R}], got {L.c10_name(steps.dtype)} "
+                                     f"{list(steps.shape)}{where}")
+    elif not 0 <= step < _MAX_BLOCKS:
+        raise L.KernelInputError(f"step {step} outside [0, 2^32){where}")
+    if numel < 0:
+        raise L.KernelInputError(f"numel must be >= 0, got {numel}{where}")
+    if not (block0 >= 0 and block0 + (numel + 3) // 4 <= _MAX_BLOCKS):
+        raise L.KernelInputError(f"blocks [{block0}, {block0} + ceil({numel} / 4)) exceed the 2^32 counter "
+                                 f"range{where}")
+    if dtype is not None and dtype not in _FLOATS:
+        raise L.KernelInputError(f"dtype must be float64, float32, bfloat16 or float16, got {L.c10_name(dtype)}{where}")
+
+
 def _launch(out, row_keys, steps, step, seed, block0, numel, mode):
     R = row_keys.shape[0]
     if R == 0 or numel == 0:
@@ -168,11 +207,13 @@ def _launch(out, row_keys, steps, step, seed, block0, numel, mode):
 
 def noise(row_keys, steps, step: int, seed: int, block0: int, numel: int, dtype: torch.dtype):
     """Standard normals ``[R, numel]`` of ``dtype`` (contract: :func:`rsm_fast.ops.philox.noise`)."""
+    _check_stream("noise", row_keys, steps, step, block0, numel, dtype)
     out = torch.empty((row_keys.shape[0], numel), dtype=dtype, device=row_keys.device)
     return _launch(out, row_keys, steps, step, seed, block0, numel, MODE_F64 if dtype == torch.float64 else MODE_F32)
 
 
 def noise_words(row_keys, steps, step: int, seed: int, block0: int, numel: int):
     """The raw uint32 words as int64 ``[R, numel]`` (contract: :func:`rsm_fast.ops.philox.noise_words`)."""
+    _check_stream("noise_words", row_keys, steps, step, block0, numel)
     out = torch.empty((row_keys.shape[0], numel), dtype=torch.int64, device=row_keys.device)
     return _launch(out, row_keys, steps, step, seed, block0, numel, MODE_WORDS)

@@ -71,6 +71,7 @@ def _step_epilogue(ws_ptr, sigma_ptr, st_ptr, lp_ptr, B, n_chunks, norm_in: "fp6
 def step_fwd(x, f, z, c_x, c_f, sigma, stochastic, mean: bool):
     """-> ``(x_next [B, ...] in x's dtype, log_prob [B] in the compute dtype)``."""
     L.check_latents(x, f, z)
+    L.check_rows("step_fwd", x, "x", ("stochastic",), c_x=c_x, c_f=c_f, sigma=sigma, stochastic=stochastic)
     B, n, p = x.shape[0], L.row_len(x), L.plan(x)
     cd, acc = L.compute_dtype(x.dtype), L.acc_type(x.dtype)
     xn = torch.empty_like(x)

@@ -103,6 +103,7 @@ def _score_grad(g_ptr, s_ptr, sr_ptr, psi_ptr, so_ptr, gl_ptr, c1_ptr, gamma_ptr
 def score_fwd(s, s_ref, psi, s_old, c1, gamma, c2, mean: bool):
     """-> ``loss [B]`` in the compute dtype."""
     L.check_latents(s, s_ref, psi, s_old)
+    L.check_rows("score_fwd", s, "s", c1=c1, gamma=gamma, c2=c2)
     B, n, p = s.shape[0], L.row_len(s), L.plan(s)
     cd, acc = L.compute_dtype(s.dtype), L.acc_type(s.dtype)
     loss = torch.empty(B, dtype=cd, device=s.device)
@@ -122,6 +123,7 @@ def score_fwd(s, s_ref, psi, s_old, c1, gamma, c2, mean: bool):
 def score_bwd(g_loss, s, s_ref, psi, s_old, c1, gamma, c2, mean: bool):
     """Gradient of ``sum(g_loss loss)`` w.r.t. ``s``, in ``s``'s dtype."""
     L.check_latents(s, s_ref, psi, s_old)
+    L.check_rows("score_bwd", s, "s", c1=c1, gamma=gamma, c2=c2, g_loss=g_loss)
     grad = torch.empty_like(s)
     B, n, p = s.shape[0], L.row_len(s), L.plan(s)
     if B == 0 or n == 0:

@@ -194,6 +194,12 @@ def zo_fwd(f_theta, f_old, z, f_ref, adv, omega, sigma, dt, stochastic, row_weig
            form: int, reweight: int, clip_eps: float, tempflow_scale: float, kl_dt_weight: bool, mean: bool):
     """-> ``(loss, policy, kl, clipped, log_ratio, lin, d_lin, d_quad, d_kl)``, each ``[B]``."""
     L.check_latents(f_theta, f_old, z, f_ref)
+    L.check_rows("zo_fwd", f_theta, "f_theta", ("stochastic",), adv=adv, omega=omega, sigma=sigma, dt=dt,
+                 stochastic=stochastic, row_weight=row_weight, kl_coef=kl_coef, omega_train=omega_train)
+    if not 0 <= form <= 2:
+        raise L.KernelInputError(f"form must be in 0..2 (pg, ratio, hinge), got {form} (rsm_fast.kernels zo_fwd)")
+    if not 0 <= reweight <= 6:
+        raise L.KernelInputError(f"reweight must be in 0..6, got {reweight} (rsm_fast.kernels zo_fwd)")
     B, n, p = f_theta.shape[0], L.row_len(f_theta), L.plan(f_theta)
     cd, acc = L.compute_dtype(f_theta.dtype), L.acc_type(f_theta.dtype)
     outs = [torch.empty(B, dtype=cd, device=f_theta.device) for _ in range(8)]
@@ -219,6 +225,8 @@ def zo_fwd(f_theta, f_old, z, f_ref, adv, omega, sigma, dt, stochastic, row_weig
 def zo_bwd(g_loss, g_policy, g_kl, f_theta, f_old, z, f_ref, omega, d_lin, d_quad, d_kl, mean: bool):
     """Gradient of ``sum(g_loss loss + g_policy policy + g_kl kl)`` w.r.t. ``f_theta``."""
     L.check_latents(f_theta, f_old, z, f_ref)
+    L.check_rows("zo_bwd", f_theta, "f_theta", g_loss=g_loss, g_policy=g_policy, g_kl=g_kl, omega=omega, d_lin=d_lin,
+                 d_quad=d_quad, d_kl=d_kl)
     grad = torch.empty_like(f_theta)
     B, n, p = f_theta.shape[0], L.row_len(f_theta), L.plan(f_theta)
     if B == 0 or n == 0:
