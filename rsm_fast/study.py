@@ -208,7 +208,7 @@ def pathwise_samples(proto: Protocol, x: Tensor, n: int, gen: torch.Generator, o
                      chunk_rows: int = 2**15) -> tuple[Tensor, Tensor]:
     """Ground truth by pathwise MC: per-sample FO full-rollout guidance (SDE, or ODE continuation
     for ``ode=True``), ``n`` per point. Returns (mean ``[P, 2]``, standard error ``[P, 2]``)."""
-    tr, fn = proto.transition, proto.output_fn
+    fn = proto.output_fn
     s1 = torch.zeros_like(x)
     s2 = torch.zeros_like(x)
     per = min(n, chunk_rows)
