@@ -1,0 +1,82 @@
+"""Phase clocks that charge GPU work to the phase that queued it (issue 21, item 4), with an NVTX
+range per phase (item 10). CUDA is mocked: ``torch.cuda.synchronize`` waits for the "queued"
+work of a fake device, so the test shows where that wait is charged."""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+import torch
+
+from rsm_fast import runlog
+from rsm_fast.runlog import PhaseClock
+
+
+@pytest.fixture
+def ranges(monkeypatch):
+    seen = []
+
+    def annotate(name, device=None):
+        seen.append((name, None if device is None else device.type))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(runlog, "annotate", annotate)
+    return seen
+
+
+class FakeDevice:
+    """Queued GPU work: ``launch(s)`` returns at once; ``synchronize`` sleeps until it is done."""
+
+    def __init__(self):
+        self.pending, self.calls = 0.0, []
+
+    def launch(self, seconds: float):
+        self.pending += seconds
+
+    def synchronize(self, device=None):
+        self.calls.append(str(device))
+        time.sleep(self.pending)
+        self.pending = 0.0
+
+
+def test_cpu_clock_never_synchronises(monkeypatch, ranges):
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("synchronize on a CPU run"))
+    clock = PhaseClock("cpu")
+    with clock("rollout"):
+        pass
+    with clock("rollout"):
+        pass
+    assert set(clock.seconds) == {"rollout"} and clock.syncs == 0
+    assert ranges == [("phase/rollout", "cpu")] * 2
+
+
+def test_cuda_work_is_charged_to_the_phase_that_queued_it(monkeypatch, ranges):
+    dev = FakeDevice()
+    monkeypatch.setattr(torch.cuda, "synchronize", dev.synchronize)
+    clock = PhaseClock("cuda:0")
+    with clock("rollout"):
+        dev.launch(0.05)            # returns at once, like a kernel launch
+    with clock("reward"):
+        pass                        # would have waited for the rollout's kernels without the edge sync
+    assert clock.seconds["rollout"] >= 0.05          # a lower bound: safe on a loaded machine
+    assert dev.pending == 0.0 and clock.syncs == 4 and dev.calls == ["cuda:0"] * 4
+    assert [r for r, _ in ranges] == ["phase/rollout", "phase/reward"] and {d for _, d in ranges} == {"cuda"}
+
+    # the same two phases with an unsynchronised clock: the rollout's work lands in the reward phase
+    naive = PhaseClock()
+    with naive("rollout"):
+        dev.launch(0.05)
+    with naive("reward"):
+        dev.synchronize()           # the reward reads the samples: the host waits here
+    assert naive.seconds["reward"] >= 0.05 and naive.syncs == 0
+
+
+def test_a_failing_phase_is_not_masked_by_the_edge_sync(monkeypatch, ranges):
+    dev = FakeDevice()
+    monkeypatch.setattr(torch.cuda, "synchronize", dev.synchronize)
+    clock = PhaseClock(torch.device("cuda", 1))
+    with pytest.raises(ValueError, match="boom"):
+        with clock("train"):
+            raise ValueError("boom")
+    assert dev.calls == ["cuda:1"] and "train" in clock.seconds        # entering sync only
