@@ -11,7 +11,9 @@ recorded in every row, and a run whose ops fell back from C++ / Triton to plain 
 start unless ``RSM_FAST_OPS_BACKEND`` asks for that backend): ``--epochs`` epochs,
 ``--budget-nfe`` training model evaluations or ``--budget-seconds`` training seconds (process CPU
 seconds on a CPU device, wall-clock on CUDA); the epoch that crosses a budget is the last one.
-Per epoch: training NFE (rollout + reference + train, as ``Trainer.nfe`` counts them), wall-clock
+Per epoch: training NFE (rollout + reference + train, as ``Trainer.nfe`` counts them), the samples
+decoded and scored (``Trainer.scored``) and forward-equivalents (NFE + their decode and reward FLOPs
+in denoiser forwards, priced by ``rsm_fast.cost``; bench/gpu_hours_cost.py), wall-clock
 (``perf_counter``) and process CPU seconds (``process_time``; all threads, so ``--threads 1``) of
 ``epoch()`` alone, the training batch's reward and path KL, and every ``--eval-every`` epochs (and
 before training and at the end) a held-out evaluation, ``Trainer.evaluate(--eval-samples)``:
@@ -21,11 +23,11 @@ at that seed), mean reward and KL to the reference. Its cost is recorded apart (
 
 **Time to target.** On the held-out curve (the pre-training evaluation is point 0 at zero cost):
 the first evaluation with reward >= target, interpolated linearly from the evaluation before it,
-with the same fraction in epochs, NFE, CPU and wall seconds. At point 0 already: cost 0. Never:
-"not reached". ``--target-gain g`` (2-D task) crosses the regularised objective instead: the
-evaluation's ``objective_gain`` = (J - J_ref) / (J* - J_ref) with J = E[r] - alpha path KL reaching
-g, so a run that buys reward with KL past p* does not reach it (the exact 50-step tilted process
-measures 0.91). ``--target T`` is an absolute reward; ``--target-frac f`` sets
+with the same fraction in epochs, NFE, forward-equivalents, CPU and wall seconds. At point 0
+already: cost 0. Never: "not reached". ``--target-gain g`` (2-D task) crosses the regularised
+objective instead: the evaluation's ``objective_gain`` = (J - J_ref) / (J* - J_ref) with
+J = E[r] - alpha path KL reaching g, so a run that buys reward with KL past p* does not reach it
+(the exact 50-step tilted process measures 0.91). ``--target T`` is an absolute reward; ``--target-frac f`` sets
 ``T = r0 + f (r_best - r0)`` with r0 the median pre-training reward and r_best the best preset's
 median final reward (= f x r_best when r0 = 0; the offset form because a reward such as the 2-D
 task's starts at 3, not 0).
@@ -80,8 +82,10 @@ from rsm_fast.rewards import RewardError
 from rsm_fast.trainer import NonFiniteError, Trainer
 
 try:                                    # imported as bench.gpu_hours (tests) or run as a script
+    from bench.gpu_hours_cost import cost_columns, run_prices
     from bench.gpu_hours_report import EPOCH_FIELDS, PHASES, read_epochs, write_csv, write_outputs
 except ImportError:
+    from gpu_hours_cost import cost_columns, run_prices
     from gpu_hours_report import EPOCH_FIELDS, PHASES, read_epochs, write_csv, write_outputs
 
 DEFAULT_PRESETS = "tempflow-grpo,tempflow-grpo-rsm,tempflow-grpo-k1,rsm-uniform-realloc,rsm-evr,rsm-evr-cost,tempflow-evr,tempflow-evr-cost"
@@ -184,6 +188,7 @@ def run_one(preset: str, seed: int, args, log=print) -> tuple[list[dict], str]:
     reward/KL) and the policy as it was left is evaluated."""
     tr = Trainer(run_config(preset, args, seed))
     cuda, backend = tr.device.type == "cuda", backends.for_device(tr.device).name
+    prices = run_prices(tr.cfg, tr.reward_name)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     wall = cpu = eval_s = 0.0
 
@@ -205,7 +210,8 @@ def run_one(preset: str, seed: int, args, log=print) -> tuple[list[dict], str]:
                 "cpu_s": round(cpu, 4), "train_reward": s.get("reward_mean", math.nan), "train_kl": s.get("kl", math.nan),
                 "eval_reward": math.nan, "eval_kl": math.nan, "eval_s": round(eval_s, 4), "eval_nfe": tr.nfe["eval"],
                 "eval_objective": math.nan, "eval_gain": math.nan, "eval_gain_marginal": math.nan,
-                **{f"{k}_s": round(tr.clock.seconds.get(k, 0.0), 4) for k in PHASES}, "ops_backend": backend}
+                **{f"{k}_s": round(tr.clock.seconds.get(k, 0.0), 4) for k in PHASES}, "ops_backend": backend,
+                **cost_columns(tr, prices)}
 
     rows = [row(0, {})]
     evaluate(rows[0])
@@ -357,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e if isinstance(e, ConfigError) else f'--tuned {args.tuned}: cannot read a sweep JSON: {e!r}'}",
               file=sys.stderr)
         return 2
+    try:      # the FLOP prices of the forward-equivalent columns (rsm_fast/cost.py)
+        prices = {p: run_prices(c).as_dict() for p, c in zip(args.preset_list, cfgs)}
+    except (ValueError, ImportError, OSError) as e:
+        print(f"error: pricing forward-equivalents: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     if args.baseline not in args.preset_list:
         print(f"note: baseline {args.baseline} is not among --presets: no speedup columns", file=sys.stderr)
     meta = {"command": command, "argv": argv, "machine": machine(cfgs[0].train.device, args.threads), "code": provenance(),
@@ -364,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     "set", "target", "target_frac", "target_gain", "gain_kl", "eval_every",
                                                     "eval_samples", "jobs")}}
     meta["args"]["presets"] = args.preset_list
+    meta["prices"] = prices
     if tuned:
         meta["tuned"] = tuned
     want = backends.forced() or ("triton" if cfgs[0].train.device.startswith("cuda") else "cpp")

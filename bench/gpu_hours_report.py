@@ -10,15 +10,17 @@ import sys
 from pathlib import Path
 
 try:                                    # imported as bench.gpu_hours_report (tests) or from a script
+    from bench.gpu_hours_cost import COLUMNS as COST_COLUMNS, fe_of, prices_note
     from bench.gpu_hours_plots import write_plots
 except ImportError:
+    from gpu_hours_cost import COLUMNS as COST_COLUMNS, fe_of, prices_note
     from gpu_hours_plots import write_plots
 
 PHASES = ("rollout", "reward", "train", "alloc")       # the trainer's phase clock (wall seconds)
 EPOCH_FIELDS = ("preset", "seed", "epoch", "nfe", "nfe_rollout", "nfe_reference", "nfe_train", "wall_s", "cpu_s",
                 "train_reward", "train_kl", "eval_reward", "eval_kl", "eval_s", "eval_nfe") + tuple(f"{k}_s" for k in PHASES) \
-    + ("eval_objective", "eval_gain", "eval_gain_marginal", "ops_backend")
-COSTS = ("epochs", "nfe", "cpu_s", "wall_s")          # the x's of a crossing, in this order
+    + ("eval_objective", "eval_gain", "eval_gain_marginal", "ops_backend") + COST_COLUMNS
+COSTS = ("epochs", "nfe", "cpu_s", "wall_s", "fe")    # the x's of a crossing, in this order (fe: forward-equivalents)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -39,8 +41,9 @@ def crossing(points: list[tuple[float, ...]], target: float) -> list[float] | No
 
 
 def eval_points(rows: list[dict], key: str = "eval_reward") -> list[tuple[float, ...]]:
-    """One run's evaluation rows as crossing points (value of ``key``, epochs, nfe, cpu_s, wall_s)."""
-    return [(r[key], r["epoch"], r["nfe"], r["cpu_s"], r["wall_s"])
+    """One run's evaluation rows as crossing points (value of ``key``, epochs, nfe, cpu_s, wall_s, fe;
+    fe NaN where the CSV has no forward-equivalents)."""
+    return [(r[key], r["epoch"], r["nfe"], r["cpu_s"], r["wall_s"], fe_of(r))
             for r in rows if not math.isnan(r["eval_reward"]) and not math.isnan(r.get(key, math.nan))]
 
 
@@ -135,6 +138,9 @@ def summarize(rows: list[dict], target: float, baseline: str, stops: dict | None
                "nfe_per_epoch": last["nfe"] / max(last["epoch"], 1), "target": target, "reached": hit is not None}
         for c, v in zip(COSTS, hit or [None] * len(COSTS)):
             run[f"{c}_to_target"] = v
+        run["fe"], run["scored"] = fe_of(last), last.get("scored", math.nan)
+        run["fe_known"] = not math.isnan(run["fe"])         # False: an older CSV, or an unpriced reward
+        run.update(fe_per_epoch=run["fe"] / max(last["epoch"], 1), scored_per_epoch=run["scored"] / max(last["epoch"], 1))
         run.update(final_reward=pts[-1][0], final_kl=[r["eval_kl"] for r in rs if not math.isnan(r["eval_reward"])][-1],
                    final_gain=[r.get(gcol, math.nan) for r in rs if not math.isnan(r["eval_reward"])][-1])
         for k in ("cpu", "wall") + PHASES:      # per epoch, for the systems side (phases: wall-clock)
@@ -142,11 +148,13 @@ def summarize(rows: list[dict], target: float, baseline: str, stops: dict | None
         runs.append(run)
     base = {r["seed"]: r for r in runs if r["preset"] == baseline}
     for run in runs:          # kind 'unpaired': no baseline run at this seed
-        for c in ("nfe", "cpu_s", "wall_s"):
+        for c in ("nfe", "cpu_s", "wall_s", "fe"):
             b = base.get(run["seed"])
             rs = paired_ratios({0: (b[f"{c}_to_target"], b[c])}, {0: (run[f"{c}_to_target"], run[c])}) if b else []
             if b and any(x["stop"].startswith("failed") and not x["reached"] for x in (b, run)):
                 rs = [(0, math.nan, "failed")]
+            elif b and c == "fe" and not (b["fe_known"] and run["fe_known"]):
+                rs = [(0, math.nan, "unknown")]
             run[f"speedup_{c}"] = rs[0][1] if rs else math.nan
             run[f"speedup_{c}_kind"] = rs[0][2] if rs else "unpaired"
     return runs
@@ -166,8 +174,8 @@ def read_epochs(path: Path) -> list[dict]:
     rows = []
     with open(path, newline="") as fh:
         for r in csv.DictReader(fh):
-            rows.append({k: (v if k in ("preset", "ops_backend") else int(v) if k in ("seed", "epoch") or k.startswith("nfe")
-                             or k == "eval_nfe" else float(v)) for k, v in r.items()})
+            rows.append({k: (v if k in ("preset", "ops_backend") else int(v) if k in ("seed", "epoch", "scored", "scored_grad")
+                             or k.startswith("nfe") or k == "eval_nfe" else float(v)) for k, v in r.items()})
     return rows
 
 
@@ -188,13 +196,19 @@ def _ratio_cell(st: dict) -> str:
     cell = "—" if not st["n_exact"] else (f"{st['median']:.3g}× ({st['min']:.3g}–{st['max']:.3g})" if st["n_exact"] > 1
                                          else f"{st['median']:.3g}×")
     if st["bounds"]:
-        cell += "; " + ", ".join(f"s{s}: " + ({"na": "NA", "failed": "failed"}.get(k) or f"{k}{v:.3g}×")
+        cell += "; " + ", ".join(f"s{s}: " + ({"na": "NA", "failed": "failed", "unknown": "unknown"}.get(k) or f"{k}{v:.3g}×")
                                  for s, v, k in st["bounds"])
     return cell + f"; faster {st['faster']}/{st['n']}"
 
 
+def _fe_cell(rs: list[dict], col: str) -> str:
+    """A forward-equivalent cell: 'unknown' when no run of the preset has them (older CSV, unpriced reward)."""
+    known = [r[col] for r in rs if r["fe_known"]]
+    return _fmt(known) if known else "unknown"
+
+
 def _kind(v: float, k: str) -> str:
-    return {"na": "NA (both missed)", "unpaired": "—", "failed": "failed"}.get(k, f"{k}{v:.3g}×")
+    return {"na": "NA (both missed)", "unpaired": "—", "failed": "failed", "unknown": "unknown"}.get(k, f"{k}{v:.3g}×")
 
 
 def write_markdown(path: Path, runs: list[dict], meta: dict, target_note: str, key: str = "eval_reward") -> None:
@@ -231,19 +245,23 @@ def write_markdown(path: Path, runs: list[dict], meta: dict, target_note: str, k
              "`<x` = the preset missed it (upper bound); faster k/n = seeds on which the preset is surely faster.",
              "- " + ("GPU-hours = wall-clock on the device." if gpu else
                      "CPU-hours = process CPU time (all threads) of the training epochs; wall-clock includes time the "
-                     "process waited for a core, so on a shared machine CPU-hours are the more reliable timing."), ""]
-    head = ["preset", "reached", "epochs to target", "training NFE to target"] + [f"{h} to target" for _, h in clocks]
-    head += ([f"speedup {x}" for x in ["NFE"] + [h for _, h in clocks]] if base else [])
+                     "process waited for a core, so on a shared machine CPU-hours are the more reliable timing.")]
+    lines += prices_note(meta) + [""]
+    costs = ["nfe", "fe"] + [c for c, _ in clocks]           # the speedup columns, in this order
+    head = ["preset", "reached", "epochs to target", "training NFE to target", "fwd-equiv to target"]
+    head += [f"{h} to target" for _, h in clocks]
+    head += ([f"speedup {x}" for x in ["NFE", "fwd-equiv"] + [h for _, h in clocks]] if base else [])
     gains = any(not math.isnan(r["final_gain"]) for r in runs)
     head += ["final reward", "final KL"] + (["final J gain"] if gains else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in presets:
         rs = by[p]
         cells = [p, f"{sum(r['reached'] for r in rs)}/{len(rs)}", _fmt([r["epochs_to_target"] for r in rs]),
-                 _fmt([r["nfe_to_target"] for r in rs])]
+                 _fmt([r["nfe_to_target"] for r in rs]), _fe_cell(rs, "fe_to_target")]
         cells += [_fmt([r[f"{c}_to_target"] for r in rs], scale=1 / 3600) for c, _ in clocks]
-        for c in (["nfe"] + [c for c, _ in clocks]) if base else []:
-            cells.append("1× (baseline)" if p == base else _ratio_cell(ratio_stats(
+        for c in costs if base else []:
+            unknown = c == "fe" and all(r["speedup_fe_kind"] in ("unknown", "unpaired") for r in rs)
+            cells.append("1× (baseline)" if p == base else "unknown" if unknown else _ratio_cell(ratio_stats(
                 [(r["seed"], r[f"speedup_{c}"], r[f"speedup_{c}_kind"]) for r in rs
                  if r[f"speedup_{c}_kind"] != "unpaired"])))
         cells += [_fmt([r["final_reward"] for r in rs], 4), _fmt([r["final_kl"] for r in rs])]
@@ -251,20 +269,22 @@ def write_markdown(path: Path, runs: list[dict], meta: dict, target_note: str, k
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Cells: median (min–max) over seeds of the runs that reached the target; hours = seconds / 3600.", ""]
     if base:
-        lines += [f"## Speedup over {base} per seed", "", "| preset | seed | NFE | " + " | ".join(h for _, h in clocks) + " |",
-                  "|---|---|---|" + "---|" * len(clocks)]
+        lines += [f"## Speedup over {base} per seed", "",
+                  "| preset | seed | NFE | fwd-equiv | " + " | ".join(h for _, h in clocks) + " |",
+                  "|---|---|---|---|" + "---|" * len(clocks)]
         lines += [f"| {r['preset']} | {r['seed']} | " + " | ".join(_kind(r[f"speedup_{c}"], r[f"speedup_{c}_kind"])
-                                                               for c in ["nfe"] + [c for c, _ in clocks]) + " |"
+                                                               for c in costs) + " |"
                   for r in runs if r["preset"] != base]
         lines.append("")
     lines += ["## Cost per epoch", "", "Mean over each run's epochs, median over seeds: the systems side (an epoch's "
               "price) apart from the algorithmic side (epochs to target, above). Phases are the trainer's wall-clock "
               "phase clock (`alloc`: per-step statistics, the allocator and re-compiling the plan).", "",
-              "| preset | NFE | CPU ms | wall ms | " + " | ".join(f"{k} ms" for k in PHASES) + " | µs CPU per NFE |",
-              "|---|---|---|---|" + "---|" * (len(PHASES) + 1)]
+              "| preset | NFE | scored samples | fwd-equiv | CPU ms | wall ms | " + " | ".join(f"{k} ms" for k in PHASES)
+              + " | µs CPU per NFE |", "|---|---|---|---|---|---|" + "---|" * (len(PHASES) + 1)]
     for p in presets:
         rs = by[p]
-        cells = [_fmt([r["nfe_per_epoch"] for r in rs])]
+        cells = [_fmt([r["nfe_per_epoch"] for r in rs]), _fmt([r["scored_per_epoch"] for r in rs]),
+                 _fe_cell(rs, "fe_per_epoch")]
         cells += [_fmt([r[f"{k}_s_per_epoch"] for r in rs], scale=1e3) for k in ("cpu", "wall") + PHASES]
         cells.append(_fmt([1e6 * r["cpu_s"] / r["nfe"] for r in rs if r["nfe"]]))
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
@@ -279,14 +299,15 @@ def write_markdown(path: Path, runs: list[dict], meta: dict, target_note: str, k
     lines += [f"| {p} | {r:.4g} | {k:.4g} | {_fmt([x['nfe'] for x in by[p]])} | {'**yes**' if f else 'no'} |"
               for (p, r, k), f in zip(pts, pareto(pts))]
     lines += ["", "## Per run", "", "| preset | seed | stop | epochs | training NFE | CPU s | wall s | eval s (not charged) "
-              "| epochs to target | NFE to target | CPU s to target | wall s to target | final reward | final KL |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    f = lambda v, d: "not reached" if v is None else f"{v:,.{d}f}"  # noqa: E731
+              "| epochs to target | NFE to target | fwd-equiv to target | CPU s to target | wall s to target | final reward "
+              "| final KL |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v, d: "not reached" if v is None else "unknown" if math.isnan(v) else f"{v:,.{d}f}"  # noqa: E731
     failures = list(dict.fromkeys(r["stop"][8:] for r in runs if r["stop"].startswith("failed: ")))
     for r in runs:
         stop = f"failed ({failures.index(r['stop'][8:]) + 1})" if r["stop"].startswith("failed: ") else r["stop"] or "—"
         lines.append(f"| {r['preset']} | {r['seed']} | {stop} | {r['epochs']} | {r['nfe']:,} | {r['cpu_s']:.1f} | {r['wall_s']:.1f} "
                      f"| {r['eval_s']:.1f} | {f(r['epochs_to_target'], 2)} | {f(r['nfe_to_target'], 0)} "
+                     f"| {f(r['fe_to_target'], 0)} "
                      f"| {f(r['cpu_s_to_target'], 2)} | {f(r['wall_s_to_target'], 2)} | {r['final_reward']:.4g} "
                      f"| {r['final_kl']:.4g} |")
     if failures:

@@ -164,6 +164,7 @@ class Trainer(TrainerState, FirstOrderMixin):
         self.clock = PhaseClock()
         self.stop = None        # a StopController while rsm_fast.run_loop drives the trainer
         self.nfe = {"rollout": 0, "reference": 0, "train": 0, "eval": 0}
+        self.scored = {"reward": 0, "reward_grad": 0, "eval": 0}   # samples decoded + scored (rsm_fast/cost.py)
         self.epochs_done = 0
         self.skipped = 0
         self.kl_alpha = mc.kl_coef if mc.kl_coef > 0 else cfg.task.alpha
@@ -280,8 +281,10 @@ class Trainer(TrainerState, FirstOrderMixin):
         c = self.task.transition.coeffs(rec.step, torch.ones_like(rec.step, dtype=torch.bool))
         return c, c.kl(rec.f_old, f_ref, reduce="sum")
 
-    def _score(self, x0: Tensor, group: Tensor, conds: Conditioning | None = None) -> Tensor:
-        """Reward of final samples (or of Tweedie estimates) ``x0`` whose groups are ``group``."""
+    def _score(self, x0: Tensor, group: Tensor, conds: Conditioning | None = None, kind: str | None = None) -> Tensor:
+        """Reward of final samples (or of Tweedie estimates) ``x0`` whose groups are ``group``, counted in
+        ``self.scored[kind]`` (default: ``reward_grad`` when ``x0`` carries a graph, else ``reward``)."""
+        self.scored[kind or ("reward_grad" if x0.requires_grad and torch.is_grad_enabled() else "reward")] += x0.shape[0]
         images = self.task.decode(x0)
         if self.builtin_reward:
             return R.checked(self.reward_fn, self.reward_name, images)
@@ -291,6 +294,7 @@ class Trainer(TrainerState, FirstOrderMixin):
 
     def _reward_grad(self, x0: Tensor, group: Tensor) -> Tensor:
         if self.builtin_reward:
+            self.scored["reward_grad"] += x0.shape[0]
             return self.task.reward_grad(x0)
         with torch.enable_grad():
             x = x0.detach().requires_grad_(True)
@@ -349,7 +353,7 @@ class Trainer(TrainerState, FirstOrderMixin):
     def epoch(self) -> dict:
         """One epoch of the estimator family (rsm_fast/families.py): rollout and rewards, rows,
         ``train.inner_updates`` optimizer steps, the epoch's record and per-step diagnostics."""
-        sec0, nfe0 = dict(self.clock.seconds), dict(self.nfe)
+        sec0, nfe0 = dict(self.clock.seconds), self._counters()
         self.policy.eval()
         fam = self.family
         fam.prepare()
@@ -371,7 +375,8 @@ class Trainer(TrainerState, FirstOrderMixin):
         self._sum_nfe(nfe0)
         out = {"lr": lr, **logs, "peak_memory_mb": self._peak_mb(), **stats,
                "seconds_epoch": {k: round(v - sec0.get(k, 0.0), 4) for k, v in self.clock.seconds.items()},
-               "nfe_epoch": {k: v - nfe0.get(k, 0) for k, v in self.nfe.items()}}
+               "nfe_epoch": {k: v - nfe0.get(k, 0) for k, v in self.nfe.items()},
+               "scored_epoch": {k: v - nfe0.get(("scored", k), 0) for k, v in self.scored.items()}}
         a0 = self.clock.seconds.get("alloc", 0.0)
         with self.clock("alloc"):   # diagnostics, allocator and the next plan: this epoch's cost too
             out.update(fam.per_step(batch, rows, out["seconds_epoch"]))
@@ -394,13 +399,14 @@ class Trainer(TrainerState, FirstOrderMixin):
             raise RunInterrupted(self.stop.signum or signal.SIGTERM)
 
     def _sum_nfe(self, nfe0: dict) -> None:
-        """Make the NFE counters the run's (every rank's) totals: this epoch's increments are summed."""
+        """Make the NFE and scored-sample counters the run's (every rank's) totals: this epoch's
+        increments (since the snapshot ``nfe0`` of :meth:`_counters`) are summed."""
         if not self.world.active:
             return
-        keys = list(self.nfe)
-        d = torch.tensor([self.nfe[k] - nfe0.get(k, 0) for k in keys], dtype=torch.int64)
+        now = self._counters()
+        d = torch.tensor([v - nfe0.get(k, 0) for k, v in now.items()], dtype=torch.int64)
         d = self.world.sum(d, "NFE sum").tolist()
-        self.nfe = {k: nfe0.get(k, 0) + int(v) for k, v in zip(keys, d)}
+        self._set_counters({k: nfe0.get(k, 0) + int(v) for k, v in zip(now, d)})
 
     def _sample_and_score(self):
         """The epoch's rollout and reward: ``(records, f_ref, reference NFE, coeffs, record KL,
@@ -412,6 +418,7 @@ class Trainer(TrainerState, FirstOrderMixin):
             submit = None
             if self.async_reward is not None:
                 def submit(w: Records):   # decode here, score on the worker while the next wave samples
+                    self.scored["reward"] += w.x0.shape[0]
                     pending.append(self.async_reward.submit(self.task.decode(w.x0), *self.conds.rows(w.x0_group)))
             rec, f_ref, n_ref = self._rollout(self.engines, self.plan, self.conds, self.gen, self.epochs_done, submit,
                                               rows0=self._rows0)
@@ -523,13 +530,13 @@ class Trainer(TrainerState, FirstOrderMixin):
         engine = RolloutEngine(self.handle.model, tr, compile_plan(spec), seed=seed, cfg_scale=self.task.cfg_scale,
                                chunk_size=chunk, device=self.device)
         self.policy.eval()
-        nfe0 = dict(self.nfe)
+        nfe0 = self._counters()
         with self.clock("eval"):
             gen = torch.Generator().manual_seed(seed)
             conds = self.task.conditions(n, gen)
             rec, f_ref, n_ref = self._rollout([engine], engine.plan, conds, gen, 0, ref_chunk=chunk, rows0=(g0, n))
             kl = Credit(engine.plan).path_kl(self._record_kl(rec, f_ref)[1]).sum(0)
-            r = self._score(rec.x0, rec.x0_group, conds)
+            r = self._score(rec.x0, rec.x0_group, conds, kind="eval")
             metrics = self.builtin_reward and hasattr(self.task, "evaluate")
             x0 = rec.x0
             if self.world.active:
@@ -571,6 +578,7 @@ class Trainer(TrainerState, FirstOrderMixin):
             **final,
             "nfe": self.nfe_total(),
             "nfe_by_kind": dict(self.nfe),
+            "scored": dict(self.scored),
             "skipped_epochs": self.skipped,
             "seconds": secs,
             "seed": self.cfg.train.seed,

@@ -23,8 +23,8 @@ class TrainerState:
     def state_dict(self) -> dict:
         """Everything the next epoch depends on (rsm_fast/checkpoint.py): the trained parameters
         (the LoRA of an image model, all of the 2-D task's MLP), optimizer, scheduler, every RNG,
-        EMA, allocator state and profile, NFE counters, phase clock and skipped count, with the
-        (redacted) config and the code version that wrote it. Plain data and tensors only."""
+        EMA, allocator state and profile, NFE and scored-sample counters, phase clock and skipped
+        count, with the (redacted) config and the code version that wrote it. Plain data and tensors only."""
         sharded = getattr(self, "sharded", False)
         trained = None if sharded else {n: p.detach().clone() for n, p in self.policy.named_parameters()
                                         if p.requires_grad}
@@ -42,7 +42,8 @@ class TrainerState:
                 "allocator": None if self.budget is None else {**self.budget.state_dict(), "k": list(self._spec.k)},
                 "ema": ema,
                 "forward": self.family.state_dict(),      # the estimator family's (None: nothing)
-                "nfe": dict(self.nfe), "clock": dict(self.clock.seconds), "skipped": self.skipped}
+                "nfe": dict(self.nfe), "scored": dict(self.scored), "clock": dict(self.clock.seconds),
+                "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`: the next :meth:`epoch` computes what it would have
@@ -80,6 +81,8 @@ class TrainerState:
                 self._build_plan(replace(self._spec, k=tuple(alloc["k"])))
         if "nfe" in state:
             self.nfe = {k: int(v) for k, v in state["nfe"].items()}
+            # (a checkpoint older than the counter of scored samples restarts it at 0)
+            self.scored = {**dict.fromkeys(self.scored, 0), **{k: int(v) for k, v in state.get("scored", {}).items()}}
             self.clock.seconds = {k: float(v) for k, v in state["clock"].items()}
             self.skipped = int(state["skipped"])
 
@@ -87,13 +90,24 @@ class TrainerState:
         """What an epoch's rollout and reward phases move (RNG states and counters; no weights):
         :meth:`restore` puts it back when a stop abandons the epoch (rsm_fast/run_loop.py)."""
         return {"gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "nfe": dict(self.nfe),
-                "clock": dict(self.clock.seconds), "epochs_done": self.epochs_done, "skipped": self.skipped}
+                "scored": dict(self.scored), "clock": dict(self.clock.seconds), "epochs_done": self.epochs_done,
+                "skipped": self.skipped}
 
     def restore(self, snap: dict) -> None:
         self.gen.set_state(snap["gen"])
         torch.set_rng_state(snap["torch_rng"])
         self.nfe, self.clock.seconds = dict(snap["nfe"]), dict(snap["clock"])
+        self.scored = dict(snap["scored"])
         self.epochs_done, self.skipped = snap["epochs_done"], snap["skipped"]
+
+    def _counters(self) -> dict:
+        """The NFE counters and the scored-sample counters (keys ``("scored", kind)``) as one flat dict:
+        the snapshot an epoch's increments are measured from (``Trainer._sum_nfe``)."""
+        return {**self.nfe, **{("scored", k): v for k, v in self.scored.items()}}
+
+    def _set_counters(self, c: dict) -> None:
+        self.nfe = {k: int(v) for k, v in c.items() if isinstance(k, str)}
+        self.scored = {k[1]: int(v) for k, v in c.items() if isinstance(k, tuple)}
 
     def _load_replicated(self, state: dict) -> None:
         params = dict(self.policy.named_parameters())
