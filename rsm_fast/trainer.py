@@ -161,7 +161,7 @@ class Trainer(TrainerState, FirstOrderMixin):
         self.step = TrainStep(self.policy, self.params, self.opt, compile=tc.compile, grad_accum=tc.grad_accum,
                               max_grad_norm=tc.max_grad_norm, ema_decay=tc.ema_decay, ema_every=tc.ema_every,
                               world=self.world, sharded=self.sharded)
-        self.clock = PhaseClock()
+        self.clock = PhaseClock(self.device)   # CUDA: synchronised at phase edges (runlog.py)
         self.stop = None        # a StopController while rsm_fast.run_loop drives the trainer
         self.nfe = {"rollout": 0, "reference": 0, "train": 0, "eval": 0}
         self.scored = {"reward": 0, "reward_grad": 0, "eval": 0}   # samples decoded + scored (rsm_fast/cost.py)

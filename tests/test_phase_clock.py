@@ -80,3 +80,23 @@ def test_a_failing_phase_is_not_masked_by_the_edge_sync(monkeypatch, ranges):
         with clock("train"):
             raise ValueError("boom")
     assert dev.calls == ["cuda:1"] and "train" in clock.seconds        # entering sync only
+
+
+def test_profile_epoch_script_dry_run_on_cpu(capsys):
+    """profiles/profile_epoch.py (the Nsight Systems recipe's script) runs one epoch of a tiny SD3
+    task on the CPU as a dry run and prints the epoch's phases and NFE; a bad --set is one line."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "profiles" / "profile_epoch.py"
+    spec = importlib.util.spec_from_file_location("profile_epoch", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--device", "cpu", "--warmup", "0", "--preset", "grpo", "--set", "task.num_steps=3",
+                     "--set", "train.batch_size=4", "--set", "method.group_size=4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["profiled"] is False and out["phase_syncs"] == 0
+    assert {"rollout", "reward", "train"} <= set(out["seconds_epoch"]) and out["nfe_epoch"]["rollout"] == 4 * 3 * 2   # 4 rows x 3 steps, CFG pairs
+    assert mod.main(["--device", "cpu", "--set", "train.lr=-1"]) == 2
+    assert "train.lr" in capsys.readouterr().err
