@@ -374,6 +374,7 @@ class Trainer(TrainerState, FirstOrderMixin):
         logs = fam.logs(batch, rows, stats)
         self._sum_nfe(nfe0)
         out = {"lr": lr, **logs, "peak_memory_mb": self._peak_mb(), **stats,
+               **({"cuda_graphs": self.engine.model.stats()} if self.engine.graphs_active else {}),
                "seconds_epoch": {k: round(v - sec0.get(k, 0.0), 4) for k, v in self.clock.seconds.items()},
                "nfe_epoch": {k: v - nfe0.get(k, 0) for k, v in self.nfe.items()},
                "scored_epoch": {k: v - nfe0.get(("scored", k), 0) for k, v in self.scored.items()}}

@@ -13,15 +13,21 @@ Model adapter: ``model(x [C, ...], t [C], cond [C, ...] | None) -> native output
 ``cfg_scale`` set, the model is called on ``2C`` rows (cond, then uncond) and combined as
 ``f_u + w (f_c - f_u)``; NFE counts both halves.
 
-``graphs=True`` on a CUDA device replays the model from CUDA graphs, one per chunk shape
+``graphs=True`` on a CUDA device replays the model from CUDA graphs
 (:class:`~rsm_fast.engine.graphs.GraphedModel`; see its contract on in-place parameter updates and
 ``reset()``); elsewhere the flag is ignored and ``graphs_active`` is False.
 
-[DECISION] Only a graphed engine pads a short chunk up to ``chunk_size`` rows (a replay needs the
-captured shape). Eager calls take the rows there are: a branching plan's steps hold very different
-row counts (TempFlow's const:6 grows from P to 55 P rows), and padding every step to the widest
-one used to spend about as many padding rows as real ones, which also hid what moving branches to
-cheap late steps saves. ``nfe["padding"]`` counts the padded rows that were evaluated.
+[DECISION] A graph replays one row count, so a graphed engine splits the rows a step sends to
+the model (its live rows) into chunks from a fixed ladder (:func:`~rsm_fast.engine.graphs.chunk_sizes`:
+``rollout.chunk_size``, else the largest power of two not above the widest step, and the powers of
+two below it), padding a step's last chunk only when that costs at most 2 % of its rows. Padding
+every step to the widest one (the rule before issue 21) evaluated 1.35-1.94x the rows of the
+branching presets and captured a new graph whenever the online allocator changed the widest step;
+the ladder holds padding under 2 % and the graphs to ``1 + ceil(log2 cap)`` row counts. Eager
+calls take ``chunk_size`` rows and the rest, unpadded: a branching plan's steps hold very
+different row counts (TempFlow's const:6 grows from P to 55 P rows). ``nfe["padding"]`` counts
+the padded rows that were evaluated. Every chunk's rows are copied out of the graph's static
+output right after its call, so nothing the engine returns aliases a graph buffer.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from .. import ops
 from ..ops.nvtx import annotate
 from ..transitions import GaussianTransition, StepCoeffs
 from . import noise as N
+from . import graphs as G
 from .graphs import GraphedModel
 from .plan import Plan, PlanError, check_chunk_size
 
@@ -75,41 +82,66 @@ def finish_rows(c: StepCoeffs, transition: GaussianTransition, step: int, jump: 
 
 class ChunkedEvaluation:
     """Model calls on many rows in fixed-size chunks, with CFG and graph replay: needs ``model``,
-    ``chunk``, ``cfg_scale`` and ``graphs_active`` (the rollout engines of this package)."""
+    ``chunk``, ``cfg_scale`` and ``graphs_active`` (the rollout engines of this package);
+    ``chunk_exact`` (``chunk`` was the user's ``rollout.chunk_size``, not a default) and
+    ``graph_pad_tol`` shape the graphed chunks (:func:`~rsm_fast.engine.graphs.chunk_sizes`)."""
+
+    chunk_exact = True
+    graph_pad_tol = G.PAD_TOL
 
     def _evaluate(self, x: Tensor, t_rows: Tensor, cond: Tensor | None, uncond: Tensor | None, nfe: dict,
                   model: Callable | None = None, chunk: int | None = None) -> Tensor:
         """Model output for every row (``t_rows``: ``[1]`` shared or ``[R]`` per row), in
-        fixed-size chunks."""
+        chunks of at most ``chunk`` rows (default the engine's)."""
         R, C = x.shape[0], chunk or self.chunk
         model = self.model if model is None else model
-        graphed = self.graphs_active and model is self.model
+        if self.graphs_active and model is self.model and R > 0:
+            cap = G.graph_cap(C, exact=self.chunk_exact and C == self.chunk)
+            sizes = G.chunk_sizes(R, cap, self.graph_pad_tol)
+            return self._evaluate_graphed(x, t_rows, cond, uncond, nfe, model, sizes)
         outs = []
         for s in range(0, R, C):
             xs = x[s:s + C]
             n = xs.shape[0]
             cs = None if cond is None else cond[s:s + C]
-            if n < C and graphed:  # pad to the captured shape (padding rows are discarded)
-                pad = C - n
+            t = t_rows.expand(n) if t_rows.numel() == 1 else t_rows[s:s + C]
+            outs.append(self._call(model, xs, t, cs, uncond))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _evaluate_graphed(self, x: Tensor, t_rows: Tensor, cond: Tensor | None, uncond: Tensor | None, nfe: dict,
+                          model: Callable, sizes: list[int]) -> Tensor:
+        """Calls of ``sizes`` rows each (the last one padded to its captured shape; padding rows
+        are discarded), every chunk's rows copied into one fresh output at once: the next replay
+        overwrites a graph's output buffer, and the caller may keep the result."""
+        R, out, s = x.shape[0], None, 0
+        for m in sizes:
+            xs = x[s:s + m]
+            n = xs.shape[0]
+            cs = None if cond is None else cond[s:s + m]
+            t = t_rows.expand(m) if t_rows.numel() == 1 else t_rows[s:s + m]
+            if n < m:  # pad to the captured shape
+                pad = m - n
                 xs = torch.cat([xs, xs.new_zeros((pad, *xs.shape[1:]))])
                 cs = None if cs is None else torch.cat([cs, cs[:1].expand(pad, *cs.shape[1:])])
+                if t.shape[0] < m:
+                    t = torch.cat([t, t[:1].expand(m - t.shape[0])])
                 nfe["padding"] += pad * (2 if self.cfg_scale is not None else 1)
-            m = xs.shape[0]  # rows in this call: C when padded, else n
-            t = t_rows.expand(m) if t_rows.numel() == 1 else t_rows[s:s + C]
-            if t.shape[0] < m:
-                t = torch.cat([t, t[:1].expand(m - t.shape[0])])
-            if self.cfg_scale is None:
-                f = model(xs, t, cs)
-            else:
-                uc = uncond.expand(m, *uncond.shape[1:]) if uncond is not None else None
-                both = model(torch.cat([xs, xs]), torch.cat([t, t]),
-                                  None if cs is None else torch.cat([cs, uc]))
-                f_c, f_u = both[:m], both[m:]
-                f = f_u + self.cfg_scale * (f_c - f_u)
-            if graphed and self.cfg_scale is None and R > C:
-                f = f.clone()  # a graph's output buffer is overwritten by the next chunk's replay
-            outs.append(f[:n])
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+            f = self._call(model, xs, t, cs, uncond)
+            if out is None:
+                out = f.new_empty((R, *f.shape[1:]))
+            out[s:s + n].copy_(f[:n])
+            s += n
+        return out
+
+    def _call(self, model: Callable, xs: Tensor, t: Tensor, cs: Tensor | None, uncond: Tensor | None) -> Tensor:
+        """One model call on ``m`` rows, CFG-combined (``2m`` rows in the call) when ``cfg_scale`` is set."""
+        if self.cfg_scale is None:
+            return model(xs, t, cs)
+        m = xs.shape[0]
+        uc = uncond.expand(m, *uncond.shape[1:]) if uncond is not None else None
+        both = model(torch.cat([xs, xs]), torch.cat([t, t]), None if cs is None else torch.cat([cs, uc]))
+        f_c, f_u = both[:m], both[m:]
+        return f_u + self.cfg_scale * (f_c - f_u)
 
 
 class RolloutEngine(ChunkedEvaluation):
@@ -120,11 +152,12 @@ class RolloutEngine(ChunkedEvaluation):
             raise PlanError(f"plan has {plan.num_steps} steps but the transition has {transition.num_steps}")
         self.model, self.seed, self.cfg_scale = model, int(seed), cfg_scale
         self.device, self.dtype = torch.device(device), dtype
-        self.graphs_active = bool(graphs) and self.device.type == "cuda"
-        if self.graphs_active:  # engines of one epoch's waves share one set of graphs
+        self.graphs_active = bool(graphs) and G.graphs_supported(self.device)
+        if self.graphs_active:  # engines of one epoch's waves (and epochs' plans) share one set of graphs
             self.model = model if isinstance(model, GraphedModel) else GraphedModel(model)
         self.plan = plan.to(self.device)
         self.chunk = check_chunk_size(chunk_size if chunk_size is not None else max(plan.rows))
+        self.chunk_exact = chunk_size is not None
         # index sets from the host copy, once, here (their sizes are host metadata in the loop)
         self._noisy_idx = [torch.nonzero(m).flatten().to(self.device) for m in plan.noisy]
         self._train_idx = [torch.nonzero(m).flatten().to(self.device) for m in plan.trained]
@@ -174,6 +207,8 @@ class RolloutEngine(ChunkedEvaluation):
             x = x_init.to(self.device, self.dtype)
         shape = tuple(x.shape[1:])
         seed = self.epoch_seed(epoch)
+        if self.graphs_active:
+            self.model.begin_epoch(epoch)      # frees the graphs no rollout used for a few epochs
         nfe = {"trunk": 0, "branch": 0, "cfg": 0, "padding": 0}
         keep = {k: [] for k in ("x", "step", "z", "f_old", "log_prob", "group", "parent")}
         for i in range(plan.num_steps):

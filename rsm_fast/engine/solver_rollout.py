@@ -8,8 +8,9 @@ engine runs one of :mod:`rsm_fast.solvers` (``euler``, ``dpm2``, ``unipc``) over
 * the initial latents are the counter-based ``N(0, I)`` of the same row keys and seed, on the
   same noise step (:data:`~.rollout.INITIAL_STEP`), so a solver rollout and an SDE rollout of one
   plan start from the same ``x_T``, and no draw depends on chunking, row order or rank count;
-* the model is called in fixed-size chunks through the rollout engine's own chunked evaluation
-  (CFG on ``2C`` rows, CUDA-graph replay with ``graphs=True`` on a GPU); a solver step is a
+* the model is called in chunks through the rollout engine's own chunked evaluation (CFG on
+  ``2C`` rows, CUDA-graph replay on a bounded ladder of row counts with ``graphs=True`` on a GPU,
+  :func:`~rsm_fast.engine.graphs.chunk_sizes`); a solver step is a
   per-row linear map whose coefficients were built on the host, so the loop reads nothing back;
 * NFE is counted exactly: ``rows * steps`` model rows, twice that with CFG
   (``nfe["cfg"]`` is the unconditional half), ``nfe["padding"]`` apart.
@@ -29,6 +30,7 @@ from torch import Tensor
 from .. import solvers as SV
 from ..ops.nvtx import annotate
 from . import noise as N
+from . import graphs as G
 from .graphs import GraphedModel
 from .plan import PlanError, check_chunk_size
 from .rollout import INITIAL_STEP, ChunkedEvaluation
@@ -56,13 +58,14 @@ class SolverRollout(ChunkedEvaluation):
         self.grid = grid
         self.model, self.seed, self.cfg_scale = model, int(seed), cfg_scale
         self.device, self.dtype = torch.device(device), dtype
-        self.graphs_active = bool(graphs) and self.device.type == "cuda"
+        self.graphs_active = bool(graphs) and G.graphs_supported(self.device)
         if self.graphs_active:
             self.model = model if isinstance(model, GraphedModel) else GraphedModel(model)
         self.keys = keys.to(self.device, torch.long)
         self.group = group.to(self.device, torch.long)
         self.rows = int(keys.numel())
         self.chunk = check_chunk_size(chunk_size if chunk_size is not None else self.rows)
+        self.chunk_exact = chunk_size is not None
         self._t = grid.model_t.to(self.device, dtype)
         self.num_steps = self.plan.num_steps
 
@@ -91,6 +94,8 @@ class SolverRollout(ChunkedEvaluation):
                 raise PlanError(f"x_init has {x_init.shape[0]} rows but the rollout has {self.rows}")
             x = x_init.to(self.device, self.dtype)
         rows_cond = None if cond is None else cond.index_select(0, self.group)
+        if self.graphs_active:
+            self.model.begin_epoch(epoch)      # frees the graphs no rollout used for a few epochs
         state = SV.init_state(self.plan, x)
         nfe = {"steps": 0, "cfg": 0, "padding": 0}
         for i in range(self.num_steps):
