@@ -77,6 +77,7 @@ class TaskConfig:
     reward_max_mb: float = field(default=64.0, metadata={"help": "HTTP reward: the largest response body read, in MiB; a larger one is a reward fault"})
     reward_auth: str = field(default="", metadata={"help": "HTTP reward: Authorization header value (e.g. 'Bearer <token>'); never written to config.yaml, checkpoints or errors (prefer task.reward_auth_env)"})
     reward_auth_env: str = field(default="RSM_FAST_REWARD_AUTH", metadata={"help": "HTTP reward: environment variable read for the Authorization header when task.reward_auth is empty"})
+    reward_backend: str = field(default="eager", metadata={"help": "reward models (aesthetic, pickscore, hps): 'eager' (torch) or 'tensorrt' (the image encoder compiled with torch-tensorrt on a CUDA device; no gradients, so zeroth-order estimators only); without torch_tensorrt or CUDA: one line on stderr and eager"})
     text_cache: str = field(default="", metadata={"help": "diffusers: folder of the on-disk text-embedding cache; at start every prompt (and '') is encoded once, loading the text encoders only if one is not cached, then they are freed; folders may be shared by concurrent runs ('' = $RSM_FAST_CACHE/text or ~/.cache/rsm_fast/text; 'off' = no cache, encoders stay loaded and encode every epoch)"})
     t5: bool = field(default=True, metadata={"help": "SD3: load the T5 text encoder (false: CLIP only, T5 never loaded, zero T5 rows as diffusers' pipeline without text_encoder_3); SD1.5 has no T5"})
     vae_slicing: bool = field(default=False, metadata={"help": "diffusers: VAE enable_slicing, decode the batch one image at a time (less peak memory, same images)"})
@@ -226,7 +227,7 @@ _CHOICES = {
     "rollout.alloc_rule": ("sqrt", "linear"), "rollout.alloc_psi_units": ("score", "native"),
     "rollout.alloc_weights": ("uniform", "influence"), "rollout.alloc_objective": ("budget", "variance"),
     "policy.dtype": ("fp32", "bf16", "fp16"), "policy.autocast": ("", "bf16", "fp16"),
-    "policy.attention": ("sdpa", "xformers"), "task.offload": ("", "cpu"),
+    "policy.attention": ("sdpa", "xformers"), "task.offload": ("", "cpu"), "task.reward_backend": ("eager", "tensorrt"),
     "train.optimizer": ("adamw", "adamw8bit"), "train.parallel": ("ddp", "fsdp"),
     "train.dist_backend": ("", "gloo", "nccl"),
 }

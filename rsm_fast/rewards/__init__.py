@@ -35,8 +35,17 @@ once), returns a non-tensor, the wrong shape, or NaN/inf. ``"error"`` (default):
 ``result.scores`` is ``[B]`` float32 and ``result.components`` holds a weighted sum's parts.
 
 Overlap: :class:`AsyncReward` scores batches on a worker thread (``submit(...) -> Future`` of a
-:class:`RewardResult`, in order; errors re-raise at ``.result()``). :func:`compile_tensorrt` is an
-optional hook for a frozen reward model (needs torch_tensorrt).
+:class:`RewardResult`, in order; errors re-raise at ``.result()``); CUDA images are scored on a
+stream of their own (:class:`~.streams.SideStream`), so the reward's kernels overlap the
+sampler's. :func:`compile_tensorrt` is an optional hook for a frozen reward model (needs
+torch_tensorrt); ``task.reward_backend=tensorrt`` applies it to the model rewards' image encoders
+(:mod:`.backend`).
+
+Device and precision (:mod:`.device`): the model rewards (``aesthetic``, ``pickscore``, ``hps``)
+are built on ``task.device`` in their release's precision there (float32 on the CPU; on CUDA
+float32, float32, and float32 weights under float16 autocast for HPS), and move with
+``reward.place(device, dtype, autocast)``; a device this machine lacks is one :class:`RewardError`
+line.
 
 Options and secrets
 -------------------
@@ -48,8 +57,10 @@ imports, servers reachable) before any model is loaded.
 """
 from .base import (POLICIES, FunctionReward, Reward, RewardError, RewardResult, RewardSkipped, as_reward,
                    checked, evaluate_rewards, reward_grad, validate_scores)
-from .clip import (CLIP_MEAN, CLIP_STD, AestheticHead, AestheticReward, ClipScoreReward, clip_preprocess,
+from .backend import BACKENDS, apply_backend
+from .clip import (CLIP_MEAN, CLIP_STD, AestheticHead, AestheticReward, ClipScoreReward, ModelReward, clip_preprocess,
                    compile_tensorrt, hps, pickscore)
+from .device import RELEASE, Precision, check_device, release_precision
 from .combine import AsyncReward, WeightedSum
 from .options import RewardOptions
 from .preflight import check_reachable, preflight
@@ -57,10 +68,13 @@ from .registry import REGISTRY, known_names, make_reward, parse_spec, register, 
 from .remote import HttpReward
 from .secrets import redact_config, redact_spec, redact_url
 from .simple import BrightnessReward, ColorReward, JpegReward, jpeg_kilobytes
+from .streams import SideStream
 
 __all__ = ["POLICIES", "FunctionReward", "Reward", "RewardError", "RewardResult", "RewardSkipped", "as_reward",
            "checked", "evaluate_rewards", "reward_grad", "validate_scores", "AsyncReward", "WeightedSum",
            "REGISTRY", "known_names", "make_reward", "parse_spec", "register", "resolve", "HttpReward",
            "BrightnessReward", "ColorReward", "JpegReward", "jpeg_kilobytes", "AestheticReward", "AestheticHead",
            "ClipScoreReward", "clip_preprocess", "compile_tensorrt", "pickscore", "hps", "CLIP_MEAN", "CLIP_STD",
-           "RewardOptions", "preflight", "check_reachable", "redact_config", "redact_spec", "redact_url"]
+           "RewardOptions", "preflight", "check_reachable", "redact_config", "redact_spec", "redact_url",
+           "ModelReward", "Precision", "RELEASE", "check_device", "release_precision", "SideStream", "BACKENDS",
+           "apply_backend"]

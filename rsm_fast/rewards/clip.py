@@ -18,6 +18,14 @@
 
 The image preprocessing is done in torch, so gradients reach the images: shortest side resized to
 the model's input size (224) with antialiased bicubic, centre crop, CLIP mean/std.
+
+Device and precision (:mod:`.device`): every reward here is built on a device in a precision
+(``device=``, ``dtype=``, ``autocast=``; the registry passes ``task.device`` and the release's
+precision there) and can be moved with :meth:`ModelReward.place`. The CLIP mean/std and the
+logit scale are float32 buffers that follow the module's device but never its dtype; the
+preprocessing runs in float32 on the model's device, and only its output is cast to the weights'
+dtype. The aesthetic head stays float32 (a 0.9 M-parameter MLP). Images already on the model's
+device are never copied through the host; scores come back float32 on the images' device.
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import RewardError, check_images, one_line
+from .device import FP32, Precision, autocast_context, check_device, resolve_precision
 
 # openai/CLIP clip/clip.py ``_transform``: Normalize((0.48145466, 0.4578275, 0.40821073),
 # (0.26862954, 0.26130258, 0.27577711)); identical to open_clip's OPENAI_DATASET_MEAN / _STD,
@@ -45,7 +54,8 @@ def clip_preprocess(images: Tensor, size: int = CLIP_SIZE, mean=CLIP_MEAN, std=C
     """``[B, 1|3, H, W]`` in [0, 1] -> CLIP pixel values ``[B, 3, size, size]``, differentiable.
 
     Shortest side to ``size`` (long side ``int(size * long / short)``, as torchvision's
-    ``Resize(int)``), antialiased bicubic, centre crop, per-channel mean/std.
+    ``Resize(int)``), antialiased bicubic, centre crop, per-channel mean/std (``mean`` / ``std``:
+    three numbers, or tensors already on the images' device, e.g. a backbone's buffers).
     """
     x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
     h, w = x.shape[-2:]
@@ -55,9 +65,14 @@ def clip_preprocess(images: Tensor, size: int = CLIP_SIZE, mean=CLIP_MEAN, std=C
         h, w = nh, nw
     top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
     x = x[..., top:top + size, left:left + size]
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    m, s = (_const(v, x) for v in (mean, std))
     return (x - m) / s
+
+
+def _const(v, like: Tensor) -> Tensor:
+    if isinstance(v, Tensor):
+        return v.to(device=like.device, dtype=like.dtype).view(1, 3, 1, 1)
+    return torch.tensor(v, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
 
 
 def _need(path: Path, who: str, also: str = "") -> Path:
@@ -111,87 +126,175 @@ def _pooled(out) -> Tensor:
     return out if isinstance(out, Tensor) else out.pooler_output
 
 
-class HFClip(nn.Module):
+class ClipBackbone(nn.Module):
+    """A CLIP model with its preprocessing constants: ``pixel_mean`` / ``pixel_std`` and the
+    model's ``logit_scale``, kept as float32 buffers that follow the module's device but never its
+    dtype (cast to bfloat16, a logit scale of ln 100 = 4.6052 becomes 4.59375: exp 98.9, not 100)."""
+
+    FP32_BUFFERS = ("pixel_mean", "pixel_std", "logit_scale_fp32")
+
+    def __init__(self, model, tokenizer, image_size: int):
+        super().__init__()
+        self.model, self.tokenizer, self.image_size = model, tokenizer, int(image_size)
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("logit_scale_fp32", model.logit_scale.detach().to(torch.float32).clone().reshape(()),
+                             persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        keep = {n: getattr(self, n) for n in self.FP32_BUFFERS}
+        super()._apply(fn, recurse)
+        for n, old in keep.items():          # the float32 values, on wherever ``fn`` moved the buffer
+            setattr(self, n, old.to(device=getattr(self, n).device))
+        return self
+
+    def weights(self) -> Tensor:
+        """A parameter of the model (its device and dtype are the backbone's)."""
+        return next(self.model.parameters())
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """Images -> pixel values on the model's device, in its dtype (resize / crop / normalise in float32)."""
+        p = self.weights()
+        x = clip_preprocess(images.to(device=p.device, dtype=torch.float32), self.image_size,
+                            self.pixel_mean, self.pixel_std)
+        return x.to(p.dtype)
+
+    def logit_scale(self) -> Tensor:
+        return self.logit_scale_fp32.exp()
+
+
+class HFClip(ClipBackbone):
     """Image/text encoders of a transformers ``CLIPModel`` (unnormalised projected features)."""
 
     def __init__(self, model, tokenizer=None):
-        super().__init__()
-        self.model, self.tokenizer = model, tokenizer
-        self.image_size = int(model.config.vision_config.image_size)
+        super().__init__(model, tokenizer, model.config.vision_config.image_size)
         self.max_text = int(model.config.text_config.max_position_embeddings)
 
     def encode_image(self, pixels: Tensor) -> Tensor:
         return _pooled(self.model.get_image_features(pixel_values=pixels))
 
     def encode_text(self, prompts: list[str]) -> Tensor:
-        dev = self.model.logit_scale.device
+        dev = self.weights().device
         tok = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_text, return_tensors="pt")
         return _pooled(self.model.get_text_features(input_ids=tok["input_ids"].to(dev),
                                                     attention_mask=tok["attention_mask"].to(dev)))
 
-    def logit_scale(self) -> Tensor:
-        return self.model.logit_scale.exp()
 
-
-class OpenClip(nn.Module):
+class OpenClip(ClipBackbone):
     """The same interface over an ``open_clip`` model (used for the HPSv2.1 checkpoint)."""
 
     def __init__(self, model, tokenizer):
-        super().__init__()
-        self.model, self.tokenizer = model, tokenizer
         size = getattr(model.visual, "image_size", CLIP_SIZE)
-        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        super().__init__(model, tokenizer, size[0] if isinstance(size, (tuple, list)) else size)
 
     def encode_image(self, pixels: Tensor) -> Tensor:
         return self.model.encode_image(pixels)
 
     def encode_text(self, prompts: list[str]) -> Tensor:
-        return self.model.encode_text(self.tokenizer(prompts).to(self.model.logit_scale.device))
-
-    def logit_scale(self) -> Tensor:
-        return self.model.logit_scale.exp()
+        return self.model.encode_text(self.tokenizer(prompts).to(self.weights().device))
 
 
-def _param(m: nn.Module) -> Tensor:
-    return next(m.parameters())
+class ModelReward(nn.Module):
+    """A frozen reward model with a device and a :class:`~.device.Precision`.
+
+    :meth:`place` moves it (``nn.Module.to`` works too, but casts everything it is given).
+    Subclasses run their encoders under :meth:`autocast` and say in :meth:`_place` what is cast.
+    """
+
+    name = "model"
+    precision: Precision = FP32
+    backend = "eager"
+    _compiled = None            # (module, max batch): a compiled image encoder (rewards/backend.py)
+
+    def place(self, device=None, dtype: torch.dtype | None = None, autocast: torch.dtype | None = None):
+        """On ``device`` (None: cpu) in ``dtype`` / under ``autocast`` (both None: the release's
+        precision on that device, :func:`~.device.release_precision`). Returns ``self``."""
+        dev = check_device(device, self.name)
+        prec = resolve_precision(self.name, dev, dtype, autocast)
+        self._place(dev, prec)
+        self.precision = prec
+        return self
+
+    def _place(self, device: torch.device, prec: Precision) -> None:
+        self.to(device=device, dtype=prec.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def autocast(self):
+        return autocast_context(self.device, self.precision.autocast)
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        """The backbone's image features of preprocessed ``pixels``: through the compiled encoder
+        when there is one (in batches of at most its largest compiled batch), else eager torch
+        under :meth:`autocast`."""
+        if self._compiled is not None:
+            module, max_batch = self._compiled
+            return torch.cat([module(p) for p in pixels.split(max_batch)])
+        with self.autocast():
+            return self.backbone.encode_image(pixels)
+
+    def set_compiled(self, module, max_batch: int, backend: str) -> None:
+        """Score images through ``module`` (``pixels [<= max_batch, 3, S, S] -> features``); a
+        compiled engine keeps no autograd graph, so the reward is no longer differentiable."""
+        self._compiled, self.backend, self.differentiable = (module, int(max_batch)), backend, False
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.clear_cache()                   # cached features live on the old device / dtype
+        if self._compiled is not None:       # an engine built for the old placement: back to eager
+            self._compiled, self.backend = None, "eager"
+            self.differentiable = type(self).differentiable
+        return self
+
+    def clear_cache(self) -> None:
+        pass
 
 
-class ClipScoreReward(nn.Module):
+class ClipScoreReward(ModelReward):
     """``[logit_scale *] cos(image_emb, text_emb)`` per (image, prompt) pair; differentiable in the images.
 
-    Text embeddings are cached per prompt (the encoder is frozen; GRPO groups repeat prompts).
+    Text embeddings are cached per prompt (the encoder is frozen; GRPO groups repeat prompts), on
+    the model's device in float32; moving the model clears the cache.
     """
 
     differentiable = True
 
-    def __init__(self, name: str, backbone: nn.Module, scale_by_logit: bool):
+    def __init__(self, name: str, backbone: ClipBackbone, scale_by_logit: bool, device=None,
+                 dtype: torch.dtype | None = None, autocast: torch.dtype | None = None):
         super().__init__()
-        self.name, self.backbone, self.scale_by_logit = name, backbone, scale_by_logit
         self._text_cache: dict[str, Tensor] = {}
+        self.name, self.backbone, self.scale_by_logit = name, backbone, scale_by_logit
+        self.place(device, dtype, autocast)
+
+    def clear_cache(self) -> None:
+        if hasattr(self, "_text_cache"):
+            self._text_cache.clear()
 
     def text_features(self, prompts: list[str]) -> Tensor:
         todo = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
         if todo:
             if len(self._text_cache) + len(todo) > TEXT_CACHE_MAX:
                 self._text_cache.clear()
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast():
                 feats = F.normalize(self.backbone.encode_text(todo).float(), dim=-1)
             self._text_cache.update(zip(todo, feats))
         return torch.stack([self._text_cache[p] for p in prompts])
 
     def image_features(self, images: Tensor) -> Tensor:
-        p = _param(self.backbone)
-        x = clip_preprocess(images.to(device=p.device, dtype=p.dtype), self.backbone.image_size)
-        return F.normalize(self.backbone.encode_image(x).float(), dim=-1)
+        return F.normalize(self.encode_image(self.backbone.preprocess(images)).float(), dim=-1)
 
     def forward(self, images: Tensor, prompts: list[str] | None = None, metadata=None) -> Tensor:
         check_images(images, self.name)
         if prompts is None or len(prompts) != images.shape[0]:
             got = "none" if prompts is None else len(prompts)
             raise RewardError(f"reward '{self.name}' needs one prompt per image ({images.shape[0]}), got {got}")
-        cos = (self.image_features(images) * self.text_features(list(prompts)).to(images.device)).sum(-1)
+        cos = (self.image_features(images) * self.text_features(list(prompts))).sum(-1)   # on the model's device
         if self.scale_by_logit:
-            cos = self.backbone.logit_scale().float().to(cos.device) * cos
+            cos = self.backbone.logit_scale() * cos
         return cos.to(device=images.device, dtype=torch.float32)
 
 
@@ -244,14 +347,16 @@ def load_head(d: Path, who: str = "aesthetic") -> AestheticHead:
     return AestheticHead.from_state_dict(sd, who)
 
 
-class AestheticReward(nn.Module):
-    """LAION aesthetic score of each image (prompts ignored); differentiable in the images."""
+class AestheticReward(ModelReward):
+    """LAION aesthetic score of each image (prompts ignored); differentiable in the images.
+    The CLIP backbone takes the placement's dtype, the MLP head stays float32."""
 
     name = "aesthetic"
     differentiable = True
 
-    def __init__(self, directory, device=None, dtype=torch.float32):
+    def __init__(self, directory, device=None, dtype: torch.dtype | None = None, autocast: torch.dtype | None = None):
         super().__init__()
+        check_device(device, self.name)      # before any weights load
         d = _dir(directory, self.name)
         clip_dir = d / "clip" if (d / "clip" / "config.json").exists() else d
         self.head = load_head(d)
@@ -259,23 +364,31 @@ class AestheticReward(nn.Module):
         dim = self.backbone.model.config.projection_dim
         if self.head.layers[0].in_features != dim:
             raise RewardError(f"reward 'aesthetic': head input {self.head.layers[0].in_features} != CLIP projection {dim}")
-        self.backbone.to(device=device, dtype=dtype)
-        self.head.to(device=device)
+        self.place(device, dtype, autocast)
+
+    def _place(self, device: torch.device, prec: Precision) -> None:
+        self.to(device=device)
+        self.backbone.to(dtype=prec.dtype)
+        self.head.to(dtype=torch.float32)
 
     def forward(self, images: Tensor, prompts=None, metadata=None) -> Tensor:
         check_images(images, self.name)
-        p = _param(self.backbone)
-        x = clip_preprocess(images.to(device=p.device, dtype=p.dtype), self.backbone.image_size)
-        return self.head(self.backbone.encode_image(x).float()).to(device=images.device, dtype=torch.float32)
+        e = self.encode_image(self.backbone.preprocess(images))
+        return self.head(e.float()).to(device=images.device, dtype=torch.float32)
 
 
-def pickscore(directory, device=None, dtype=torch.float32) -> ClipScoreReward:
+def pickscore(directory, device=None, dtype: torch.dtype | None = None,
+              autocast: torch.dtype | None = None) -> ClipScoreReward:
+    """PickScore_v1 on ``device`` (see :meth:`ModelReward.place` for ``dtype`` / ``autocast``)."""
+    check_device(device, "pickscore")
     d = _dir(directory, "pickscore")
     backbone = HFClip(load_clip_model(d, "pickscore"), load_tokenizer(d, "pickscore"))
-    return ClipScoreReward("pickscore", backbone.to(device=device, dtype=dtype), scale_by_logit=True)
+    return ClipScoreReward("pickscore", backbone, scale_by_logit=True, device=device, dtype=dtype, autocast=autocast)
 
 
-def hps(directory, device=None, dtype=torch.float32) -> ClipScoreReward:
+def hps(directory, device=None, dtype: torch.dtype | None = None, autocast: torch.dtype | None = None) -> ClipScoreReward:
+    """HPSv2.1 on ``device`` (see :meth:`ModelReward.place` for ``dtype`` / ``autocast``)."""
+    check_device(device, "hps")
     d = _dir(directory, "hps")
     if (d / "config.json").exists():
         backbone = HFClip(load_clip_model(d, "hps"), load_tokenizer(d, "hps"))
@@ -283,7 +396,7 @@ def hps(directory, device=None, dtype=torch.float32) -> ClipScoreReward:
         backbone = _open_clip_hps(d / HPS_CHECKPOINT)
     else:
         raise RewardError(f"reward 'hps': missing file '{d / 'config.json'}' (a transformers CLIPModel) or '{d / HPS_CHECKPOINT}'")
-    return ClipScoreReward("hps", backbone.to(device=device, dtype=dtype), scale_by_logit=False)
+    return ClipScoreReward("hps", backbone, scale_by_logit=False, device=device, dtype=dtype, autocast=autocast)
 
 
 def _open_clip_hps(ckpt: Path) -> OpenClip:

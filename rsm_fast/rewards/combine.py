@@ -4,9 +4,11 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import torch
 from torch import Tensor
 
 from .base import RewardError, RewardResult, as_reward, evaluate_rewards
+from .streams import SideStream
 
 
 class WeightedSum:
@@ -51,6 +53,12 @@ class AsyncReward:
     worker). The images are detached and copied at submission -- the caller may overwrite its
     buffers -- so asynchronous scores carry no autograd graph (zeroth-order use). ``timeout`` is
     each batch's deadline (:func:`evaluate_rewards`): past it the future resolves as a fault.
+
+    CUDA images are scored on a stream of their own (:class:`~.streams.SideStream`, one per
+    device), so a reward model's kernels overlap the sampler's instead of queueing behind them on
+    the default stream: the copy made at submission is marked with an event on the submitting
+    thread's stream, the worker's stream waits for that event only, and the worker waits for its
+    stream before the future resolves (the scores are complete when ``result()`` returns them).
     """
 
     def __init__(self, reward, policy: str = "error", name: str | None = None, timeout: float | None = None):
@@ -60,6 +68,13 @@ class AsyncReward:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsm-reward")
         self._lock = threading.Lock()
         self._closed = False
+        self._sides: dict[torch.device, SideStream] = {}
+
+    def _side(self, device: torch.device) -> SideStream:
+        side = self._sides.get(device)
+        if side is None:
+            side = self._sides[device] = SideStream(device)
+        return side
 
     def submit(self, images: Tensor, prompts=None, metadata=None) -> Future:
         imgs = images.detach().clone()
@@ -68,11 +83,13 @@ class AsyncReward:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"AsyncReward '{self.name}' is closed")
-            return self._pool.submit(self._run, imgs, prompts, metadata)
+            side = self._side(imgs.device)
+            mark = side.mark()               # after the copy, on this (the sampling) thread's stream
+            return self._pool.submit(self._run, side, mark, imgs, prompts, metadata)
 
-    def _run(self, images, prompts, metadata) -> RewardResult:
-        return evaluate_rewards(self.reward, images, prompts, metadata, policy=self.policy, name=self.name,
-                                timeout=self.timeout)
+    def _run(self, side: SideStream, mark, images, prompts, metadata) -> RewardResult:
+        return side.run(evaluate_rewards, self.reward, images, prompts, metadata, policy=self.policy,
+                        name=self.name, timeout=self.timeout, inputs=(images,), after=mark, block=True)
 
     def close(self, wait: bool = True) -> None:
         with self._lock:

@@ -12,6 +12,10 @@ A registered name wins over the ``module:function`` reading (``aesthetic:/x`` is
 model, never ``import aesthetic``). A ``+`` that does not start a new term (e.g. inside a path)
 stays part of the argument. One term without a weight is returned as that reward itself.
 
+Model-backed rewards (``aesthetic``, ``pickscore``, ``hps``) are built on ``task.device`` (cpu
+without a task) in their release's precision there (:mod:`.device`); ``options.backend``
+(``task.reward_backend``) may then compile their image encoder (:mod:`.backend`).
+
 :class:`~.options.RewardOptions` (timeout, retries, body cap, Authorization header) reach every
 :class:`~.remote.HttpReward` of a spec through ``make_reward(spec, task, options)`` / ``resolve``.
 Error messages show a spec through :func:`~.secrets.redact_spec`: a URL's credentials never print.
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .base import FunctionReward, Reward, RewardError, one_line
+from .device import task_device
 from .secrets import redact_spec
 
 _WEIGHT = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*\*\s*(.*?)\s*$")
@@ -76,11 +81,13 @@ def _register_builtins() -> None:
     register("brightness", lambda a, t: simple.BrightnessReward(), help="mean pixel value (differentiable)")
     register("color", lambda a, t: simple.parse_color(a), arg="required",
              help="color:R,G,B: -mean squared distance to a colour (differentiable)", check=simple.parse_color)
-    register("aesthetic", lambda a, t: clip.AestheticReward(a), arg="required", help="aesthetic:/dir LAION aesthetic",
-             check=need_dir("aesthetic"))
-    register("pickscore", lambda a, t: clip.pickscore(a), arg="required", help="pickscore:/dir PickScore_v1",
-             check=need_dir("pickscore"))
-    register("hps", lambda a, t: clip.hps(a), arg="required", help="hps:/dir HPSv2.1", check=need_dir("hps"))
+    # model rewards on the task's device (train.device / the rank's), in their release's precision there
+    register("aesthetic", lambda a, t: clip.AestheticReward(a, device=task_device(t)), arg="required",
+             help="aesthetic:/dir LAION aesthetic", check=need_dir("aesthetic"))
+    register("pickscore", lambda a, t: clip.pickscore(a, device=task_device(t)), arg="required",
+             help="pickscore:/dir PickScore_v1", check=need_dir("pickscore"))
+    register("hps", lambda a, t: clip.hps(a, device=task_device(t)), arg="required", help="hps:/dir HPSv2.1",
+             check=need_dir("hps"))
 
 
 def _is_url(s: str) -> bool:
@@ -145,7 +152,11 @@ def _atom(atom: str, task, options=None) -> Reward:
         from .remote import HttpReward
         return HttpReward(atom, **(options.http_kwargs() if options is not None else {}))
     if kind == "registered":
-        return entry.factory(arg, task)
+        reward = entry.factory(arg, task)
+        if options is not None and options.backend != "eager":
+            from .backend import apply_backend
+            reward = apply_backend(reward, options.backend)
+        return reward
     return FunctionReward(import_fn(atom), atom)
 
 

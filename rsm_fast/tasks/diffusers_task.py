@@ -142,6 +142,12 @@ class DiffusersTask:
             raise TaskInputError(f"config field 'task.text_cache': cannot use {str(self.cache_dir)!r} "
                                  f"({e.strerror or e}); set another folder or 'off'") from None
 
+    @property
+    def device(self) -> torch.device:
+        """``train.device`` (the rank's device): where the reward models of ``task.reward`` are
+        built (:func:`rsm_fast.rewards.device.task_device`)."""
+        return self.adapter.device
+
     def _default_resolution(self) -> int:
         a = self.adapter
         f = 2 ** (len(a.vae.config.block_out_channels) - 1)

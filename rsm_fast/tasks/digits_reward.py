@@ -9,6 +9,11 @@ The output is float32 (float64 when the images are float64: that is what gradche
 * :class:`DigitScore` ``(target)``: the same number as a black box (no autograd graph).
 * :class:`DigitLabelLogProb`: ``log p(requested label | image)`` per sample, the label read from
   ``metadata[i]["label"]`` (or, without metadata, from prompts ``"digit 3"``).
+
+Device and precision: by default the classifier runs where the images are (the task builds it on
+``train.device``), in float32. ``reward.place(device, dtype)`` pins it to ``device`` with weights
+in ``dtype`` (e.g. bfloat16 on a GPU); float64 images always get a float64 copy (gradcheck), and
+the log-softmax is taken in float32 (float64) whatever the weights' dtype.
 """
 from __future__ import annotations
 
@@ -29,15 +34,28 @@ class _ClassifierReward:
         self._base = classifier if classifier is not None else load_classifier()
         self._base.requires_grad_(False).eval()
         self._copies: dict[tuple[str, torch.dtype], DigitClassifier] = {}
+        self.device: torch.device | None = None      # None: wherever the images are
+        self.dtype: torch.dtype | None = None        # None: float32
+
+    def place(self, device=None, dtype: torch.dtype | None = None):
+        """Run the classifier on ``device`` (None: cpu) with weights in ``dtype`` (None: float32).
+        Scores still come back on the images' device, float32 (float64 for float64 images)."""
+        from ..rewards.device import check_device
+
+        dev = check_device(device, getattr(self, "name", "digits"))
+        self._copies.clear()          # copies are made from the base weights, which stay where they are
+        self.device, self.dtype = dev, dtype     # (the task shares that module: it is never moved here)
+        return self
 
     def _classifier(self, like: Tensor) -> DigitClassifier:
-        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-        key = (str(like.device), dtype)
+        dtype = torch.float64 if like.dtype == torch.float64 else (self.dtype or torch.float32)
+        device = self.device if self.device is not None else like.device
+        key = (str(device), dtype)
         clf = self._copies.get(key)
         if clf is None:
             p = next(self._base.parameters())
-            clf = self._base if (p.device == like.device and p.dtype == dtype) else \
-                DigitClassifier(**self._base.config).to(like.device, dtype)
+            clf = self._base if (p.device == device and p.dtype == dtype) else \
+                DigitClassifier(**self._base.config).to(device, dtype)
             if clf is not self._base:
                 clf.load_state_dict(self._base.state_dict())
                 clf.requires_grad_(False).eval()
@@ -51,7 +69,10 @@ class _ClassifierReward:
         x = images if images.dtype in (torch.float32, torch.float64) else images.to(torch.float32)
         if x.shape[1] == 3:
             x = x.mean(1, keepdim=True)
-        return torch.log_softmax(self._classifier(x)(x), dim=1)
+        clf = self._classifier(x)
+        p = next(clf.parameters())
+        logits = clf(x.to(device=p.device, dtype=p.dtype))
+        return torch.log_softmax(logits.to(x.dtype), dim=1).to(images.device)
 
 
 class DigitLogProb(_ClassifierReward):
