@@ -7,21 +7,36 @@ LoRA gate and CUDA-graph capture never meet a Dynamo frame, and only grad-mode g
 
 * ``regional`` compiles every block of the policy that sits in an ``nn.ModuleList`` and whose class
   is model code (diffusers ``down_blocks`` / ``up_blocks`` / ``transformer_blocks``, ...): one
-  ``torch.compile`` per block *class* (its ``forward``, the module passed as an argument), so every
-  repetition of a block with the same structure and parameter shapes reuses one graph. Blocks of
+  ``torch.compile`` per block *class* (its ``forward``, the module passed as an argument), one
+  static graph per block *shape* (parameter shapes and the non-row dims of its inputs), so every
+  repetition of a block with the same structure and shapes reuses one graph. Blocks of
   ``torch.nn`` classes (containers, plain layers: no reuse worth a graph) are skipped, so a
   policy without model-code blocks (the 2-D task's residual MLP) falls back to its whole forward.
 * ``full`` compiles the policy module's whole forward.
 
 [DECISION] dynamic row dims, not bucketed padding: dim 0 of every tensor argument of a compiled
-region is marked dynamic (``torch._dynamo.maybe_mark_dynamic``) before each call, so the row count
+region (tensors nested in tuples / lists / dicts included: diffusers' ``res_hidden_states_tuple``)
+is marked dynamic (``torch._dynamo.maybe_mark_dynamic``) before each call, so the row count
 (which the online budget allocator changes every epoch, and which micro-batching splits unevenly)
 is a symbol in the graph and a new count is no new graph; padding would need masked rows in every
 loss and diagnostic. All other dims (channels, spatial, tokens) and the parameter shapes stay
 static: ``dynamic=True`` (every dim symbolic) made the digits UNet's compile 4x slower (aot_eager,
 ``full``: 68 s against 17 s). Dynamo specialises a size of exactly 1, so a micro-batch of one
-row compiles once more; blocks of one class with different widths are different graphs (all
-compiled during the warm-up epoch).
+row compiles once more.
+
+[DECISION] static block shapes: ``torch.compile(..., dynamic=False)``, which turns off Dynamo's
+automatic dynamic shapes for the compiled frames but still honours the marked row dim (issue 21
+item 7). With ``dynamic=None`` a class met at a second width or resolution (SD1.5's three
+``CrossAttnDownBlock2D``) was recompiled with symbolic channels and spatial sizes (``(s0, 16, s1,
+s2)``, even ``24 - s3`` channels in an up block): slower kernels for every block of that class.
+Now each block shape is its own static graph in the class's code cache (all compiled during the
+warm-up epoch; on SD1.5's block layout at tiny widths the same 10 graphs as before, none symbolic
+but in the rows). Not chosen: ``mark_static`` on every non-row dim (the same for tensor arguments, but Python ints
+such as ``upsample_size`` could still turn symbolic) or one compiled function per shape (Dynamo's
+cache is per code object, shared by every ``torch.compile`` of one function). One cache entry per
+shape means a model with more shapes of one class than Dynamo's recompile limit (8) would run the
+rest eagerly, silently: inside the step the limit is raised to ``2 * regions + 8`` (plus entries
+already on the code) and hitting it is an error naming the class (:class:`CompiledRegions`).
 
 [DECISION] The fused loss op stays outside the compiled graph (eager ``autograd.Function`` path of
 ``rsm_fast.ops``): it is one C++/Triton kernel per row block already. ``rsm_fast::zo_loss`` does
@@ -34,7 +49,10 @@ compiled by AOTAutograd. On CPU ``regional`` / ``full`` are 1.06-1.2x (2-D task)
 
 Recompiles are counted from Dynamo's graph counter: ``recompiles`` in the epoch stats is the number
 of graphs compiled during this epoch's training step (the warm-up epoch's first compiles included);
-after the first epoch it must be 0, also when the row count changes (tests/test_train_step.py).
+after the first epoch it must be 0, also when the row count changes (tests/test_train_step.py,
+tests/test_compile_static.py). ``compiled_shapes`` is the number of distinct block shapes the
+regions have run so far (one graph each; ``recompiles`` of the warm-up epoch can be larger by graph
+breaks and one-row micro-batches). Both are in every epoch record of ``log.jsonl``.
 ``RSM_FAST_COMPILE_BACKEND`` (default ``inductor``) picks the Dynamo backend; tests of the image
 models use ``aot_eager`` (same capture and autograd, no kernel code generation) to stay fast.
 
@@ -125,10 +143,38 @@ def _mark_batch(a):
     return a
 
 
-def _rows_dynamic(fn, module: nn.Module):
-    """``module.forward`` replacement: the compiled class forward, rows dim of every tensor argument dynamic."""
+def _mark_rows(args: tuple, kwargs: dict) -> tuple:
+    """Mark dim 0 of every tensor in ``args`` / ``kwargs``, nested ones included (diffusers' up blocks
+    take their skips as ``res_hidden_states_tuple``), dynamic; return their other dims (the input
+    part of the block shape)."""
+    from torch.utils._pytree import tree_leaves
+
+    sig = []
+    for a in tree_leaves((args, kwargs)):
+        if isinstance(a, Tensor):
+            _mark_batch(a)
+            sig.append(tuple(a.shape[1:]))
+    return tuple(sig)
+
+
+def _rows_dynamic(fn, module: nn.Module, seen: set | None = None):
+    """``module.forward`` replacement: the compiled class forward, rows dim of every tensor argument
+    dynamic; ``seen`` collects the block shapes (class, parameter shapes, non-row input dims) it ran."""
+    cls = type(module)
+    params = tuple(tuple(p.shape) for p in module.parameters())
+
     def forward(*args, **kwargs):
-        return fn(module, *[_mark_batch(a) for a in args], **{k: _mark_batch(v) for k, v in kwargs.items()})
+        sig = _mark_rows(args, kwargs)
+        if seen is not None:
+            seen.add((cls, params, sig))
+        try:
+            return fn(module, *args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            raise RuntimeError(
+                f"torch.compile of {cls.__qualname__}.forward hit Dynamo's recompile limit "
+                f"({torch._dynamo.config.recompile_limit} graphs for this class in this process): rather "
+                f"than run the rest of its block shapes eagerly the step stops (train.compile='off' avoids "
+                f"it; TORCH_LOGS=recompiles names the guards that failed)") from e
     return forward
 
 
@@ -137,7 +183,15 @@ class CompiledRegions:
 
     One ``torch.compile`` per module class; inside ``active()`` each region's ``forward`` is an
     instance attribute calling the compiled class forward with the module as first argument
-    (``nn.Module.__call__`` and its hooks stay eager). Parameter names and state dicts never change."""
+    (``nn.Module.__call__`` and its hooks stay eager). Parameter names and state dicts never change.
+
+    Static shapes (issue 21 item 7): ``dynamic=False`` turns off Dynamo's automatic dynamic shapes
+    for these frames (a class seen at a second width or resolution would otherwise recompile with
+    symbolic channels / spatial dims), while the row dim marked by ``maybe_mark_dynamic`` stays a
+    symbol: each distinct block shape is one static graph in the class's code cache. That cache
+    holds one entry per shape, so ``active()`` raises Dynamo's recompile limit (8) to
+    :attr:`recompile_limit` and makes hitting it an error (Dynamo would otherwise run the rest of
+    the shapes eagerly, silently)."""
 
     def __init__(self, policy: nn.Module, mode: str, backend: str | None = None):
         self.mode, self.backend = mode, backend or compile_backend()
@@ -147,7 +201,12 @@ class CompiledRegions:
         self._fns: dict[type, object] = {}
         for m in self._modules:
             if type(m) not in self._fns:
-                self._fns[type(m)] = torch.compile(type(m).forward, dynamic=None, backend=self.backend)
+                self._fns[type(m)] = torch.compile(type(m).forward, dynamic=False, backend=self.backend)
+        self.shapes: set = set()        # block shapes the regions have run (one graph each)
+        # each region has one shape per step, two with a one-row micro-batch (Dynamo specialises a
+        # size of 1); entries other instances left on the class's code (same process) count too
+        self.recompile_limit = max(int(torch._dynamo.config.recompile_limit),
+                                   _cache_entries(self._fns) + 2 * len(self._modules) + 8)
 
     def __bool__(self) -> bool:
         return bool(self._modules)
@@ -155,12 +214,23 @@ class CompiledRegions:
     @contextmanager
     def active(self):
         for m in self._modules:
-            m.forward = _rows_dynamic(self._fns[type(m)], m)
+            m.forward = _rows_dynamic(self._fns[type(m)], m, self.shapes)
         try:
-            yield
+            with torch._dynamo.config.patch(recompile_limit=self.recompile_limit, fail_on_recompile_limit_hit=True):
+                yield
         finally:
             for m in self._modules:
                 m.__dict__.pop("forward", None)
+
+
+def _cache_entries(fns: dict) -> int:
+    """The most Dynamo cache entries on one of the classes' forward code objects (0 if unknown)."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return max((len(_debug_get_cache_entry_list(c.forward.__code__)) for c in fns), default=0)
+    except Exception:       # a private helper: no count, no extra headroom
+        return 0
 
 
 def compile_policy(policy: nn.Module, mode: str, backend: str | None = None) -> CompiledRegions:
@@ -435,6 +505,7 @@ class TrainStep:
                 last_clipped = mask
         if self.regions:
             stats["recompiles"] = graphs_compiled() - g0
+            stats["compiled_shapes"] = len(self.regions.shapes)
         return stats, last_clipped
 
     def _sync(self, skip: bool):
