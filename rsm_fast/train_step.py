@@ -75,12 +75,19 @@ optimizer step. A finite gradient can still make non-finite weights (``train.lr=
   and the decay factor ``1 - lr wd``) must fit the parameters' dtype; if not, the run stops with
   nothing changed (torch would raise a bare ``RuntimeError`` halfway through the step);
 * after the step, one fused reduction (``torch._foreach_norm(params, inf)``, a max-abs per tensor,
-  one host sync) says whether every trained tensor is finite; if not, the parameters are copied
+  left on the device and read with the next update's values, or once after the last update) says
+  whether every trained tensor is finite; if not, the parameters are copied
   back from a snapshot taken before the step, the optimizer state is put back (Adam/AdamW: the
   step count exactly, the two moments by undoing their update with the step's own gradient,
   equal to the old moments up to float rounding; any other optimizer, or AMSGrad, from an exact
   copy of its state), the gradients are cleared and ``nonfinite`` is raised naming the learning
   rate and weight decay. The EMA is updated only after the check, so it never sees the bad step.
+
+Host syncs (issue 21 item 5): none per micro-batch. The losses, their finite flag, the gradient
+norm, the previous step's parameter check and the logged statistics of an update stay on the device
+and are read together, once per update (``tests/test_train_step_syncs.py`` counts them: updates + 1
+per epoch), so a micro-batch's backward is queued right behind its forward. A non-finite loss is
+therefore found after the update's backward passes, still before its optimizer step.
 
 Cost: the snapshot is one copy of the trained parameters, written in place every optimizer step
 (a device memcpy of their size): 85 KB for the 2-D task's default MLP, a few hundred KB for a
@@ -340,12 +347,17 @@ class StepGuard:
             self._state = copy.deepcopy(self.opt.state_dict())
 
     @torch.no_grad()
-    def count_nonfinite(self) -> int:
-        """Trained tensors holding a NaN or inf (one fused max-abs reduction, one host sync)."""
+    def nonfinite(self) -> Tensor:
+        """Trained tensors holding a NaN or inf, as a device scalar (one fused max-abs reduction; no
+        host read: :class:`TrainStep` reads it with the next update's values)."""
         if not self.params:
-            return 0
+            return torch.zeros(())
         norms = torch._foreach_norm([p.detach() for p in self.params], float("inf"))
-        return int((~torch.isfinite(torch.stack([n.float() for n in norms]))).sum())
+        return (~torch.isfinite(torch.stack([n.float() for n in norms]))).sum()
+
+    def count_nonfinite(self) -> int:
+        """:meth:`nonfinite` read on the host (one sync)."""
+        return int(self.nonfinite())
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -433,32 +445,28 @@ class TrainStep:
         Several ranks (``total_rows``: every rank's rows): micro-batch j's mean loss is scaled by
         ``size n_j / total_rows``, so DDP's / FSDP's gradient average is the one-process gradient of
         the same global batch; gradients are synchronised on the last micro-batch only; a
-        non-finite loss on any rank stops every rank (one flag reduction per micro-batch)."""
+        non-finite loss on any rank stops every rank (one flag reduction per update)."""
         stats: dict = {}
         last_clipped = None
         parts = micro_batches(M, self.grad_accum)
         world = self.world if self.world is not None and self.world.active else None
         denom = M if world is None else (total_rows or M) / world.size
         g0 = graphs_compiled() if self.regions else 0
+        pending = None      # the last optimizer step whose parameter check is not read yet
         with self.regions.active():
             for u in range(inner_updates):
                 self.opt.zero_grad(set_to_none=True)
-                total, clipped, absmax = 0.0, [], []
+                total, ok, clipped, absmax = None, None, [], []
                 for j, sl in enumerate(parts):
                     # several ranks: DDP / FSDP synchronise only the last micro-batch (its forward and backward)
                     with self._sync(world is not None and j < len(parts) - 1):
                         loss, out = loss_fn(sl)
                         on_forward(sl.stop - sl.start)
-                        bad = not torch.isfinite(loss)
-                        if world is not None:
-                            bad = world.any(bool(bad), "loss check")
-                        if bad:
-                            self.opt.zero_grad(set_to_none=True)
-                            raise nonfinite(f"loss became {float(loss.detach())} at epoch {epoch} (update {u}); "
-                                            "weights left unchanged")
                         share = (sl.stop - sl.start) / denom
                         (loss * share if (len(parts) > 1 or world is not None) else loss).backward()
-                    total += float(loss.detach()) * share
+                    ld = loss.detach().double()     # on the device: no host read per micro-batch
+                    total = ld * share if total is None else total + ld * share
+                    ok = torch.isfinite(ld) if ok is None else ok & torch.isfinite(ld)
                     if out is not None:
                         clipped.append(out.clipped)
                         if u == 0:
@@ -470,9 +478,28 @@ class TrainStep:
                 else:
                     gn = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm if self.max_grad_norm > 0
                                                         else float("inf"))
-                if not torch.isfinite(gn):
+                mask = torch.cat(clipped) if clipped else None
+                # the update's one host read: loss finite, loss, gradient norm, the previous step's
+                # parameter check and (single process) the logged statistics
+                vals = [ok.double(), total, gn.detach().double().reshape(())]
+                vals.append(pending[1].double().reshape(()).to(total.device) if pending else total.new_zeros(()))
+                if world is None and mask is not None:
+                    vals.append(mask.double().mean())
+                    if u == 0:
+                        vals.append(torch.stack(absmax).max().double())
+                host = torch.stack([v.to(total.device) for v in vals]).tolist()
+                ok_h, total_h, gn_h = host[0] > 0, host[1], host[2]
+                if pending:
+                    self._settle(pending, host[3], epoch, nonfinite)
+                    pending = None
+                if world is not None:
+                    ok_h = not world.any(not ok_h, "loss check")     # one flag reduction per update
+                if not ok_h:
                     self.opt.zero_grad(set_to_none=True)
-                    raise nonfinite(f"gradient norm became {float(gn)} at epoch {epoch} (update {u}); "
+                    raise nonfinite(f"loss became {total_h} at epoch {epoch} (update {u}); weights left unchanged")
+                if not math.isfinite(gn_h):
+                    self.opt.zero_grad(set_to_none=True)
+                    raise nonfinite(f"gradient norm became {gn_h} at epoch {epoch} (update {u}); "
                                     "weights left unchanged")
                 why = self.guard.precheck()
                 if why is not None:
@@ -481,32 +508,44 @@ class TrainStep:
                                     f"{self.guard.describe()}: {why}; the last finite weights were kept")
                 self.guard.save()
                 self.opt.step()
-                bad = self.guard.count_nonfinite()
-                if bad:
-                    self.guard.restore()
-                    self.opt.zero_grad(set_to_none=True)
-                    raise nonfinite(f"the optimizer step at epoch {epoch} (update {u}) made {bad} of "
-                                    f"{len(self.params)} trained parameter tensors non-finite with "
-                                    f"{self.guard.describe()} (gradient norm {float(gn):.3g}); the last finite "
-                                    "weights and optimizer state were kept")
-                if self.ema is not None:
-                    self.ema.update()
-                mask = torch.cat(clipped) if clipped else None
+                # read with the next update's values (or below, after the last update)
+                pending = (u, torch.as_tensor(self.guard.count_nonfinite()) if self.sharded else self.guard.nonfinite(),
+                           gn_h)
                 if u == 0:
-                    stats["loss"] = total if world is None else self._sum(world, total / world.size)
-                    stats["grad_norm"] = float(gn)
+                    stats["loss"] = total_h if world is None else self._sum(world, total_h / world.size)
+                    stats["grad_norm"] = gn_h
                     if mask is not None:
-                        stats["clip_frac"] = self._frac(world, mask, total_rows)
+                        stats["clip_frac"] = host[4] if world is None else self._frac(world, mask, total_rows)
                         # on the first update the policy IS the rollout policy: 0 (eager), ~1e-7 compiled
-                        amax = torch.stack(absmax).max()
-                        stats["onpolicy_logratio_absmax"] = float(amax if world is None else world.max(amax, "stats"))
+                        if world is None:
+                            stats["onpolicy_logratio_absmax"] = host[5]
+                        else:
+                            stats["onpolicy_logratio_absmax"] = float(world.max(torch.stack(absmax).max(), "stats"))
                 elif mask is not None:
-                    stats["clip_frac_last"] = self._frac(world, mask, total_rows)
+                    stats["clip_frac_last"] = host[4] if world is None else self._frac(world, mask, total_rows)
                 last_clipped = mask
+            if pending:     # the last step's check: one read per epoch
+                self._settle(pending, float(pending[1]), epoch, nonfinite)
         if self.regions:
             stats["recompiles"] = graphs_compiled() - g0
             stats["compiled_shapes"] = len(self.regions.shapes)
         return stats, last_clipped
+
+    def _settle(self, pending: tuple, bad: float, epoch: int, nonfinite) -> None:
+        """The parameter check of the step ``pending = (update, count, grad norm)``, read: a step
+        that left a non-finite parameter is undone (weights and optimizer state as before it) and
+        the run stops; a good one feeds the EMA (its weights are still the current ones: nothing
+        has stepped since)."""
+        u, _, gn = pending
+        if bad:
+            self.guard.restore()
+            self.opt.zero_grad(set_to_none=True)
+            raise nonfinite(f"the optimizer step at epoch {epoch} (update {u}) made {int(bad)} of "
+                            f"{len(self.params)} trained parameter tensors non-finite with "
+                            f"{self.guard.describe()} (gradient norm {gn:.3g}); the last finite "
+                            "weights and optimizer state were kept")
+        if self.ema is not None:
+            self.ema.update()
 
     def _sync(self, skip: bool):
         """No gradient synchronisation inside (an accumulating micro-batch under several ranks)."""
