@@ -25,7 +25,7 @@ the trainer's own zeroth-order and first-order code, :mod:`rsm_fast.fo_guidance`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,12 +34,40 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 
+# Issue 21 item 8: on the first update the training forward re-expresses the rollout's records (zo).
+REEXPRESS_ON_POLICY = True
+
+
 @dataclass
 class TrajectoryRows:
     rows: Any            # rsm_fast.trainer.Rows
     coeffs: Any          # the records' StepCoeffs
     shift: Any           # first order: the guidance target shift per record (None for zo)
     group: torch.Tensor  # [M] group id per record
+    seen: set = field(default_factory=set)   # micro-batches (start, stop) already re-expressed
+
+
+@torch.no_grad()
+def reexpress_on_policy(f: torch.Tensor, f_old: torch.Tensor, z: torch.Tensor, c) -> None:
+    """Make the first update exactly on-policy on any device (issue 21 item 8), in place.
+
+    The rollout sampled ``x' = c_x x + c_f f_old + sigma z``. On a GPU the training forward ``f``
+    of the same weights runs other kernels (other batch shapes, compiled regions), so ``f != f_old``
+    by rounding, the first update's log-ratio is not 0 and at image clip ranges (1e-4) on-policy
+    rows can clip. Writing ``z <- z + (c_f / sigma)(f_old - f)`` and ``f_old <- f`` keeps the sampled
+    ``x'`` (up to rounding) and makes ``f - f_old`` exactly 0 at the first update, so its ratio is
+    exactly 1; later updates measure the policy's move from there. Deterministic rows (sigma 0)
+    keep their ``z`` and ``f_old`` (their ratio is 1 by definition). Arithmetic in float32 (float64
+    for float64 records). On the CPU the two forwards agree bit for bit and nothing changes."""
+    from .transitions import compute_dtype, rowwise
+
+    sig = c.sigma
+    on = sig > 0
+    scale = torch.where(on, c.c_f / torch.where(on, sig, torch.ones_like(sig)), torch.zeros_like(sig))
+    cd = compute_dtype(f, f_old, z)
+    fd = f.detach()
+    z.copy_((z.to(cd) + rowwise(scale, z).to(cd) * (f_old.to(cd) - fd.to(cd))).to(z.dtype))
+    f_old.copy_(torch.where(rowwise(on, f_old), fd.to(f_old.dtype), f_old))
 
 
 class TrajectoryFamily:
@@ -87,6 +115,10 @@ class TrajectoryFamily:
         tr = self.tr
         r, cs = _slice_rows(rows.rows, sl), _slice_coeffs(rows.coeffs, sl)
         f = tr._policy_out(r.x, r.t, rows.group[sl])
+        key = (sl.start, sl.stop)
+        if tr.cfg.method.estimator == "zo" and REEXPRESS_ON_POLICY and key not in rows.seen:
+            rows.seen.add(key)             # first update of these rows: f is the rollout policy's
+            reexpress_on_policy(f, r.f_old, r.z, cs)
         rw = None if tr._row_weight is None else tr._row_weight[sl]
         return tr._loss(r, cs, f, None if rows.shift is None else rows.shift[sl], rw)
 
