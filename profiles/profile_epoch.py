@@ -13,9 +13,9 @@ look for: profiles/README.md ("One training epoch").
 NVTX ranges inside the epoch (rsm_fast/ops/nvtx.py; domain ``rsm_fast`` when the ``nvtx`` package
 is installed, else the default domain): ``rsm_fast/phase/<rollout|reward|train|alloc>`` from the
 trainer's phase clock (which synchronises the device at every phase edge, so each range covers
-its own GPU work), ``rsm_fast/rollout/<trunk|branch> step i`` per sampling step, the fused ops'
-``rsm_fast/sampler_step``, ``rsm_fast/zo_loss`` (+ ``_backward``), and the training step's
-sub-phases where the trainer marks them. Printed at the end: the epoch's phase seconds, NFE and
+its own GPU work), ``rsm_fast/rollout/<trunk|branch> step i`` per sampling step,
+``rsm_fast/reference``, the training step's ``rsm_fast/train/<forward|backward|optimizer>``, and the
+fused ops' ``rsm_fast/sampler_step``, ``rsm_fast/zo_loss`` (+ ``_backward``). Printed at the end: the epoch's phase seconds, NFE and
 the NVTX domain, so a report can be checked against the run that made it. ``--device cpu`` is a
 dry run (no profiler calls, no NVTX): it checks the script and prints the same summary.
 """

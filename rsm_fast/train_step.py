@@ -106,6 +106,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .ops.nvtx import annotate
+
 COMPILE_MODES = ("off", "regional", "full")
 
 
@@ -453,6 +455,7 @@ class TrainStep:
         denom = M if world is None else (total_rows or M) / world.size
         g0 = graphs_compiled() if self.regions else 0
         pending = None      # the last optimizer step whose parameter check is not read yet
+        dev = self.params[0].device if self.params else None     # NVTX sub-phase ranges
         with self.regions.active():
             for u in range(inner_updates):
                 self.opt.zero_grad(set_to_none=True)
@@ -460,10 +463,12 @@ class TrainStep:
                 for j, sl in enumerate(parts):
                     # several ranks: DDP / FSDP synchronise only the last micro-batch (its forward and backward)
                     with self._sync(world is not None and j < len(parts) - 1):
-                        loss, out = loss_fn(sl)
+                        with annotate("train/forward", dev):
+                            loss, out = loss_fn(sl)
                         on_forward(sl.stop - sl.start)
                         share = (sl.stop - sl.start) / denom
-                        (loss * share if (len(parts) > 1 or world is not None) else loss).backward()
+                        with annotate("train/backward", dev):
+                            (loss * share if (len(parts) > 1 or world is not None) else loss).backward()
                     ld = loss.detach().double()     # on the device: no host read per micro-batch
                     total = ld * share if total is None else total + ld * share
                     ok = torch.isfinite(ld) if ok is None else ok & torch.isfinite(ld)
@@ -506,8 +511,9 @@ class TrainStep:
                     self.opt.zero_grad(set_to_none=True)
                     raise nonfinite(f"the optimizer step at epoch {epoch} (update {u}) cannot be computed with "
                                     f"{self.guard.describe()}: {why}; the last finite weights were kept")
-                self.guard.save()
-                self.opt.step()
+                with annotate("train/optimizer", dev):
+                    self.guard.save()
+                    self.opt.step()
                 # read with the next update's values (or below, after the last update)
                 pending = (u, torch.as_tensor(self.guard.count_nonfinite()) if self.sharded else self.guard.nonfinite(),
                            gn_h)

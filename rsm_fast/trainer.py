@@ -49,6 +49,7 @@ from .interrupts import RunInterrupted, fault_point
 from .trainer_state import TrainerState
 from .losses import score_regression_loss, zo_row_loss
 from .models.runtime import make_optimizer, peak_memory
+from .ops.nvtx import annotate
 from .runlog import PhaseClock
 from .rundir import RunDir
 from .train_step import TrainStep
@@ -273,7 +274,8 @@ class Trainer(TrainerState, FirstOrderMixin):
         rec = merge_records(recs, plan)
         # rollout.chunk_size 0 means "all rows in one call": for the records too
         chunk = ref_chunk or self.cfg.rollout.chunk_size or max(1, rec.x.shape[0])
-        f_ref, n_ref = engines[0].evaluate_records(self.handle.reference, rec, c, u, chunk_size=chunk)
+        with annotate("reference", self.device):      # an NVTX sub-phase of the rollout
+            f_ref, n_ref = engines[0].evaluate_records(self.handle.reference, rec, c, u, chunk_size=chunk)
         return rec, f_ref, n_ref
 
     def _record_kl(self, rec: Records, f_ref: Tensor):

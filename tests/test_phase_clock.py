@@ -100,3 +100,25 @@ def test_profile_epoch_script_dry_run_on_cpu(capsys):
     assert {"rollout", "reward", "train"} <= set(out["seconds_epoch"]) and out["nfe_epoch"]["rollout"] == 4 * 3 * 2   # 4 rows x 3 steps, CFG pairs
     assert mod.main(["--device", "cpu", "--set", "train.lr=-1"]) == 2
     assert "train.lr" in capsys.readouterr().err
+
+
+def test_training_step_and_reference_are_nvtx_sub_phases(monkeypatch):
+    """train/forward, train/backward (per micro-batch), train/optimizer and reference ranges open
+    during an epoch (recorded through a patched annotate)."""
+    from rsm_fast import train_step as TS
+    from rsm_fast import trainer as TR
+    from rsm_fast.config import build_config
+
+    seen = []
+
+    def annotate(name, device=None):
+        seen.append(name)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(TS, "annotate", annotate)
+    monkeypatch.setattr(TR, "annotate", annotate)
+    tr = TR.Trainer(build_config("grpo", None, ["train.batch_size=16", "method.group_size=8", "train.grad_accum=2",
+                                                "train.inner_updates=2"]))
+    tr.epoch()
+    assert seen.count("train/forward") == seen.count("train/backward") == 4
+    assert seen.count("train/optimizer") == 2 and seen.count("reference") == 1
