@@ -253,10 +253,9 @@ FPOut fp_fwd(const at::Tensor& v, const OptTensor& v_old, const at::Tensor& xa, 
               ": weighting must be in 0..4 (uniform, t, t**2, huber, ghuber), got ", weighting);
   const bool has_ref = present(v_ref), has_ema = present(v_ema), has_old = present(logp_old);
 
-  const auto o = opts(r.compute);
-  at::Tensor loss = at::empty({r.B}, o), policy = at::empty({r.B}, o), kl = at::empty({r.B}, o),
-             ema_kl = at::empty({r.B}, o), aux = at::empty({r.B, 4}, o),
-             clipped = at::empty({r.B}, opts(at::kBool)), coef = at::empty({r.B, 2}, o);
+  const RowBlock blk(11, r.B, r.compute);   // the outputs are views of one [11, B] block
+  at::Tensor loss = blk.rows(0), policy = blk.rows(1), kl = blk.rows(2), ema_kl = blk.rows(3),
+             aux = blk.rows(4, 4), clipped = blk.bools(10), coef = blk.rows(8, 2);
   const Tiling tl(r);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.latent, "rsm_fp_fwd", [&] {

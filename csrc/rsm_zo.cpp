@@ -149,11 +149,10 @@ ZOOut zo_fwd(const at::Tensor& f_theta, const at::Tensor& f_old, const at::Tenso
   TORCH_CHECK(reweight >= 0 && reweight <= 6, op, ": reweight must be in 0..6, got ", reweight);
   const bool has_ref = present(f_ref);
 
-  const auto o = opts(r.compute);
-  at::Tensor loss = at::empty({r.B}, o), policy = at::empty({r.B}, o), kl = at::empty({r.B}, o),
-             clipped = at::empty({r.B}, opts(at::kBool)), log_ratio = at::empty({r.B}, o),
-             lin = at::empty({r.B}, o), d_lin = at::empty({r.B}, o), d_quad = at::empty({r.B}, o),
-             d_kl = at::empty({r.B}, o);
+  const RowBlock blk(9, r.B, r.compute);   // the outputs are views of one [9, B] block
+  at::Tensor loss = blk.rows(0), policy = blk.rows(1), kl = blk.rows(2), clipped = blk.bools(3),
+             log_ratio = blk.rows(4), lin = blk.rows(5), d_lin = blk.rows(6), d_quad = blk.rows(7),
+             d_kl = blk.rows(8);
   const Tiling t(r);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.latent, "rsm_zo_fwd", [&] {

@@ -39,6 +39,9 @@ class Plan(NamedTuple):
     n_chunks: int    # chunks per row (>= 1)
     chunk_len: int   # elements per chunk, a multiple of block (the last chunk may be shorter)
     num_warps: int
+    grid: tuple = (0, 1)       # (B, n_chunks): the streaming kernels' grid
+    epi_grid: tuple = (0,)     # the per-row epilogue's grid, (cdiv(B, EPI_BLOCK_B),)
+    n: int = 0                 # elements per row
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,29 +49,77 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints (``triton.cdiv`` is a jitted function: ~10 µs per host call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def plan_chunks(B: int, n: int, block: int, target_programs: int) -> tuple[int, int]:
     """``(n_chunks, chunk_len)`` for rows of ``n`` elements: ``chunk_len`` is a whole number of
     ``block`` tiles, the chunks cover the row, and ``B * n_chunks >= target_programs`` unless that
     would need chunks of less than one tile."""
-    tiles = max(1, triton.cdiv(n, block))
-    want = min(tiles, max(1, triton.cdiv(target_programs, max(B, 1))))   # chunks per row wanted
-    chunk_len = (tiles // want) * block                                    # >= want chunks
-    return triton.cdiv(max(n, 1), chunk_len), chunk_len
+    tiles = max(1, cdiv(n, block))
+    want = min(tiles, max(1, cdiv(target_programs, max(B, 1))))   # chunks per row wanted
+    chunk_len = (tiles // want) * block                           # >= want chunks
+    return cdiv(max(n, 1), chunk_len), chunk_len
+
+
+# Plans by (B, n, fp64, device, tiling constants): a plan is a pure function of these, so each is
+# made once (the constants are in the key: tests change INTERP_PROGRAMS to force many chunks).
+_PLANS: dict = {}
+_MAX_PLANS = 4096
+
+
+def _make_plan(B: int, n: int, fp64: bool, cuda: bool, index, block_big: int, block_fp64: int, per_sm: int,
+               warps_cuda: int, interp_block: int, interp_programs: int) -> Plan:
+    if cuda:
+        big = block_fp64 if fp64 else block_big
+        block = min(big, max(128, next_power_of_2(max(n, 1))))   # short rows: smaller tiles
+        target, warps = per_sm * sm_count(index), warps_cuda
+    else:
+        block, target, warps = interp_block, interp_programs, 1
+    n_chunks, chunk_len = plan_chunks(B, n, block, target)
+    return Plan(block, n_chunks, chunk_len, warps, (B, n_chunks), (cdiv(B, EPI_BLOCK_B),), n)
 
 
 def plan(t: torch.Tensor) -> Plan:
-    """The chunking of the rows of the latent tensor ``t`` (``[B, ...]``) for its device."""
+    """The chunking of the rows of the latent tensor ``t`` (``[B, ...]``) for its device, with the
+    launch grids; cached per (B, n, dtype class, device)."""
     B = t.shape[0]
     n = t.numel() // B if B else 0
-    if t.device.type == "cuda":
-        big = CUDA_BLOCK_FP64 if t.dtype == torch.float64 else CUDA_BLOCK
-        block = min(big, max(128, triton.next_power_of_2(max(n, 1))))   # short rows: smaller tiles
-        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-        target, warps = PROGRAMS_PER_SM * sm_count(index), CUDA_WARPS
+    dev = t.device
+    cuda = dev.type == "cuda"
+    if cuda:
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        key = (B, n, t.dtype is torch.float64, True, index, CUDA_BLOCK, CUDA_BLOCK_FP64, PROGRAMS_PER_SM, CUDA_WARPS,
+               0, 0)
     else:
-        block, target, warps = INTERP_BLOCK, INTERP_PROGRAMS, 1
-    n_chunks, chunk_len = plan_chunks(B, n, block, target)
-    return Plan(block, n_chunks, chunk_len, warps)
+        key = (B, n, False, False, None, 0, 0, 0, 0, INTERP_BLOCK, INTERP_PROGRAMS)
+    p = _PLANS.get(key)
+    if p is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        p = _PLANS[key] = _make_plan(*key)
+    return p
+
+
+def alloc_rows(B: int, widths: tuple, dtype: torch.dtype, device: torch.device, extra: int = 0) -> tuple:
+    """One allocation for a forward: consecutive per-row outputs of ``w * B`` elements for each
+    ``w`` of ``widths`` (a ``[B]`` output, or a row-major ``[B, w]`` one), then ``extra`` elements
+    (the partial-sum workspace). Returns the flat pieces (views, one split call); the wrappers
+    shape them, so every output of a call shares one storage: ``sum(widths)`` rows of ``B``."""
+    flat = torch.empty(sum(widths) * B + extra, dtype=dtype, device=device)
+    return flat.split_with_sizes([w * B for w in widths] + [extra])
+
+
+def bytes_row(row: torch.Tensor) -> torch.Tensor:
+    """A ``[B]`` row of an :func:`alloc_rows` block as the ``uint8`` buffer a bool output is
+    stored in (its first ``B`` bytes; ``[:B].view(torch.bool)`` is the output)."""
+    return row.view(torch.uint8)
 
 
 def acc_type(dtype: torch.dtype):
@@ -195,7 +246,7 @@ _NULL = _Null()
 
 
 def epilogue_grid(B: int) -> tuple[int]:
-    return (triton.cdiv(B, EPI_BLOCK_B),)
+    return (cdiv(B, EPI_BLOCK_B),)
 
 
 @triton.jit

@@ -16,6 +16,8 @@ contract): a strided or mistyped ``[B]`` tensor would otherwise be read as if it
 compute-dtype data.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -258,61 +260,87 @@ def _check_modes(kind: int, weighting: int, v_old) -> None:
         raise L.KernelInputError("v_old is required for kind 0 (nft)")
 
 
+# The forward's outputs share one allocation: an [FP_K, B] compute-dtype block holding, in order,
+# loss, policy, kl, ema_kl (one row each), aux ([B, 4] row-major over rows 4..7), coef ([B, 2]
+# over rows 8..9) and the bool ``clipped`` (the first B bytes of row 10); the partial sums follow.
+FP_K = 11
+_WIDTHS = (1, 1, 1, 1, 4, 2, 1)     # loss, policy, kl, ema_kl, aux, coef, clipped
+
+
+@functools.lru_cache(maxsize=None)
+def _ghuber_floor(cd: torch.dtype, power: float) -> float:
+    """ghuber's floor (1e-10)**p, rounded exactly as decomposed_fp forms it (in the compute dtype)."""
+    return float(torch.pow(torch.tensor(AWM_MSE_EPS, dtype=cd), float(power)))
+
+
 def fp_fwd(v, v_old, xa, x0, v_ref, v_ema, t, w, logp_old, kl_coef, ema_coef, kind: int, beta: float, scale: float,
            weighting: int, power: float, clip: float, mean: bool):
-    """-> ``(loss, policy, kl, ema_kl, aux [B, 4], clipped [B] bool, coef [B, 2])`` in the compute dtype."""
+    """-> ``(loss, policy, kl, ema_kl, aux [B, 4], clipped [B] bool, coef [B, 2])`` in the compute
+    dtype: views of one ``[FP_K, B]`` block (see ``FP_K``)."""
     _check_modes(kind, weighting, v_old)
-    kind, weighting = int(kind), int(weighting)
-    v_old = v_old if kind == 0 else None               # AWM never reads it, as in decomposed_fp
-    L.check_latents(v, v_old, xa, x0, v_ref, v_ema)
-    B, n, p = v.shape[0], L.row_len(v), L.plan(v)
-    cd, acc, dev = L.compute_dtype(v.dtype), L.acc_type(v.dtype), v.device
+    L.check_latents(v, v_old if kind == 0 else None, xa, x0, v_ref, v_ema)
     if logp_old is None:
         L.check_rows("fp_fwd", v, "v", t=t, w=w, kl_coef=kl_coef, ema_coef=ema_coef)
     else:
         L.check_rows("fp_fwd", v, "v", t=t, w=w, logp_old=logp_old, kl_coef=kl_coef, ema_coef=ema_coef)
-    loss, policy, kl, ema_kl = (torch.empty(B, dtype=cd, device=dev) for _ in range(4))
-    aux = torch.empty((B, 4), dtype=cd, device=dev)
-    coef = torch.empty((B, 2), dtype=cd, device=dev)
-    clipped = torch.empty(B, dtype=torch.uint8, device=dev)
+    return fp_fwd_unchecked(v, v_old, xa, x0, v_ref, v_ema, t, w, logp_old, kl_coef, ema_coef, kind, beta, scale,
+                            weighting, power, clip, mean)
+
+
+def fp_fwd_unchecked(v, v_old, xa, x0, v_ref, v_ema, t, w, logp_old, kl_coef, ema_coef, kind: int, beta: float,
+                     scale: float, weighting: int, power: float, clip: float, mean: bool):
+    """:func:`fp_fwd` without its argument checks, for a caller that has established the contract
+    (``rsm_fast.ops``' eager path, behind its API's checks): no per-call validation."""
+    kind, weighting = int(kind), int(weighting)
+    B, p = v.shape[0], L.plan(v)
+    dev = v.device
+    cd = torch.float64 if v.dtype is torch.float64 else torch.float32
+    acc = tl.float64 if cd is torch.float64 else tl.float32
+    loss, policy, kl, ema_kl, aux, coef, clip_row, ws = L.alloc_rows(B, _WIDTHS, cd, dev, B * p.n_chunks * NSUMS)
+    aux, coef, clip_bytes = aux.view(B, 4), coef.view(B, 2), L.bytes_row(clip_row)
+    out = (loss, policy, kl, ema_kl, aux, clip_bytes[:B].view(torch.bool), coef)
     if B == 0:
-        return loss, policy, kl, ema_kl, aux, clipped.view(torch.bool), coef
+        return out
     has_ref, has_ema, has_lpo = v_ref is not None, v_ema is not None, logp_old is not None
-    # ghuber's floor (1e-10)**p, rounded exactly as decomposed_fp forms it (in the compute dtype).
-    floor = float(torch.pow(torch.tensor(AWM_MSE_EPS, dtype=cd), float(power)))
-    ws = torch.empty((B, p.n_chunks, NSUMS), dtype=cd, device=dev)
+    floor = _ghuber_floor(cd, float(power))
     with L.device_guard(v):
-        _fp_partials[(B, p.n_chunks)](v, v_old if kind == 0 else v, xa, x0, v_ref if has_ref else v,
-                                      v_ema if has_ema else v, t, ws, n, p.chunk_len, p.n_chunks, float(beta),
-                                      KIND=kind, HAS_REF=has_ref, HAS_EMA=has_ema, ACC=acc, BLOCK=p.block,
-                                      num_warps=p.num_warps)
-        _fp_epilogue[L.epilogue_grid(B)](
-            ws, t, w, logp_old if has_lpo else t, kl_coef, ema_coef, loss, policy, kl, ema_kl, aux, clipped, coef,
-            B, p.n_chunks, L.norm_of(n, mean), float(beta), float(scale), float(power), floor, 1.0 - clip,
+        _fp_partials[p.grid](v, v_old if kind == 0 else v, xa, x0, v_ref if has_ref else v,
+                             v_ema if has_ema else v, t, ws, p.n, p.chunk_len, p.n_chunks, float(beta),
+                             KIND=kind, HAS_REF=has_ref, HAS_EMA=has_ema, ACC=acc, BLOCK=p.block,
+                             num_warps=p.num_warps)
+        _fp_epilogue[p.epi_grid](
+            ws, t, w, logp_old if has_lpo else t, kl_coef, ema_coef, loss, policy, kl, ema_kl, aux, clip_bytes, coef,
+            B, p.n_chunks, L.norm_of(p.n, mean), float(beta), float(scale), float(power), floor, 1.0 - clip,
             1.0 + clip, KIND=kind, WEIGHTING=weighting, HAS_LOGP_OLD=has_lpo, HAS_REF=has_ref, HAS_EMA=has_ema,
             ACC=acc, BLOCK_B=L.EPI_BLOCK_B, BLOCK_C=L.EPI_BLOCK_C, num_warps=4)
-    return loss, policy, kl, ema_kl, aux, clipped.view(torch.bool), coef
+    return out
 
 
 def fp_bwd(g_loss, g_policy, g_kl, g_ema, v, v_old, xa, x0, v_ref, v_ema, t, kl_coef, ema_coef, coef, kind: int,
            beta: float, mean: bool):
     """Gradient of ``sum(g_loss loss + g_policy policy + g_kl kl + g_ema ema_kl)`` w.r.t. ``v``, in ``v``'s dtype."""
     _check_modes(kind, 0, v_old)
-    kind = int(kind)
-    v_old = v_old if kind == 0 else None
-    L.check_latents(v, v_old, xa, x0, v_ref, v_ema)
-    B, n, p = v.shape[0], L.row_len(v), L.plan(v)
-    cd = L.compute_dtype(v.dtype)
+    L.check_latents(v, v_old if kind == 0 else None, xa, x0, v_ref, v_ema)
     L.check_rows("fp_bwd", v, "v", g_loss=g_loss, g_policy=g_policy, g_kl=g_kl, g_ema=g_ema, t=t, kl_coef=kl_coef,
                  ema_coef=ema_coef)
-    L.check_tensor("fp_bwd", "coef", coef, (B, 2), cd, v, "v")
+    L.check_tensor("fp_bwd", "coef", coef, (v.shape[0], 2), L.compute_dtype(v.dtype), v, "v")
+    return fp_bwd_unchecked(g_loss, g_policy, g_kl, g_ema, v, v_old, xa, x0, v_ref, v_ema, t, kl_coef, ema_coef, coef,
+                            kind, beta, mean)
+
+
+def fp_bwd_unchecked(g_loss, g_policy, g_kl, g_ema, v, v_old, xa, x0, v_ref, v_ema, t, kl_coef, ema_coef, coef,
+                     kind: int, beta: float, mean: bool):
+    """:func:`fp_bwd` without its argument checks."""
+    kind = int(kind)
+    B, p = v.shape[0], L.plan(v)
+    n = p.n
     grad = torch.empty_like(v)
     if B == 0 or n == 0:
         return grad
     has_ref, has_ema = v_ref is not None, v_ema is not None
     with L.device_guard(v):
-        _fp_grad[(B, p.n_chunks)](grad, v, v_old if kind == 0 else v, xa, x0, v_ref if has_ref else v,
-                                  v_ema if has_ema else v, g_loss, g_policy, g_kl, g_ema, t, kl_coef, ema_coef, coef,
-                                  n, p.chunk_len, L.norm_of(n, mean), float(beta), KIND=kind, HAS_REF=has_ref,
-                                  HAS_EMA=has_ema, ACC=L.acc_type(v.dtype), BLOCK=p.block, num_warps=p.num_warps)
+        _fp_grad[p.grid](grad, v, v_old if kind == 0 else v, xa, x0, v_ref if has_ref else v,
+                         v_ema if has_ema else v, g_loss, g_policy, g_kl, g_ema, t, kl_coef, ema_coef, coef,
+                         n, p.chunk_len, L.norm_of(n, mean), float(beta), KIND=kind, HAS_REF=has_ref,
+                         HAS_EMA=has_ema, ACC=L.acc_type(v.dtype), BLOCK=p.block, num_warps=p.num_warps)
     return grad

@@ -191,8 +191,8 @@ def _launch(out, row_keys, steps, step, seed, block0, numel, mode):
         raise RuntimeError("rsm_fast.kernels needs CUDA tensors (or TRITON_INTERPRET=1 set before importing triton)")
     n_blocks = -(-numel // 4)
     cap = CUDA_MAX_BLOCK if row_keys.device.type == "cuda" else INTERP_MAX_BLOCK
-    block = min(cap, max(16, triton.next_power_of_2(n_blocks)))
-    per_row = triton.cdiv(n_blocks, block)
+    block = min(cap, max(16, L.next_power_of_2(n_blocks)))   # host ints (triton's helpers are jitted)
+    per_row = L.cdiv(n_blocks, block)
     if R * per_row > _MAX_PROGRAMS:
         raise ValueError(f"philox noise: {R} rows x {per_row} programs exceed the grid limit")
     has_steps = steps is not None

@@ -81,9 +81,9 @@ def step_fwd(x, f, z, c_x, c_f, sigma, stochastic, mean: bool):
     st = stochastic.view(torch.uint8)
     ws = torch.empty((B, p.n_chunks), dtype=cd, device=x.device)
     with L.device_guard(x):
-        _step_partials[(B, p.n_chunks)](x, f, z, xn, c_x, c_f, sigma, st, ws, n, p.chunk_len, p.n_chunks,
+        _step_partials[p.grid](x, f, z, xn, c_x, c_f, sigma, st, ws, n, p.chunk_len, p.n_chunks,
                                         ACC=acc, BLOCK=p.block, num_warps=p.num_warps)
-        _step_epilogue[L.epilogue_grid(B)](ws, sigma, st, lp, B, p.n_chunks, L.norm_of(n, mean),
+        _step_epilogue[p.epi_grid](ws, sigma, st, lp, B, p.n_chunks, L.norm_of(n, mean),
                                            1.0 if mean else float(n), L.LOG_SQRT_2PI, ACC=acc,
                                            BLOCK_B=L.EPI_BLOCK_B, BLOCK_C=L.EPI_BLOCK_C, num_warps=4)
     return xn, lp

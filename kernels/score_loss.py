@@ -101,22 +101,27 @@ def _score_grad(g_ptr, s_ptr, sr_ptr, psi_ptr, so_ptr, gl_ptr, c1_ptr, gamma_ptr
 
 
 def score_fwd(s, s_ref, psi, s_old, c1, gamma, c2, mean: bool):
-    """-> ``loss [B]`` in the compute dtype."""
+    """-> ``loss [B]`` in the compute dtype (the partial sums share its allocation)."""
     L.check_latents(s, s_ref, psi, s_old)
     L.check_rows("score_fwd", s, "s", c1=c1, gamma=gamma, c2=c2)
-    B, n, p = s.shape[0], L.row_len(s), L.plan(s)
-    cd, acc = L.compute_dtype(s.dtype), L.acc_type(s.dtype)
-    loss = torch.empty(B, dtype=cd, device=s.device)
+    return score_fwd_unchecked(s, s_ref, psi, s_old, c1, gamma, c2, mean)
+
+
+def score_fwd_unchecked(s, s_ref, psi, s_old, c1, gamma, c2, mean: bool):
+    """:func:`score_fwd` without its argument checks, for a caller that has established the
+    contract (``rsm_fast.ops``' eager path, behind its API's checks)."""
+    B, p = s.shape[0], L.plan(s)
+    cd = torch.float64 if s.dtype is torch.float64 else torch.float32
+    loss, ws = L.alloc_rows(B, (1,), cd, s.device, B * p.n_chunks * 2)
     if B == 0:
         return loss
     has_old = s_old is not None
-    ws = torch.empty((B, p.n_chunks, 2), dtype=cd, device=s.device)
+    acc = tl.float64 if cd is torch.float64 else tl.float32
     with L.device_guard(s):
-        _score_partials[(B, p.n_chunks)](s, s_ref, psi, s_old if has_old else s, gamma, ws, n, p.chunk_len,
-                                         p.n_chunks, HAS_OLD=has_old, ACC=acc, BLOCK=p.block,
-                                         num_warps=p.num_warps)
-        _score_epilogue[L.epilogue_grid(B)](ws, c1, c2, loss, B, p.n_chunks, L.norm_of(n, mean), HAS_OLD=has_old,
-                                            ACC=acc, BLOCK_B=L.EPI_BLOCK_B, BLOCK_C=L.EPI_BLOCK_C, num_warps=4)
+        _score_partials[p.grid](s, s_ref, psi, s_old if has_old else s, gamma, ws, p.n, p.chunk_len, p.n_chunks,
+                                HAS_OLD=has_old, ACC=acc, BLOCK=p.block, num_warps=p.num_warps)
+        _score_epilogue[p.epi_grid](ws, c1, c2, loss, B, p.n_chunks, L.norm_of(p.n, mean), HAS_OLD=has_old,
+                                    ACC=acc, BLOCK_B=L.EPI_BLOCK_B, BLOCK_C=L.EPI_BLOCK_C, num_warps=4)
     return loss
 
 
@@ -124,13 +129,18 @@ def score_bwd(g_loss, s, s_ref, psi, s_old, c1, gamma, c2, mean: bool):
     """Gradient of ``sum(g_loss loss)`` w.r.t. ``s``, in ``s``'s dtype."""
     L.check_latents(s, s_ref, psi, s_old)
     L.check_rows("score_bwd", s, "s", c1=c1, gamma=gamma, c2=c2, g_loss=g_loss)
+    return score_bwd_unchecked(g_loss, s, s_ref, psi, s_old, c1, gamma, c2, mean)
+
+
+def score_bwd_unchecked(g_loss, s, s_ref, psi, s_old, c1, gamma, c2, mean: bool):
+    """:func:`score_bwd` without its argument checks."""
     grad = torch.empty_like(s)
-    B, n, p = s.shape[0], L.row_len(s), L.plan(s)
-    if B == 0 or n == 0:
+    B, p = s.shape[0], L.plan(s)
+    if B == 0 or p.n == 0:
         return grad
     has_old = s_old is not None
     with L.device_guard(s):
-        _score_grad[(B, p.n_chunks)](grad, s, s_ref, psi, s_old if has_old else s, g_loss, c1, gamma, c2, n,
-                                     p.chunk_len, L.norm_of(n, mean), HAS_OLD=has_old,
-                                     ACC=L.acc_type(s.dtype), BLOCK=p.block, num_warps=p.num_warps)
+        _score_grad[p.grid](grad, s, s_ref, psi, s_old if has_old else s, g_loss, c1, gamma, c2, p.n,
+                            p.chunk_len, L.norm_of(p.n, mean), HAS_OLD=has_old,
+                            ACC=L.acc_type(s.dtype), BLOCK=p.block, num_warps=p.num_warps)
     return grad

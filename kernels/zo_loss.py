@@ -190,9 +190,20 @@ def _zo_grad(g_ptr, ft_ptr, fo_ptr, z_ptr, fr_ptr, gl_ptr, gp_ptr, gk_ptr, omega
     _zo_grad_tile(g_ptr, ft_ptr, fo_ptr, z_ptr, fr_ptr, c_z, c_d, c_e, offs, offs < hi, 0.0, HAS_REF, ACC)
 
 
+# The forward's nine [B] outputs are rows of one [9, B] block (kernels/_launch.py alloc_rows),
+# in this order; the bool ``clipped`` lives in the first B bytes of its row. The partial sums
+# follow the block in the same allocation: one allocation per forward.
+ZO_ROWS = ("loss", "policy", "kl", "clipped", "log_ratio", "lin", "d_lin", "d_quad", "d_kl")
+ZO_K = len(ZO_ROWS)
+_CLIP_ROW = ZO_ROWS.index("clipped")
+_WIDTHS = (1,) * ZO_K
+
+
 def zo_fwd(f_theta, f_old, z, f_ref, adv, omega, sigma, dt, stochastic, row_weight, kl_coef, omega_train,
            form: int, reweight: int, clip_eps: float, tempflow_scale: float, kl_dt_weight: bool, mean: bool):
-    """-> ``(loss, policy, kl, clipped, log_ratio, lin, d_lin, d_quad, d_kl)``, each ``[B]``."""
+    """-> ``(loss, policy, kl, clipped, log_ratio, lin, d_lin, d_quad, d_kl)``, each ``[B]``: views
+    of one ``[9, B]`` compute-dtype block (``ZO_ROWS``; ``clipped`` is a bool view of its row's
+    first bytes)."""
     L.check_latents(f_theta, f_old, z, f_ref)
     L.check_rows("zo_fwd", f_theta, "f_theta", ("stochastic",), adv=adv, omega=omega, sigma=sigma, dt=dt,
                  stochastic=stochastic, row_weight=row_weight, kl_coef=kl_coef, omega_train=omega_train)
@@ -200,26 +211,36 @@ def zo_fwd(f_theta, f_old, z, f_ref, adv, omega, sigma, dt, stochastic, row_weig
         raise L.KernelInputError(f"form must be in 0..2 (pg, ratio, hinge), got {form} (rsm_fast.kernels zo_fwd)")
     if not 0 <= reweight <= 6:
         raise L.KernelInputError(f"reweight must be in 0..6, got {reweight} (rsm_fast.kernels zo_fwd)")
-    B, n, p = f_theta.shape[0], L.row_len(f_theta), L.plan(f_theta)
-    cd, acc = L.compute_dtype(f_theta.dtype), L.acc_type(f_theta.dtype)
-    outs = [torch.empty(B, dtype=cd, device=f_theta.device) for _ in range(8)]
-    clipped = torch.empty(B, dtype=torch.uint8, device=f_theta.device)
+    return zo_fwd_unchecked(f_theta, f_old, z, f_ref, adv, omega, sigma, dt, stochastic, row_weight, kl_coef,
+                            omega_train, form, reweight, clip_eps, tempflow_scale, kl_dt_weight, mean)
+
+
+def zo_fwd_unchecked(f_theta, f_old, z, f_ref, adv, omega, sigma, dt, stochastic, row_weight, kl_coef, omega_train,
+                     form: int, reweight: int, clip_eps: float, tempflow_scale: float, kl_dt_weight: bool,
+                     mean: bool):
+    """:func:`zo_fwd` without its argument checks, for a caller that has established the contract
+    (``rsm_fast.ops``' eager path, behind its API's checks): no per-call validation."""
+    B, p = f_theta.shape[0], L.plan(f_theta)
+    cd = torch.float64 if f_theta.dtype is torch.float64 else torch.float32
+    *out, ws = L.alloc_rows(B, _WIDTHS, cd, f_theta.device, B * p.n_chunks * 3)
+    clip_bytes = L.bytes_row(out[_CLIP_ROW])
+    out[_CLIP_ROW] = clip_bytes[:B].view(torch.bool)
+    out = tuple(out)
     if B == 0:
-        loss, policy, kl, log_ratio, lin, d_lin, d_quad, d_kl = outs
-        return loss, policy, kl, clipped.view(torch.bool), log_ratio, lin, d_lin, d_quad, d_kl
+        return out
     has_ref = f_ref is not None
-    ws = torch.empty((B, p.n_chunks, 3), dtype=cd, device=f_theta.device)
+    acc = tl.float64 if cd is torch.float64 else tl.float32
     with L.device_guard(f_theta):
-        _zo_partials[(B, p.n_chunks)](f_theta, f_old, z, f_ref if has_ref else f_theta, ws, n, p.chunk_len,
-                                      p.n_chunks, HAS_REF=has_ref, ACC=acc, BLOCK=p.block, num_warps=p.num_warps)
-        loss, policy, kl, log_ratio, lin, d_lin, d_quad, d_kl = outs
-        _zo_epilogue[L.epilogue_grid(B)](
+        _zo_partials[p.grid](f_theta, f_old, z, f_ref if has_ref else f_theta, ws, p.n, p.chunk_len,
+                             p.n_chunks, HAS_REF=has_ref, ACC=acc, BLOCK=p.block, num_warps=p.num_warps)
+        loss, policy, kl, _, log_ratio, lin, d_lin, d_quad, d_kl = out
+        _zo_epilogue[p.epi_grid](
             ws, adv, omega, sigma, dt, stochastic.view(torch.uint8), row_weight, kl_coef, omega_train,
-            loss, policy, kl, clipped, log_ratio, lin, d_lin, d_quad, d_kl,
-            B, p.n_chunks, L.norm_of(n, mean), float(clip_eps), 1.0 + clip_eps, 1.0 - clip_eps,
+            loss, policy, kl, clip_bytes, log_ratio, lin, d_lin, d_quad, d_kl,
+            B, p.n_chunks, L.norm_of(p.n, mean), float(clip_eps), 1.0 + clip_eps, 1.0 - clip_eps,
             float(tempflow_scale), FORM=int(form), REWEIGHT=int(reweight), HAS_REF=has_ref,
             KL_DT=bool(kl_dt_weight), ACC=acc, BLOCK_B=L.EPI_BLOCK_B, BLOCK_C=L.EPI_BLOCK_C, num_warps=4)
-    return loss, policy, kl, clipped.view(torch.bool), log_ratio, lin, d_lin, d_quad, d_kl
+    return out
 
 
 def zo_bwd(g_loss, g_policy, g_kl, f_theta, f_old, z, f_ref, omega, d_lin, d_quad, d_kl, mean: bool):
@@ -227,14 +248,18 @@ def zo_bwd(g_loss, g_policy, g_kl, f_theta, f_old, z, f_ref, omega, d_lin, d_qua
     L.check_latents(f_theta, f_old, z, f_ref)
     L.check_rows("zo_bwd", f_theta, "f_theta", g_loss=g_loss, g_policy=g_policy, g_kl=g_kl, omega=omega, d_lin=d_lin,
                  d_quad=d_quad, d_kl=d_kl)
+    return zo_bwd_unchecked(g_loss, g_policy, g_kl, f_theta, f_old, z, f_ref, omega, d_lin, d_quad, d_kl, mean)
+
+
+def zo_bwd_unchecked(g_loss, g_policy, g_kl, f_theta, f_old, z, f_ref, omega, d_lin, d_quad, d_kl, mean: bool):
+    """:func:`zo_bwd` without its argument checks (see :func:`zo_fwd_unchecked`)."""
     grad = torch.empty_like(f_theta)
-    B, n, p = f_theta.shape[0], L.row_len(f_theta), L.plan(f_theta)
-    if B == 0 or n == 0:
+    B, p = f_theta.shape[0], L.plan(f_theta)
+    if B == 0 or p.n == 0:
         return grad
     has_ref = f_ref is not None
     with L.device_guard(f_theta):
-        _zo_grad[(B, p.n_chunks)](grad, f_theta, f_old, z, f_ref if has_ref else f_theta, g_loss, g_policy, g_kl,
-                                  omega, d_lin, d_quad, d_kl, n, p.chunk_len, L.norm_of(n, mean),
-                                  HAS_REF=has_ref, ACC=L.acc_type(f_theta.dtype), BLOCK=p.block, num_warps=p.num_warps)
+        _zo_grad[p.grid](grad, f_theta, f_old, z, f_ref if has_ref else f_theta, g_loss, g_policy, g_kl,
+                         omega, d_lin, d_quad, d_kl, p.n, p.chunk_len, L.norm_of(p.n, mean),
+                         HAS_REF=has_ref, ACC=L.acc_type(f_theta.dtype), BLOCK=p.block, num_warps=p.num_warps)
     return grad
-

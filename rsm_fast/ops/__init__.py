@@ -5,8 +5,8 @@ loss and the sampler step.
 as the fallback); ``library`` registers the custom ops with autograd and fake kernels; ``api``
 holds the checked, user-facing functions with the reference losses' signatures.
 """
-from .api import (FusedOpInputError, FusedOpNonFiniteError, awm_log_likelihood, awm_loss, nft_loss, sampler_step,
-                  score_loss, zo_loss)
+from .api import (FiniteCheck, FusedOpInputError, FusedOpNonFiniteError, awm_log_likelihood, awm_loss,
+                  deferred_finite_check, nft_loss, rows_finite, sampler_step, score_loss, zo_loss)
 
-__all__ = ["FusedOpInputError", "FusedOpNonFiniteError", "awm_log_likelihood", "awm_loss", "nft_loss",
-           "sampler_step", "score_loss", "zo_loss"]
+__all__ = ["FiniteCheck", "FusedOpInputError", "FusedOpNonFiniteError", "awm_log_likelihood", "awm_loss",
+           "deferred_finite_check", "nft_loss", "rows_finite", "sampler_step", "score_loss", "zo_loss"]

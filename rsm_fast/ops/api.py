@@ -9,11 +9,29 @@ Gradients flow to ``f_theta`` / ``s_theta`` only (and through the ``loss``, ``po
 fields); every other input is rollout data, a frozen model's output or a coefficient.
 
 Inputs are checked before any kernel runs: latent tensors must share shape, dtype and device and
-be contiguous; per-row values must be numbers or ``[B]`` tensors. With ``check=True`` (default)
-the per-row values are also checked for NaN/inf, which costs one device->host sync per call; it
-is skipped inside ``torch.compile`` and can be turned off where a sync matters (CUDA graphs).
+be contiguous; per-row values must be numbers or ``[B]`` tensors (metadata only, no device work).
+
+NaN/inf in the per-row inputs. With ``check=True`` (default) a per-row tensor holding NaN or inf
+raises :class:`FusedOpNonFiniteError` before any kernel runs, which reads one ``[R]`` verdict per
+call back to the host (a device sync: on a GPU it waits for all queued work, e.g. the model's
+forward). Where that sync matters (a training step, a CUDA graph):
+
+* ``check=False`` skips the check for that call;
+* inside ``with deferred_finite_check() as fc:`` every fused-op call with ``check=True`` records its
+  verdict on the device instead (three small kernels: stack, mul, sum; no host read) and runs on;
+  afterwards ``fc.ok`` is a 0-d bool device tensor (every recorded input finite) to fold into a
+  flag read once per update, and ``fc.raise_if_bad()`` reads it (one sync) and raises the error
+  naming the first non-finite input, as the per-call check would have;
+* :func:`rows_finite` gives the verdict of given per-row values as a 0-d bool device tensor.
+
+Numbers (``kl_coef=0.04``) are checked on the host at no cost. Inside ``torch.compile`` the tensor
+check is skipped (as is a deferred record).
 """
 from __future__ import annotations
+
+import contextvars
+import math
+from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -41,9 +59,12 @@ def _latents(**tensors: Tensor | None) -> Tensor:
     name0, t0 = items[0]
     if not isinstance(t0, Tensor) or t0.dim() < 2:
         raise FusedOpInputError(f"{name0} must be a [B, ...] tensor with latent dims, got {getattr(t0, 'shape', t0)!r}")
-    if t0.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if t0.dtype not in _LATENT_DTYPES:
         raise FusedOpInputError(f"{name0} must be float16, bfloat16, float32 or float64, got {t0.dtype}")
+    shape, dtype, device = t0.shape, t0.dtype, t0.device
     for k, v in items:
+        if isinstance(v, Tensor) and v.shape == shape and v.dtype is dtype and v.device == device and v.is_contiguous():
+            continue
         if not isinstance(v, Tensor):
             raise FusedOpInputError(f"{k} must be a tensor, got {type(v).__name__}")
         if v.shape != t0.shape:
@@ -52,35 +73,163 @@ def _latents(**tensors: Tensor | None) -> Tensor:
             raise FusedOpInputError(f"{k} has dtype {v.dtype} but {name0} has {t0.dtype}; cast explicitly")
         if v.device != t0.device:
             raise FusedOpInputError(f"{k} is on {v.device} but {name0} is on {t0.device}")
-        if not v.is_contiguous():
-            raise FusedOpInputError(f"{k} must be contiguous (call .contiguous() on it)")
+        raise FusedOpInputError(f"{k} must be contiguous (call .contiguous() on it)")
     return t0
 
 
-def _row(name: str, v, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """A number, 0-d tensor or ``[B]`` tensor as a contiguous ``[B]`` tensor on ``like``'s device."""
+_LATENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _row(name: str, v, like: Tensor, dtype: torch.dtype | None = None, check: bool = False) -> Tensor:
+    """A number, 0-d tensor or ``[B]`` tensor as a contiguous ``[B]`` tensor on ``like``'s device.
+    A number becomes a cached constant row (:func:`_const_row`); with ``check`` a non-finite
+    number raises :class:`FusedOpNonFiniteError` here (a host value: no device read)."""
     B = like.shape[0]
-    dtype = dtype or (torch.float64 if like.dtype == torch.float64 else torch.float32)
-    if isinstance(v, bool) or not isinstance(v, (int, float, Tensor)):
-        raise FusedOpInputError(f"{name} must be a number or a [B] tensor, got {type(v).__name__}")
-    if not isinstance(v, Tensor):
-        return torch.full((B,), float(v), dtype=dtype, device=like.device)
-    if v.device != like.device:
-        raise FusedOpInputError(f"{name} is on {v.device} but the latents are on {like.device}")
-    if v.dim() == 0:
-        return v.to(dtype).expand(B).contiguous()
-    if tuple(v.shape) != (B,):
+    if dtype is None:
+        dtype = torch.float64 if like.dtype is torch.float64 else torch.float32
+    if isinstance(v, Tensor):
+        if v.device != like.device:
+            raise FusedOpInputError(f"{name} is on {v.device} but the latents are on {like.device}")
+        if v.dim() == 1 and v.shape[0] == B:
+            return v if v.dtype is dtype and v.is_contiguous() else v.to(dtype).contiguous()
+        if v.dim() == 0:
+            return v.to(dtype).expand(B).contiguous()
         raise FusedOpInputError(f"{name} must be a number or have shape ({B},), got {tuple(v.shape)}")
-    return v.to(dtype).contiguous()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise FusedOpInputError(f"{name} must be a number or a [B] tensor, got {type(v).__name__}")
+    if check and not math.isfinite(v):
+        raise FusedOpNonFiniteError(f"{name} holds NaN or inf (per-row input of a fused op)")
+    return _const_row(float(v), B, dtype, like.device)
+
+
+_const_row = L.const_row        # a number's constant row (cached; see library.const_row)
+_CONST_ROWS = L._CONST_ROWS
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN/inf checks of the per-row inputs
+# ---------------------------------------------------------------------------------------------
+def _float_rows(rows) -> list[Tensor]:
+    vals = rows.values() if isinstance(rows, Mapping) else rows
+    return [v for v in vals if isinstance(v, Tensor) and v.is_floating_point()]
+
+
+def _nonfinite_sums(ts: list[Tensor]) -> Tensor:
+    """``[len(ts)]``: for each tensor of ``ts`` (non-empty list), ``sum(t * 0)``: 0 when every
+    element is finite, NaN when one is NaN or inf (``inf * 0`` is NaN, and NaN survives the sum).
+    Three kernels (stack, mul, sum) when they share shape and dtype (the per-row inputs of one
+    call); ``torch.isfinite`` is a composite of four kernels before its ``all``."""
+    t0 = ts[0]
+    if all(t.shape == t0.shape and t.dtype is t0.dtype for t in ts):
+        x = torch.stack(ts) if len(ts) > 1 else t0.unsqueeze(0)
+        return x.reshape(len(ts), -1).mul(0).sum(1)
+    return torch.stack([t.mul(0).sum().double() for t in ts])
+
+
+def rows_finite(rows: Mapping[str, Tensor] | Iterable[Tensor | float | None]) -> Tensor:
+    """0-d bool tensor: True iff every value of ``rows`` (a dict of, or an iterable of, tensors;
+    numbers and None allowed) is finite. Device work only (stack, mul, sum, eq): no host read, so
+    it may run inside a CUDA graph; on the first tensor's device (the CPU when there is none).
+    Numbers are checked on the host and folded in. Meant for a trainer that checks the per-row
+    inputs of an update itself and calls the ops with ``check=False``."""
+    vals = list(rows.values()) if isinstance(rows, Mapping) else list(rows)
+    nums_ok = all(math.isfinite(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool))
+    ts = _float_rows(vals)
+    if not ts:
+        return torch.tensor(nums_ok)
+    ok = _nonfinite_sums(ts).sum() == 0
+    return ok if nums_ok else ok & False
+
+
+class FiniteCheck:
+    """The verdicts of the fused ops' NaN/inf checks kept on the device (see the module docstring).
+
+    ``with deferred_finite_check() as fc:`` makes every fused-op call with ``check=True`` record an
+    ``[R]`` device tensor (per per-row input: 0 when finite, NaN when not) instead of reading it
+    back; after the block:
+
+    * ``fc.ok``: 0-d bool device tensor, True iff every recorded input was finite (cat, sum, eq;
+      ``None`` when nothing was recorded);
+    * ``fc.first_bad()``: the name of the first non-finite input, or None (one host read);
+    * ``fc.raise_if_bad()``: raises :class:`FusedOpNonFiniteError` naming it (one host read).
+
+    The ops still run on bad inputs (their outputs are then NaN/inf); read the verdict before
+    anything irreversible (the optimizer step). A ``FiniteCheck`` may be entered again (e.g.
+    around each update, or nested); :meth:`reset` forgets what was recorded. The innermost entered
+    check records; the context is per thread / task (a ``ContextVar``).
+    """
+
+    def __init__(self):
+        self._names: list[tuple[str, ...]] = []
+        self._flags: list[Tensor] = []
+        self._tokens: list = []
+
+    def record(self, rows: Mapping[str, Tensor]) -> None:
+        ts = _float_rows(rows)
+        if not ts:
+            return
+        self._names.append(tuple(k for k, v in rows.items() if isinstance(v, Tensor) and v.is_floating_point()))
+        self._flags.append(_nonfinite_sums(ts))      # [R]: 0 finite, NaN not
+
+    def _all(self) -> Tensor:
+        return torch.cat(self._flags) if len(self._flags) > 1 else self._flags[0]
+
+    @property
+    def ok(self) -> Tensor | None:
+        if not self._flags:
+            return None
+        return self._all().sum() == 0                   # 0-d bool; NaN != 0
+
+    def first_bad(self) -> str | None:
+        if not self._flags:
+            return None
+        sums = self._all().tolist()
+        names = [n for names in self._names for n in names]
+        return next((n for n, v in zip(names, sums) if v != 0), None)
+
+    def raise_if_bad(self) -> None:
+        name = self.first_bad()
+        if name is not None:
+            raise FusedOpNonFiniteError(f"{name} holds NaN or inf (per-row input of a fused op)")
+
+    def reset(self) -> None:
+        self._names.clear()
+        self._flags.clear()
+
+    def __enter__(self) -> "FiniteCheck":
+        self._tokens.append(_DEFERRED.set(self))
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        _DEFERRED.reset(self._tokens.pop())
+        return False
+
+
+_DEFERRED: contextvars.ContextVar = contextvars.ContextVar("rsm_fast_ops_deferred_finite_check", default=None)
+
+
+def deferred_finite_check() -> FiniteCheck:
+    """``with deferred_finite_check() as fc:`` -- see :class:`FiniteCheck`."""
+    return FiniteCheck()
 
 
 def _check_finite(rows: dict[str, Tensor]) -> None:
+    """The per-call NaN/inf check of a fused op's per-row tensors: raise now (one host read), or
+    record the verdict on the device inside :func:`deferred_finite_check`."""
     if torch.compiler.is_compiling():
         return
-    bad = torch.stack([~torch.isfinite(v).all() for v in rows.values()])
-    if bool(bad.any()):
-        names = [k for k, b in zip(rows, bad.tolist()) if b]
-        raise FusedOpNonFiniteError(f"{names[0]} holds NaN or inf (per-row input of a fused op)")
+    deferred = _DEFERRED.get()
+    if deferred is not None:
+        deferred.record(rows)
+        return
+    ts = _float_rows(rows)
+    if not ts:
+        return
+    sums = _nonfinite_sums(ts).tolist()                 # the one host read
+    if any(v != 0 for v in sums):
+        names = [k for k, v in rows.items() if isinstance(v, Tensor) and v.is_floating_point()]
+        bad = next(n for n, v in zip(names, sums) if v != 0)
+        raise FusedOpNonFiniteError(f"{bad} holds NaN or inf (per-row input of a fused op)")
 
 
 def _choice(name: str, v, choices) -> None:
@@ -101,21 +250,17 @@ def zo_loss(f_theta: Tensor, f_old: Tensor, z: Tensor, adv: Tensor, coeffs: Step
     if f_ref is None and not (isinstance(kl_coef, (int, float)) and kl_coef == 0):
         raise FusedOpInputError("f_ref is required when kl_coef is non-zero")
     ft = _latents(f_theta=f_theta, f_old=f_old, z=z, f_ref=f_ref)
-    rows = {"adv": _row("adv", adv, ft), "coeffs.omega": _row("coeffs.omega", coeffs.omega, ft),
-            "coeffs.sigma": _row("coeffs.sigma", coeffs.sigma, ft), "coeffs.dt": _row("coeffs.dt", coeffs.dt, ft),
-            "row_weight": _row("row_weight", 1.0 if row_weight is None else row_weight, ft),
-            "kl_coef": _row("kl_coef", kl_coef, ft),
-            "omega_train": _row("omega_train", 0.0 if omega_train is None else omega_train, ft)}
+    given = (("adv", adv), ("coeffs.omega", coeffs.omega), ("coeffs.sigma", coeffs.sigma), ("coeffs.dt", coeffs.dt),
+             ("row_weight", 1.0 if row_weight is None else row_weight), ("kl_coef", kl_coef),
+             ("omega_train", 0.0 if omega_train is None else omega_train))
+    r = [_row(k, v, ft, check=check) for k, v in given]
     st = _row("coeffs.stochastic", coeffs.stochastic, ft, dtype=torch.bool)
     if check:
-        _check_finite(rows)
-    r = list(rows.values())
-    op = L.zo_loss if torch.compiler.is_compiling() else L.ZOLossFn.apply
-    out = op(f_theta, f_old, z, f_ref, r[0], r[1], r[2], r[3], st, r[4], r[5], r[6],
-             SURROGATE_FORMS.index(form), REWEIGHTS.index(reweight),
-             float(clip_eps), float(tempflow_scale), bool(kl_dt_weight), reduce == "mean")
-    loss, policy, kl, clipped, log_ratio, lin = out[:6]
-    return ZOLossOut(loss=loss, policy=policy, kl=kl, clipped=clipped, log_ratio=log_ratio, lin=lin)
+        _check_finite({k: t for (k, v), t in zip(given, r) if isinstance(v, Tensor)})
+    args = (f_theta, f_old, z, f_ref, r[0], r[1], r[2], r[3], st, r[4], r[5], r[6], SURROGATE_FORMS.index(form),
+            REWEIGHTS.index(reweight), float(clip_eps), float(tempflow_scale), bool(kl_dt_weight), reduce == "mean")
+    out = L.zo_outputs(L.zo_loss(*args)) if torch.compiler.is_compiling() else L.zo_apply(*args)
+    return ZOLossOut(loss=out[0], policy=out[1], kl=out[2], clipped=out[3], log_ratio=out[4], lin=out[5])
 
 
 def score_loss(s_theta: Tensor, s_ref: Tensor, s_old: Tensor | None, psi_hat: Tensor, C1, gamma, C2=0.0,
@@ -125,10 +270,11 @@ def score_loss(s_theta: Tensor, s_ref: Tensor, s_old: Tensor | None, psi_hat: Te
     if s_old is None and not (isinstance(C2, (int, float)) and C2 == 0):
         raise FusedOpInputError("s_old is required when C2 is non-zero")
     s = _latents(s_theta=s_theta, s_ref=s_ref, psi_hat=psi_hat, s_old=s_old)
-    rows = {"C1": _row("C1", C1, s), "gamma": _row("gamma", gamma, s), "C2": _row("C2", C2, s)}
+    given = (("C1", C1), ("gamma", gamma), ("C2", C2))
+    rows = {k: _row(k, v, s, check=check) for k, v in given}
     if check:
-        _check_finite(rows)
-    op = L.score_loss if torch.compiler.is_compiling() else L.ScoreLossFn.apply
+        _check_finite({k: rows[k] for k, v in given if isinstance(v, Tensor)})
+    op = L.score_loss if torch.compiler.is_compiling() else L.score_apply
     return op(s_theta, s_ref, psi_hat, s_old, rows["C1"], rows["gamma"], rows["C2"], reduce == "mean")
 
 
@@ -172,9 +318,9 @@ def _fp_rows(name: str, x, like: Tensor) -> Tensor:
 
 def _fp_call(v, v_old, xa, x0, v_ref, v_ema, t, w, logp_old, kl_coef, ema_coef, kind, beta=1.0, scale=1.0,
              weighting=0, power=1.0, clip=1.0):
-    op = L.fp_loss if torch.compiler.is_compiling() else L.FPLossFn.apply
-    return op(v, v_old, xa, x0, v_ref, v_ema, t, w, logp_old, kl_coef, ema_coef, kind, float(beta), float(scale),
-              int(weighting), float(power), float(clip), True)
+    args = (v, v_old, xa, x0, v_ref, v_ema, t, w, logp_old, kl_coef, ema_coef, kind, float(beta), float(scale),
+            int(weighting), float(power), float(clip), True)
+    return L.fp_outputs(L.fp_loss(*args)) if torch.compiler.is_compiling() else L.fp_apply(*args)
 
 
 def nft_loss(v_theta: Tensor, v_old: Tensor, v_ref: Tensor | None, x_t: Tensor, x0: Tensor, t: Tensor, adv: Tensor,
@@ -190,8 +336,9 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, v_ref: Tensor | None, x_t: Tensor, 
     if check:
         _check_finite({"t": tt, "adv": a})
     r = FP.nft_mix_weight(a, adv_clip_max, adv_mode)
-    out = _fp_call(v_theta, v_old.detach(), x_t, x0, v_ref, None, tt, r, None, torch.full_like(tt, kl_beta),
-                   torch.zeros_like(tt), 0, beta=beta, scale=adv_clip_max)
+    B, cd, dev = tt.shape[0], tt.dtype, tt.device
+    out = _fp_call(v_theta, v_old.detach(), x_t, x0, v_ref, None, tt, r, None, _const_row(float(kl_beta), B, cd, dev),
+                   _const_row(0.0, B, cd, dev), 0, beta=beta, scale=adv_clip_max)
     loss_rows, policy, kl, _ema, aux = out[:5]
     stats = {"r": r, "policy": policy, "loss_pos": aux[:, 2], "loss_neg": aux[:, 3], "w_pos": aux[:, 0],
              "w_neg": aux[:, 1], "kl": kl}
@@ -224,13 +371,19 @@ def awm_loss(v_theta: Tensor, eps: Tensor, x0: Tensor, t: Tensor, adv: Tensor, *
     a = torch.clamp(a, -adv_clip_max, adv_clip_max)
     if advantage_max is not None:
         a = a / adv_clip_max * advantage_max
-    k_ref, k_ema = FP._awm_kl_scale(tt, kl_weight), FP._awm_kl_scale(tt, kl_ema_weight)
-    out = _fp_call(v_theta, None, eps, x0, v_ref, v_ema, tt, a, lo, kl_beta * k_ref, ema_beta * k_ema, 1,
+    # 'uniform' KL weights are 1: constant coefficient rows and unscaled stats (x * 1 == x exactly)
+    k_ref = None if kl_weight == "uniform" else FP._awm_kl_scale(tt, kl_weight)
+    k_ema = None if kl_ema_weight == "uniform" else FP._awm_kl_scale(tt, kl_ema_weight)
+    B, cd, dev = tt.shape[0], tt.dtype, tt.device
+    out = _fp_call(v_theta, None, eps, x0, v_ref, v_ema, tt, a, lo,
+                   _const_row(float(kl_beta), B, cd, dev) if k_ref is None else kl_beta * k_ref,
+                   _const_row(float(ema_beta), B, cd, dev) if k_ema is None else ema_beta * k_ema, 1,
                    weighting=DF.WEIGHTINGS.index(weighting), power=p, clip=clip_range)
     loss_rows, policy, kl, ema, aux, clipped = out[:6]
     ratio = aux[:, 1]
-    stats = {"logp": aux[:, 0], "ratio": ratio, "adv": a, "policy": policy, "clipped": clipped, "kl": kl * k_ref,
-             "ema_kl": ema * k_ema, "clipfrac": torch.abs(ratio - 1.0) > clip_range}
+    stats = {"logp": aux[:, 0], "ratio": ratio, "adv": a, "policy": policy, "clipped": clipped,
+             "kl": kl if k_ref is None else kl * k_ref, "ema_kl": ema if k_ema is None else ema * k_ema,
+             "clipfrac": torch.abs(ratio - 1.0) > clip_range}
     return loss_rows.mean(), {k: x.detach() for k, x in stats.items()}
 
 
@@ -244,7 +397,7 @@ def awm_log_likelihood(v: Tensor, eps: Tensor, x0: Tensor, t: Tensor, *, weighti
     tt = _fp_rows("t", t, vv)
     if check:
         _check_finite({"t": tt})
-    zero = torch.zeros_like(tt)
+    zero = _const_row(0.0, tt.shape[0], tt.dtype, tt.device)
     out = _fp_call(v, None, eps, x0, None, None, tt, zero, None, zero, zero, 1,
                    weighting=DF.WEIGHTINGS.index(weighting), power=p)
     return out[4][:, 0].clone()

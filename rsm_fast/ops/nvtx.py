@@ -16,23 +16,37 @@ except ImportError:  # the nvtx package is optional
     _nvtx = None
 
 
-def _torch_range(name: str):
-    @contextlib.contextmanager
-    def cm():
-        torch.cuda.nvtx.range_push(name)
-        try:
-            yield
-        finally:
-            torch.cuda.nvtx.range_pop()
+class _TorchRange:
+    """``torch.cuda.nvtx`` push/pop as a plain context manager (no generator per call)."""
 
-    return cm()
+    __slots__ = ("label",)
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def __enter__(self):
+        torch.cuda.nvtx.range_push(self.label)
+
+    def __exit__(self, *exc):
+        torch.cuda.nvtx.range_pop()
+        return False
+
+
+def _torch_range(name: str):
+    return _TorchRange(name)
+
+
+_NULL = contextlib.nullcontext()   # stateless: one instance serves every call
+_LABELS: dict = {}
 
 
 def annotate(name: str, device: torch.device | None = None):
     """Context manager: an NVTX range named ``rsm_fast/<name>`` (no-op off CUDA without nvtx)."""
-    label = f"rsm_fast/{name}"
+    label = _LABELS.get(name)
+    if label is None:
+        label = _LABELS[name] = f"rsm_fast/{name}"
     if _nvtx is not None:
         return _nvtx.annotate(label, domain="rsm_fast")
     if device is not None and device.type == "cuda":
-        return _torch_range(label)
-    return contextlib.nullcontext()
+        return _TorchRange(label)
+    return _NULL
