@@ -83,7 +83,8 @@ optimizer step. A finite gradient can still make non-finite weights (``train.lr=
   copy of its state), the gradients are cleared and ``nonfinite`` is raised naming the learning
   rate and weight decay. The EMA is updated only after the check, so it never sees the bad step.
 
-Host syncs (issue 21 item 5): none per micro-batch. The losses, their finite flag, the gradient
+Host syncs (issue 21 item 5): none per micro-batch. The losses, their finite flag, the fused ops' input
+checks (``ops.deferred_finite_check``; a bad input is then named, before the step), the gradient
 norm, the previous step's parameter check and the logged statistics of an update stay on the device
 and are read together, once per update (``tests/test_train_step_syncs.py`` counts them: updates + 1
 per epoch), so a micro-batch's backward is queued right behind its forward. A non-finite loss is
@@ -106,6 +107,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from . import ops
 from .ops.nvtx import annotate
 
 COMPILE_MODES = ("off", "regional", "full")
@@ -460,22 +462,23 @@ class TrainStep:
             for u in range(inner_updates):
                 self.opt.zero_grad(set_to_none=True)
                 total, ok, clipped, absmax = None, None, [], []
-                for j, sl in enumerate(parts):
-                    # several ranks: DDP / FSDP synchronise only the last micro-batch (its forward and backward)
-                    with self._sync(world is not None and j < len(parts) - 1):
-                        with annotate("train/forward", dev):
-                            loss, out = loss_fn(sl)
-                        on_forward(sl.stop - sl.start)
-                        share = (sl.stop - sl.start) / denom
-                        with annotate("train/backward", dev):
-                            (loss * share if (len(parts) > 1 or world is not None) else loss).backward()
-                    ld = loss.detach().double()     # on the device: no host read per micro-batch
-                    total = ld * share if total is None else total + ld * share
-                    ok = torch.isfinite(ld) if ok is None else ok & torch.isfinite(ld)
-                    if out is not None:
-                        clipped.append(out.clipped)
-                        if u == 0:
-                            absmax.append(out.log_ratio.detach().abs().max())
+                with ops.deferred_finite_check() as fc:    # the fused ops' input checks stay on the device
+                    for j, sl in enumerate(parts):
+                        # several ranks: DDP / FSDP synchronise only the last micro-batch (its forward and backward)
+                        with self._sync(world is not None and j < len(parts) - 1):
+                            with annotate("train/forward", dev):
+                                loss, out = loss_fn(sl)
+                            on_forward(sl.stop - sl.start)
+                            share = (sl.stop - sl.start) / denom
+                            with annotate("train/backward", dev):
+                                (loss * share if (len(parts) > 1 or world is not None) else loss).backward()
+                        ld = loss.detach().double()     # on the device: no host read per micro-batch
+                        total = ld * share if total is None else total + ld * share
+                        ok = torch.isfinite(ld) if ok is None else ok & torch.isfinite(ld)
+                        if out is not None:
+                            clipped.append(out.clipped)
+                            if u == 0:
+                                absmax.append(out.log_ratio.detach().abs().max())
                 if self.sharded:
                     from . import parallel as PAR
 
@@ -488,15 +491,20 @@ class TrainStep:
                 # parameter check and (single process) the logged statistics
                 vals = [ok.double(), total, gn.detach().double().reshape(())]
                 vals.append(pending[1].double().reshape(()).to(total.device) if pending else total.new_zeros(()))
+                vals.append(fc.ok.double().reshape(()) if fc.ok is not None else total.new_ones(()))
                 if world is None and mask is not None:
                     vals.append(mask.double().mean())
                     if u == 0:
                         vals.append(torch.stack(absmax).max().double())
+                # host: ok, loss, grad norm, previous step's check, inputs finite[, clip frac[, absmax]]
                 host = torch.stack([v.to(total.device) for v in vals]).tolist()
                 ok_h, total_h, gn_h = host[0] > 0, host[1], host[2]
                 if pending:
                     self._settle(pending, host[3], epoch, nonfinite)
                     pending = None
+                if host[4] <= 0:            # a fused op's per-row input was NaN / inf: name it
+                    self.opt.zero_grad(set_to_none=True)
+                    fc.raise_if_bad()
                 if world is not None:
                     ok_h = not world.any(not ok_h, "loss check")     # one flag reduction per update
                 if not ok_h:
@@ -521,14 +529,14 @@ class TrainStep:
                     stats["loss"] = total_h if world is None else self._sum(world, total_h / world.size)
                     stats["grad_norm"] = gn_h
                     if mask is not None:
-                        stats["clip_frac"] = host[4] if world is None else self._frac(world, mask, total_rows)
+                        stats["clip_frac"] = host[5] if world is None else self._frac(world, mask, total_rows)
                         # on the first update the policy IS the rollout policy: 0 (eager), ~1e-7 compiled
                         if world is None:
-                            stats["onpolicy_logratio_absmax"] = host[5]
+                            stats["onpolicy_logratio_absmax"] = host[6]
                         else:
                             stats["onpolicy_logratio_absmax"] = float(world.max(torch.stack(absmax).max(), "stats"))
                 elif mask is not None:
-                    stats["clip_frac_last"] = host[4] if world is None else self._frac(world, mask, total_rows)
+                    stats["clip_frac_last"] = host[5] if world is None else self._frac(world, mask, total_rows)
                 last_clipped = mask
             if pending:     # the last step's check: one read per epoch
                 self._settle(pending, float(pending[1]), epoch, nonfinite)
