@@ -120,10 +120,18 @@ def test_branching_allocator_profile_agrees(tmp_path):
     assert len({tuple(p) for p in one["profiles"]}) >= 1
 
 
+# The digits UNet's training forward on one rank's rows differs from one process's by GEMM / conv
+# rounding (other batch shapes). Since the first update re-expresses each record against the
+# training forward (issue 21 item 8: z and f_old follow it, so the first log-ratio is exactly 0),
+# that rounding enters the records too: measured 1.9e-5 (LoRA) and 1.0e-5 (FSDP) relative after
+# three epochs, against < 1e-5 before. Held to 5e-5.
+DIGITS_TOL = 5e-5
+
+
 def test_digits_two_ranks_equal_one_process(tmp_path):
     one = _worker(tmp_path, "digits", DIGITS, 3, 1)
     two = _worker(tmp_path, "digits", DIGITS, 3, 2)
-    _assert_same_run(one, two)
+    _assert_same_run(one, two, tol=DIGITS_TOL)
 
 
 def test_text_encoder_lora_two_ranks_equal_one_process(tmp_path):
@@ -183,12 +191,13 @@ def test_fsdp_full_finetune_of_digits_equals_one_process(tmp_path):
     """FSDP2 (fully_shard per UNet block, the frozen reference sharded too) on 2 ranks against one
     process fine-tuning every weight. The attention key biases have an exactly-zero true gradient
     (softmax ignores a shift of all keys), so theirs is float noise that Adam turns into ~lr steps:
-    they are held to 1e-4, every other tensor to 1e-5."""
+    they are held to 1e-4, every other tensor to DIGITS_TOL."""
     one = _worker(tmp_path, "fsdp", DIGITS, 3, 1, ("policy.lora_rank=0",))
     two = _worker(tmp_path, "fsdp", DIGITS, 3, 2, ("policy.lora_rank=0", "train.parallel=fsdp"))
     zero_grad = {n for n in one["params"] if n.endswith("to_k.bias")}
     _assert_same_run({**one, "params": {n: v for n, v in one["params"].items() if n not in zero_grad}},
-                     {**two, "params": {n: v for n, v in two["params"].items() if n not in zero_grad}})
+                     {**two, "params": {n: v for n, v in two["params"].items() if n not in zero_grad}},
+                     tol=DIGITS_TOL)
     assert max(_rel(two["params"][n], one["params"][n]) for n in zero_grad) < 1e-4
 
 
