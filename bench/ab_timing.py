@@ -159,16 +159,6 @@ def run_rounds(labels: list[str], baseline: str, slot_fn, probe_fn, o, now=time.
             "summary": summary, "stop": stop, "timed_s": now() - t0}
 
 
-def check_backend(name: str, device: str) -> str | None:
-    """The gpu_hours rule: the backend must be what the device asks for (Triton on CUDA, C++ on
-    CPU) unless RSM_FAST_OPS_BACKEND forces one; returns the one-line error or None."""
-    want = backends.forced() or ("triton" if device.startswith("cuda") else "cpp")
-    if name == want:
-        return None
-    return (f"the fused ops fell back to '{name}' instead of '{want}'; fix the build, or set "
-            "RSM_FAST_OPS_BACKEND to benchmark a backend on purpose")
-
-
 # ------------------------------------------------------------------------------------------------
 # outputs
 # ------------------------------------------------------------------------------------------------
@@ -439,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     machine = G.machine(dev, args.threads)
-    bad = check_backend(machine["ops_backend"], dev)
+    bad = G.check_backend(machine["ops_backend"], dev)
     if bad:
         print(f"error: {bad}", file=sys.stderr)
         return 2
@@ -449,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainers = [Trainer(c) for c in cfgs]
         backend = {p: backends.for_device(tr.device).name for p, tr in zip(args.preset_list, trainers)}
-        bad = next((check_backend(b, dev) for b in backend.values() if check_backend(b, dev)), None)
+        bad = next((G.check_backend(b, dev) for b in backend.values() if G.check_backend(b, dev)), None)
         if bad:
             print(f"error: {bad}", file=sys.stderr)
             return 2

@@ -132,6 +132,16 @@ def add_overrides(label: str, sets: list[str]) -> str:
     return f"{name}[{','.join(own + list(sets))}]" if own or sets else name
 
 
+def check_backend(name: str, device: str) -> str | None:
+    """The backend must be what the device asks for (Triton on CUDA, C++ on CPU) unless
+    RSM_FAST_OPS_BACKEND forces one; returns the one-line error or None."""
+    want = backends.forced() or ("triton" if device.startswith("cuda") else "cpp")
+    if name == want:
+        return None
+    return (f"the fused ops fell back to '{name}' instead of '{want}'; fix the build, or set "
+            "RSM_FAST_OPS_BACKEND to benchmark a backend on purpose")
+
+
 def apply_tuned(args) -> dict:
     """``--tuned FILE``: relabel each preset (and the baseline) ``P`` -> ``P[chosen overrides]``;
     returns what the run's JSON records. Raises ConfigError / OSError / ValueError / KeyError."""
@@ -378,10 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     meta["prices"] = prices
     if tuned:
         meta["tuned"] = tuned
-    want = backends.forced() or ("triton" if cfgs[0].train.device.startswith("cuda") else "cpp")
-    if meta["machine"]["ops_backend"] != want:      # a silent fallback would time another implementation
-        print(f"error: the fused ops fell back to '{meta['machine']['ops_backend']}' instead of '{want}'; fix the "
-              f"build, or set RSM_FAST_OPS_BACKEND to benchmark a backend on purpose", file=sys.stderr)
+    bad = check_backend(meta["machine"]["ops_backend"], cfgs[0].train.device)
+    if bad:                                          # a silent fallback would time another implementation
+        print(f"error: {bad}", file=sys.stderr)
         return 2
     rows: list[dict] = []
     meta["runs"] = []
