@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainers = [Trainer(c) for c in cfgs]
         backend = {p: backends.for_device(tr.device).name for p, tr in zip(args.preset_list, trainers)}
-        bad = next((G.check_backend(b, dev) for b in backend.values() if G.check_backend(b, dev)), None)
+        bad = next(filter(None, (G.check_backend(b, dev) for b in backend.values())), None)
         if bad:
             print(f"error: {bad}", file=sys.stderr)
             return 2

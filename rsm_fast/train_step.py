@@ -489,20 +489,20 @@ class TrainStep:
                 mask = torch.cat(clipped) if clipped else None
                 # the update's one host read: loss finite, loss, gradient norm, the previous step's
                 # parameter check and (single process) the logged statistics
-                vals = [ok.double(), total, gn.detach().double().reshape(())]
-                vals.append(pending[1].double().reshape(()).to(total.device) if pending else total.new_zeros(()))
-                vals.append(fc.ok.double().reshape(()) if fc.ok is not None else total.new_ones(()))
+                vals = {"ok": ok.double(), "loss": total, "grad_norm": gn.detach().double().reshape(()),
+                        "previous_check": (pending[1].double().reshape(()).to(total.device) if pending
+                                           else total.new_zeros(())),
+                        "inputs_finite": fc.ok.double().reshape(()) if fc.ok is not None else total.new_ones(())}
                 if world is None and mask is not None:
-                    vals.append(mask.double().mean())
+                    vals["clip_frac"] = mask.double().mean()
                     if u == 0:
-                        vals.append(torch.stack(absmax).max().double())
-                # host: ok, loss, grad norm, previous step's check, inputs finite[, clip frac[, absmax]]
-                host = torch.stack([v.to(total.device) for v in vals]).tolist()
-                ok_h, total_h, gn_h = host[0] > 0, host[1], host[2]
+                        vals["absmax"] = torch.stack(absmax).max().double()
+                host = dict(zip(vals, torch.stack([v.to(total.device) for v in vals.values()]).tolist()))
+                ok_h, total_h, gn_h = host["ok"] > 0, host["loss"], host["grad_norm"]
                 if pending:
-                    self._settle(pending, host[3], epoch, nonfinite)
+                    self._settle(pending, host["previous_check"], epoch, nonfinite)
                     pending = None
-                if host[4] <= 0:            # a fused op's per-row input was NaN / inf: name it
+                if host["inputs_finite"] <= 0:     # a fused op's per-row input was NaN / inf: name it
                     self.opt.zero_grad(set_to_none=True)
                     fc.raise_if_bad()
                 if world is not None:
@@ -529,14 +529,14 @@ class TrainStep:
                     stats["loss"] = total_h if world is None else self._sum(world, total_h / world.size)
                     stats["grad_norm"] = gn_h
                     if mask is not None:
-                        stats["clip_frac"] = host[5] if world is None else self._frac(world, mask, total_rows)
+                        stats["clip_frac"] = host["clip_frac"] if world is None else self._frac(world, mask, total_rows)
                         # on the first update the policy IS the rollout policy: 0 (eager), ~1e-7 compiled
                         if world is None:
-                            stats["onpolicy_logratio_absmax"] = host[6]
+                            stats["onpolicy_logratio_absmax"] = host["absmax"]
                         else:
                             stats["onpolicy_logratio_absmax"] = float(world.max(torch.stack(absmax).max(), "stats"))
                 elif mask is not None:
-                    stats["clip_frac_last"] = host[5] if world is None else self._frac(world, mask, total_rows)
+                    stats["clip_frac_last"] = host["clip_frac"] if world is None else self._frac(world, mask, total_rows)
                 last_clipped = mask
             if pending:     # the last step's check: one read per epoch
                 self._settle(pending, float(pending[1]), epoch, nonfinite)
