@@ -2,8 +2,9 @@
 which compares it with the memory available): the epoch's plan (:func:`plan_counts`, the same
 arithmetic as ``engine.plan.compile_plan``), the task's shapes (:func:`task_geometry`; image
 models measured on the meta device by :mod:`rsm_fast.memory_profile`) and the bytes a training
-epoch and the final evaluation hold at their peaks (:func:`estimate_memory`). What each term
-counts is listed in :mod:`rsm_fast.preflight`'s docstring.
+epoch and the final evaluation hold at their peaks (:func:`estimate_memory`), with the reward
+models a model-backed ``task.reward`` builds on the run's device (:mod:`rsm_fast.rewards.footprint`).
+What each term counts is listed in :mod:`rsm_fast.preflight`'s docstring.
 """
 from __future__ import annotations
 
@@ -201,43 +202,56 @@ class MemoryEstimate:
     model_field: str = ""  # the setting to change when the model alone does not fit ('' = param_field)
     start_field: str = "task.t5"   # ... when the start's text encoders do not fit
     decode_field: str = "task.vae_slicing"   # ... when decoding the final samples does not fit
+    reward_weights: int = 0        # reward models resident on the device for the whole run
+    reward_field: str = "task.reward"   # ... when the reward models do not fit beside the run
 
     @staticmethod
     def phase_total(part: dict) -> int:
-        """Plan + records + record copies, plus the largest of the model calls (rollout, reference),
-        the training forward's activations and the VAE decode (they do not overlap)."""
+        """Plan + records + record copies, plus the largest of the model calls (rollout, reference;
+        with a reward scored on a worker thread while the next wave samples, that scoring too),
+        the training forward's activations, the VAE decode and the reward's scoring call (they do
+        not overlap)."""
         return (part["plan"] + part["records"] + part["record copies"] + part.get("task metrics", 0)
-                + max(part["model calls"], part.get("training activations", 0), part.get("decode", 0)))
+                + max(part["model calls"] + part.get("reward scoring during rollout", 0),
+                      part.get("training activations", 0), part.get("decode", 0), part.get("reward scoring", 0)))
 
     @property
     def total(self) -> int:
-        return (self.params + self.weights
+        return (self.params + self.weights + self.reward_weights
                 + max(self.phase_total(self.train), self.phase_total(self.eval), self.start))
 
     def setting(self, available: int | None = None) -> str:
-        """The config field to change: the model's (trained parameters, optimizer state, frozen
-        weights) when they alone do not fit; the text encoders' when only the start does not fit;
-        the size itself (``train.batch_size`` / ``task.eval_samples``) when the records do not fit
-        or neither of the terms below alone is the problem; else the rows per training forward
-        (``train.grad_accum``), per model call (``rollout.chunk_size``) or per decode
-        (``task.vae_slicing``)."""
+        """The config field to change: the reward's (``task.reward``) when its models alone do
+        not fit, or when the run fits without them and they outweigh what the batch holds; the
+        model's (trained parameters, optimizer state, frozen weights) when they alone do not fit;
+        the text encoders' when only the start does not fit; the size itself
+        (``train.batch_size`` / ``task.eval_samples``) when the records do not fit or neither of
+        the terms below alone is the problem (the reward scores all final samples at once);
+        else the rows per training forward (``train.grad_accum``), per model call
+        (``rollout.chunk_size``) or per decode (``task.vae_slicing``)."""
         tr, ev = self.phase_total(self.train), self.phase_total(self.eval)
-        model = self.params + self.weights
+        model, rw = self.params + self.weights, self.reward_weights
+        if available is not None and rw > available and rw >= model:
+            return self.reward_field
         if available is not None and (model > available or (model > available // 2 and model > max(tr, ev))):
             return self.model_field or self.param_field
+        if available is not None and rw and self.total - rw <= available and rw >= max(tr, ev):
+            return self.reward_field
+        model += rw
         if available is not None and model + max(tr, ev) <= available < model + self.start:
             return self.start_field
         part = self.eval if ev > tr else self.train
         size = "task.eval_samples" if ev > tr else "train.batch_size"
         base = model + part["plan"] + part["records"] + part["record copies"] + part.get("task metrics", 0)
-        calls, act, dec = part["model calls"], part.get("training activations", 0), part.get("decode", 0)
+        calls = part["model calls"] + part.get("reward scoring during rollout", 0)
+        act, dec, rew = part.get("training activations", 0), part.get("decode", 0), part.get("reward scoring", 0)
         if available is None or base > available:
             return size
-        if base + max(calls, dec) <= available < base + act:
+        if base + max(calls, dec, rew) <= available < base + act:
             return "train.grad_accum"
-        if base + max(act, dec) <= available < base + calls:
+        if base + max(act, dec, rew) <= available < base + calls:
             return "rollout.chunk_size"
-        if base + max(act, calls) <= available < base + dec:
+        if base + max(act, calls, rew) <= available < base + dec:
             return self.decode_field
         return size
 
@@ -278,11 +292,34 @@ def _per_rank(cfg: RunConfig, world_size: int, default_eval: int) -> RunConfig:
     return c
 
 
+def _reward_parts(cfg: RunConfig, geo: TaskGeometry, train: dict, ev: dict, rows: int, n: int, device) -> int:
+    """Adds the reward's scoring call to the training (``rows`` final samples) and evaluation
+    (``n``) parts; returns the bytes its models keep on ``device`` (:mod:`rsm_fast.rewards.footprint`).
+    The trainer scores every final sample of the epoch (of the rank) in one call; a zeroth-order
+    run with a reward model and ``rollout.waves`` > 1 scores each wave on a worker thread while
+    the next one samples (``trainer.async_reward``): a wave's rows, on top of the model calls."""
+    from .rewards.footprint import reward_footprint
+
+    t = cfg.task
+    spec = t.reward or ("digit_label_logprob" if t.name.startswith("digits") else "")  # the tasks' default_reward
+    fp = reward_footprint(spec, t.name, cfg.train.device if device is None else device)
+    waves = cfg.rollout.waves if cfg.method.estimator == "zo" and spec.strip() != "linear" else 1
+    if waves > 1 and fp.act_row:
+        train["reward scoring during rollout"] = fp.scoring(math.ceil(rows / waves), geo.image_bytes)
+    elif fp.act_row:
+        train["reward scoring"] = fp.scoring(rows, geo.image_bytes)
+    if fp.act_row:
+        ev["reward scoring"] = fp.scoring(n, geo.image_bytes)
+    return fp.weights
+
+
 def estimate_memory(cfg: RunConfig, geo: TaskGeometry, *, world_size: int = 1,
-                    sharded: bool | None = None) -> MemoryEstimate:
+                    sharded: bool | None = None, device=None) -> MemoryEstimate:
     """The bytes one rank holds at its peak (module docstring), by phase and part. ``world_size``:
     ranks sharing the run (whole groups per rank); ``sharded`` (default: ``train.parallel=fsdp``
-    on several ranks) divides the denoiser's weights, trained state and reference copy by it."""
+    on several ranks) divides the denoiser's weights, trained state and reference copy by it.
+    ``device`` (default ``train.device``): where the run, and so its reward models
+    (``rewards.device``: ``task.device``), live; it sets their precision."""
     N = max(1, int(world_size))
     sharded = (cfg.train.parallel == "fsdp" and N > 1) if sharded is None else bool(sharded)
     cfg = _per_rank(cfg, N, geo.default_eval)
@@ -296,6 +333,7 @@ def estimate_memory(cfg: RunConfig, geo: TaskGeometry, *, world_size: int = 1,
     ev = _phase(ep.rows, ep.records, cfg.rollout.chunk_size or min(n, EVAL_CHUNK), g, geo, decoded=2 * geo.image_bytes)
     if geo.metric_bytes:
         ev["task metrics"] = n * geo.metric_bytes
+    reward = _reward_parts(cfg, geo, train, ev, tp.rows[-1], ep.rows[-1], device)
     tc = cfg.train
     elems = geo.param_bytes // max(1, geo.param_elem)
     optim = 2 * elems if tc.optimizer == "adamw8bit" else 2 * geo.param_bytes   # two 8-bit states / two moments
@@ -309,7 +347,7 @@ def estimate_memory(cfg: RunConfig, geo: TaskGeometry, *, world_size: int = 1,
     host = max(train["plan"], ev["plan"]) + 2 * max(tp.rows[-1], ep.rows[-1]) * len(mask) * 8
     return MemoryEstimate(train, ev, params, host, "policy.hidden" if cfg.task.name == "toy2d" else "policy.lora_rank",
                           weights=geo.frozen_bytes + geo.visit_bytes, start=geo.text_bytes,
-                          host_extra=geo.offload_bytes, **_fields(cfg))
+                          host_extra=geo.offload_bytes, reward_weights=reward, **_fields(cfg))
 
 
 def _fields(cfg: RunConfig) -> dict:

@@ -40,24 +40,35 @@ batch that cannot fit ends in one ``error:`` line with nothing written and no mo
     rows, and the VAE decode of the final samples (``task.vae_slicing`` / ``vae_tiling``);
     ``task.offload=cpu`` moves the VAE, text encoders and reference copy to the host, the device
     holding the largest of them while it visits;
+  - reward models (:mod:`rsm_fast.rewards.footprint`): ``aesthetic``, ``pickscore`` and ``hps``
+    (every model term of a weighted sum) are built on the run's device (``task.device``: each rank
+    its own) in their release precision there, and stay for the whole run: their weights from
+    their CLIP architecture (the reward folder's ``config.json``, else the published one:
+    PickScore / HPS ViT-H/14 3.9 GB, aesthetic ViT-L/14 1.7 GB in float32) and the text-feature
+    cache; the scoring call of every final sample at once (training: the rank's batch, or one
+    wave's rows on top of the model calls when ``rollout.waves`` scores on a worker thread;
+    evaluation: its samples) holds the images and one no-grad transformer layer's activations
+    per image; the digits classifier's weights; nothing for weight-free, remote or Python rewards;
   - several ranks (``world_size``): each holds its share of the groups (whole groups per rank)
     and of the evaluation samples; ``sharded`` (FSDP) divides the denoiser's weights, the trained
     state and the reference copy by the number of ranks.
 
   Training and evaluation do not overlap, so the peak is the larger of the two (or of the start's
-  text encoders) plus the parameters and weights. The rollout's tensors are float32 whatever the
-  model's dtype. The estimate counts live tensor bytes: a small diffusers run (sd15-tiny, 64 px,
-  estimate 267 MB) peaked 1.14x that above its starting resident memory with glibc's mmap
-  threshold fixed (``MALLOC_MMAP_THRESHOLD_``) and 1.9x with glibc's defaults, whose dynamic
-  threshold keeps freed heap resident (``tests/test_precision_cli.py``): a refusal is certain.
+  text encoders) plus the parameters and weights (the reward models' included). The rollout's
+  tensors are float32 whatever the model's dtype. The estimate counts live tensor bytes: a small
+  diffusers run (sd15-tiny, 64 px, estimate 267 MB) peaked 1.14x that above its starting resident
+  memory with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``) and 1.9x with glibc's
+  defaults, whose dynamic threshold keeps freed heap resident (``tests/test_precision_cli.py``):
+  a refusal is certain.
 
 Available memory: on CPU the smaller of ``/proc/meminfo`` MemAvailable (else ``os.sysconf``) and
 the cgroup's limit minus its usage; on CUDA ``torch.cuda.mem_get_info`` (free bytes; the host
 must also hold the plan while it is compiled). A config whose estimate exceeds it raises a one-line
 :class:`~rsm_fast.config.ConfigError` naming the estimate, what is available and the setting to
 lower (``train.batch_size``, ``rollout.chunk_size``, ``train.grad_accum``, ``task.eval_samples``,
-and for image models ``policy.dtype``, ``task.offload``, ``task.t5``, ``task.vae_slicing`` /
-``vae_tiling``, ``policy.lora_rank``, ``train.optimizer``).
+``task.reward`` when its models do not fit, and for image models ``policy.dtype``,
+``task.offload``, ``task.t5``, ``task.vae_slicing`` / ``vae_tiling``, ``policy.lora_rank``,
+``train.optimizer``).
 """
 from __future__ import annotations
 
@@ -150,7 +161,7 @@ def check_memory(cfg: RunConfig, device=None, *, available: int | None = None, h
         return None
     dev = torch.device(device if device is not None else cfg.train.device)
     geo = image_geometry(cfg, geo, dev)
-    est = estimate_memory(cfg, geo, world_size=world_size, sharded=sharded)
+    est = estimate_memory(cfg, geo, world_size=world_size, sharded=sharded, device=dev)
     on_cuda = dev.type == "cuda"
     avail = available if available is not None else available_memory(dev)
     host_avail = host if host is not None else (host_available() if on_cuda else avail)
@@ -173,13 +184,16 @@ def check_memory(cfg: RunConfig, device=None, *, available: int | None = None, h
                 "task.t5": "drop T5 (task.t5=false: CLIP only) or load in bf16 (policy.dtype=bf16)",
                 "task.text_cache": "fill the text cache in a run with more memory, or lower policy.dtype",
                 "task.vae_slicing": "decode one image at a time (task.vae_slicing=true)",
-                "task.vae_tiling": "decode in tiles (task.vae_tiling=true) or lower train.batch_size"}[setting]
+                "task.vae_tiling": "decode in tiles (task.vae_tiling=true) or lower train.batch_size",
+                "task.reward": (f"its reward models need {fmt_bytes(est.reward_weights)}: use a smaller one or a "
+                                f"reward server (task.reward=http://...)")}[setting]
         if setting == "train.grad_accum" and cfg.task.name != "toy2d" and not cfg.policy.gradient_checkpointing:
             hint += " or set policy.gradient_checkpointing=true"
         # what to do first, then the three largest parts (the CLI prints one line of at most 300 characters)
         parts = ([(k if k.startswith("training") else f"training {k}", v) for k, v in est.train.items()]
                  + [(f"evaluation {k}", v) for k, v in est.eval.items()])
-        parts += [("parameters", est.params), ("weights", est.weights), ("text encoders at start", est.start)]
+        parts += [("parameters", est.params), ("weights", est.weights), ("text encoders at start", est.start),
+                  ("reward models", est.reward_weights)]
         top = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(parts, key=lambda kv: -kv[1])[:3] if v)
         raise ConfigError(f"config field '{setting}': the run needs about {fmt_bytes(est.total)} of {where} but "
                           f"{fmt_bytes(avail)} is available; {hint} (largest: {top})")

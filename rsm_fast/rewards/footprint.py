@@ -1,0 +1,258 @@
+"""Device bytes of the reward models a spec builds, from their architecture alone (the memory preflight).
+
+:func:`reward_footprint` reads a reward spec (:func:`~.registry.parse_spec`) the way
+:func:`~.registry.make_reward` builds it, without loading a weight or importing transformers:
+
+* ``aesthetic``, ``pickscore``, ``hps`` (:mod:`.clip`): a whole transformers ``CLIPModel``
+  (image and text towers) on ``task.device`` in its release precision there (:mod:`.device`:
+  float32 weights for all three, HPSv2.1 under float16 autocast on CUDA; float32 everywhere on
+  CPU), plus the aesthetic MLP head (float32). The architecture is the reward directory's
+  ``config.json`` (the one ``CLIPModel.from_pretrained`` reads: ``/dir``, or ``/dir/clip`` for the
+  aesthetic predictor), transformers' config defaults for the keys it leaves out; without one
+  (the directory is not there yet, or HPS's open_clip checkpoint) the published architecture
+  :data:`rsm_fast.cost.CLIP_ARCH` (ViT-L/14 for aesthetic, ViT-H/14 for PickScore and HPS; the
+  sources are cited there). Parameters by :func:`clip_params` (exact: the test builds the model).
+  Every model term counts: ``aesthetic:/a+0.5*pickscore:/p`` holds both, and a name repeated in a
+  spec is built twice. A ClipScore reward also keeps its text-feature cache (at most
+  ``clip.TEXT_CACHE_MAX`` prompts, ``projection_dim`` float32 each).
+* the digits task's classifier (``digit_*``): its parameters, float32, once (the task's module is
+  shared by every digit term).
+* everything else -- ``linear``, ``jpeg*``, ``brightness``, ``color``, ``http(s)://`` servers,
+  ``module:function`` callables, and a spec that does not parse (the reward preflight reports it):
+  no device weights.
+
+Scoring activations, per scored image (:func:`clip_activation_row`): one transformer layer is in
+flight in a no-grad forward (fused attention: no ``T x T`` score matrix), so the peak is
+``T * (5 D * w + max(5 D, 3 I) * a)`` bytes for ``T`` tokens of width ``D`` and MLP width ``I``
+(the residual stream, its layer norm and the attention's q/k/v/output in ``w`` = the weights'
+bytes; the MLP's ``fc1`` output and quick-GELU's two temporaries in ``a`` = the autocast dtype's
+bytes, else ``w``), with ``T = (S / P)^2 + 1`` for the image tower (``S`` image size, ``P``
+patch) and ``T = max_position_embeddings`` (77) for the text tower, whichever is larger, plus three
+float32 copies of the ``3 x S x S`` preprocessed pixels (resize, then normalisation). Measured on
+the meta device (:class:`rsm_fast.memory_profile.LiveBytes`, float32, no grad): 17.4 MB per image
+for ViT-L/14 and 21.7 MB for ViT-H/14; the tower term gives 17.9 and 22.4 MB, 19.7 and 24.2 MB
+with the pixels (tests/test_memory_estimate_rewards.py checks the bound).
+A weighted sum scores its terms one after another: the largest term's bytes. Not counted: the
+first-order estimators' reward backward (with grad, every layer is kept), and a TensorRT
+engine's own copy of the image tower (``task.reward_backend=tensorrt``).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .base import RewardError
+from .device import release_precision
+
+CLIP_REWARDS = ("aesthetic", "pickscore", "hps")
+DIGIT_REWARDS = ("digit_label_logprob", "digit_logprob", "digit_score")
+# transformers' CLIPTextConfig / CLIPVisionConfig / CLIPConfig defaults (models/clip/configuration_clip.py),
+# what CLIPModel.from_pretrained uses for a key config.json leaves out
+TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                     num_attention_heads=8, max_position_embeddings=77)
+VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       num_channels=3, image_size=224, patch_size=32)
+PROJECTION_DEFAULT = 512
+AESTHETIC_HIDDEN = (1024, 128, 64, 16, 1)     # clip.AestheticHead's published sizes after the input
+F32 = 4
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """One model a spec builds on the device."""
+
+    name: str
+    weights: int          # parameter bytes, resident for the whole run
+    cache: int = 0        # the text-feature cache at its cap
+    act_row: int = 0      # peak activation bytes of one scored image (no grad)
+    source: str = ""      # where the architecture was read
+
+
+@dataclass(frozen=True)
+class RewardFootprint:
+    models: tuple[ModelFootprint, ...] = field(default_factory=tuple)
+
+    @property
+    def weights(self) -> int:
+        """Bytes resident on the device for the whole run: every model's weights and cache."""
+        return sum(m.weights + m.cache for m in self.models)
+
+    @property
+    def act_row(self) -> int:
+        """Peak bytes per scored image: the largest term's (the terms score one after another)."""
+        return max((m.act_row for m in self.models), default=0)
+
+    def scoring(self, rows: int, image_bytes: int) -> int:
+        """One scoring call of ``rows`` images (held as input, ``image_bytes`` each) at its peak;
+        0 without a model that has activations."""
+        return rows * (image_bytes + self.act_row) if self.act_row and rows > 0 else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP models
+# ----------------------------------------------------------------------------------------------
+def _layer_params(d: int, i: int) -> int:
+    """One CLIP encoder layer: q, k, v, out projections (d x d + bias), two layer norms (2 d
+    each), fc1 (d x i + i), fc2 (i x d + d)."""
+    return 4 * (d * d + d) + 4 * d + (d * i + i) + (i * d + d)
+
+
+def clip_params(dims: dict) -> int:
+    """Parameters of a transformers ``CLIPModel`` (the open_clip model HPS may load has the same
+    tensors): text tower (token + position embeddings, layers, final layer norm), image tower
+    (class embedding, bias-free patch convolution, position embeddings, pre/post layer norms,
+    layers), the two bias-free projections and the logit scale."""
+    t, v, e = dims["text"], dims["vision"], dims["projection_dim"]
+    dt, dv = t["hidden_size"], v["hidden_size"]
+    text = ((t["vocab_size"] + t["max_position_embeddings"]) * dt
+            + t["num_hidden_layers"] * _layer_params(dt, t["intermediate_size"]) + 2 * dt)
+    tokens = (v["image_size"] // v["patch_size"]) ** 2 + 1
+    vision = (dv + v["num_channels"] * v["patch_size"] ** 2 * dv + tokens * dv + 4 * dv
+              + v["num_hidden_layers"] * _layer_params(dv, v["intermediate_size"]))
+    return text + vision + (dv + dt) * e + 1
+
+
+def head_params(sizes) -> int:
+    """The aesthetic MLP's parameters (``sizes``: input, then each linear layer's outputs)."""
+    return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def clip_activation_row(dims: dict, w: int, a: int, text: bool = True) -> int:
+    """Peak bytes of one image through a no-grad CLIP forward (module docstring): one layer in
+    flight, ``T * (5 D w + max(5 D, 3 I) a)`` for the image tower (and the text tower when
+    ``text``, whichever is larger), plus three float32 copies of the preprocessed pixels."""
+    def tower(c, tokens):
+        d, i = c["hidden_size"], c["intermediate_size"]
+        return tokens * (5 * d * w + max(5 * d, 3 * i) * a)
+
+    v = dims["vision"]
+    img = tower(v, (v["image_size"] // v["patch_size"]) ** 2 + 1)
+    txt = tower(dims["text"], dims["text"]["max_position_embeddings"]) if text else 0
+    return max(img, txt) + 3 * 3 * v["image_size"] ** 2 * F32
+
+
+def _clip_dir(name: str, arg: str | None) -> Path | None:
+    """The folder whose ``config.json`` :mod:`.clip` loads the CLIPModel from (None: none there)."""
+    if not arg:
+        return None
+    try:
+        d = Path(arg).expanduser()
+        if name == "aesthetic" and (d / "clip" / "config.json").is_file():
+            d = d / "clip"
+        return d if (d / "config.json").is_file() else None
+    except (OSError, ValueError, RuntimeError):
+        return None
+
+
+def clip_dims(name: str, arg: str | None) -> tuple[dict, str]:
+    """``(dims, source)``: the CLIP architecture the reward ``name:arg`` builds (module docstring)."""
+    d = _clip_dir(name, arg)
+    if d is not None:
+        try:
+            c = json.loads((d / "config.json").read_text(encoding="utf-8"))
+            tc, vc = c.get("text_config") or {}, c.get("vision_config") or {}
+            return ({"text": {k: int(tc.get(k, dv)) for k, dv in TEXT_DEFAULTS.items()},
+                     "vision": {k: int(vc.get(k, dv)) for k, dv in VISION_DEFAULTS.items()},
+                     "projection_dim": int(c.get("projection_dim", PROJECTION_DEFAULT))}, str(d / "config.json"))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+    from ..cost import CLIP_ARCH, REWARD_TOWER
+
+    tower = REWARD_TOWER[name]
+    arch = CLIP_ARCH[tower]
+    return ({"text": {**TEXT_DEFAULTS, **arch["text"]}, "vision": {**VISION_DEFAULTS, **arch["vision"]},
+             "projection_dim": int(arch["projection_dim"])}, f"published CLIP {tower} (rsm_fast/cost.py CLIP_ARCH)")
+
+
+def aesthetic_head_sizes(arg: str | None, projection: int) -> tuple[int, ...]:
+    """The head's layer sizes: read from ``aesthetic_head.safetensors``' header when there is one
+    (no tensor loads), else the published 768-1024-128-64-16-1 with the CLIP projection as input."""
+    from .clip import AESTHETIC_HEADS, AestheticHead
+
+    try:
+        p = Path(arg).expanduser() / AESTHETIC_HEADS[0] if arg else None
+        if p is not None and p.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="pt") as f:
+                shapes = [f.get_slice(f"layers.{i}.weight").get_shape() for i in AestheticHead.LINEAR_IDX]
+            return (int(shapes[0][1]), *(int(s[0]) for s in shapes))
+    except Exception:  # noqa: BLE001 - an unreadable head is the reward's own load error; estimate the published one
+        pass
+    return (projection, *AESTHETIC_HIDDEN)
+
+
+def _bytes(dtype: torch.dtype | None) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def clip_footprint(name: str, arg: str | None, device="cpu") -> ModelFootprint:
+    """The device bytes of the CLIP reward ``name:arg`` placed on ``device`` (module docstring)."""
+    from .clip import TEXT_CACHE_MAX
+
+    dims, src = clip_dims(name, arg)
+    prec = release_precision(name, device)
+    w = _bytes(prec.dtype)
+    a = _bytes(prec.autocast) if prec.autocast is not None else w
+    weights = clip_params(dims) * w
+    cache = 0
+    if name == "aesthetic":
+        weights += head_params(aesthetic_head_sizes(arg, dims["projection_dim"])) * F32
+    else:
+        cache = TEXT_CACHE_MAX * dims["projection_dim"] * F32
+    return ModelFootprint(name, weights, cache, clip_activation_row(dims, w, a, text=name != "aesthetic"), src)
+
+
+# ----------------------------------------------------------------------------------------------
+# the digits classifier
+# ----------------------------------------------------------------------------------------------
+def digits_classifier_footprint() -> ModelFootprint:
+    """The shipped digit classifier (``tasks.digits.DigitClassifier``: four 3x3 convolutions
+    1-w-w-2w-2w and a linear 2w*16 -> 10; ``w`` from the checkpoint's metadata), float32."""
+    from ..tasks import digits as D
+
+    w = 16
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(D.ASSETS / "classifier.safetensors"), framework="pt") as f:
+            w = int(json.loads((f.metadata() or {}).get("config", "{}")).get("width", 16))
+    except Exception:  # noqa: BLE001 - the task's own load reports a missing checkpoint
+        pass
+    convs = [(1, w), (w, w), (w, 2 * w), (2 * w, 2 * w)]
+    n = sum(i * o * 9 + o for i, o in convs) + 2 * w * 16 * D.NUM_CLASSES + D.NUM_CLASSES
+    return ModelFootprint("digits classifier", n * F32, source="tasks/digits.py DigitClassifier")
+
+
+# ----------------------------------------------------------------------------------------------
+# a spec
+# ----------------------------------------------------------------------------------------------
+def reward_footprint(spec: str, task_name: str = "", device="cpu") -> RewardFootprint:
+    """The models ``spec`` builds on ``device`` (the run's ``task.device``), for task ``task_name``
+    (the digits task registers its rewards)."""
+    from .registry import lookup, parse_spec
+
+    if not isinstance(spec, str) or not spec.strip() or spec.strip() == "linear":
+        return RewardFootprint()
+    if task_name.startswith("digits"):
+        importlib.import_module("rsm_fast.tasks.digits_task")     # registers the digit rewards
+    try:
+        terms = parse_spec(spec)
+        kinds = [lookup(atom) for _, atom in terms]
+    except RewardError:
+        return RewardFootprint()
+    models, digits = [], False
+    for (_, atom), (kind, _, arg) in zip(terms, kinds):
+        name = atom.split(":", 1)[0]
+        if kind != "registered":
+            continue
+        if name in CLIP_REWARDS:
+            models.append(clip_footprint(name, arg, device))
+        elif name in DIGIT_REWARDS and not digits:
+            digits = True
+            models.append(digits_classifier_footprint())
+    return RewardFootprint(tuple(models))
