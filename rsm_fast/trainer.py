@@ -22,6 +22,7 @@ reweighting, trust region, KL); this loop never branches on a method *name*. Per
 """
 from __future__ import annotations
 
+import math
 import signal
 from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
@@ -551,8 +552,9 @@ class Trainer(TrainerState, FirstOrderMixin):
                     a, j0 = self.task.alpha, out["objective_reference"]
                     gain = out["objective_target"] - j0
                     j, jm = out["reward_mean"] - a * out["kl_to_reference"], out["reward_mean"] - a * out["kl_marginal"]
-                    out.update(objective=j, objective_gain=(j - j0) / gain, objective_marginal=jm,
-                               objective_gain_marginal=(jm - j0) / gain)
+                    share = (lambda v: (v - j0) / gain if gain > 0 else math.nan)   # no gain: alpha -> inf
+                    out.update(objective=j, objective_gain=share(j), objective_marginal=jm,
+                               objective_gain_marginal=share(jm))
         self.nfe["eval"] += rec.nfe["total"] + n_ref
         self._sum_nfe(nfe0)
         return out
