@@ -26,7 +26,6 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -387,16 +386,19 @@ def load_yaml(path: str | Path) -> dict:
 # presets
 # ----------------------------------------------------------------------------------------------
 def preset_names() -> list[str]:
-    files = resources.files("rsm_fast.presets")
-    return sorted(f.name[:-5] for f in files.iterdir() if f.name.endswith(".yaml"))
+    from . import preset_files
+
+    return preset_files.names()
 
 
 def preset_data(name: str) -> dict:
+    """Preset ``name``'s mapping, its ``extends:`` chain resolved (:mod:`rsm_fast.preset_files`)."""
+    from . import preset_files
+
     names = preset_names()
     if name not in names:
         raise ConfigError(f"unknown preset '{name}'; available: {', '.join(names)}")
-    text = resources.files("rsm_fast.presets").joinpath(f"{name}.yaml").read_text()
-    return yaml.safe_load(text) or {}
+    return preset_files.resolve(name)
 
 
 def split_preset(name: str, data: dict) -> tuple[dict, dict]:
