@@ -6,6 +6,7 @@ With no arguments: the ``rsm-soft-zo`` preset on the analytic 2-D task (about a 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -226,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.list_presets:
         width = max(map(len, preset_names()))
-        for name in preset_names():
-            print(f"{name:{width}s}  {preset_data(name).get('description', '')}")
+        try:
+            for name in preset_names():
+                print(f"{name:{width}s}  {preset_data(name).get('description', '')}", flush=True)
+        except BrokenPipeError:     # `--list-presets | head`: the reader left; no traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     out, world = None, D.ONE
     with StopController() as stop:
