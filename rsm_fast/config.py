@@ -121,6 +121,7 @@ class MethodConfig:
     fo_reward_scale: float = field(default=1.0, metadata={"help": "K in Psi = K (Sigma/b) grad r (lookahead, terminal) or K grad r (current state); K = 1/alpha of RSM"})
     fo_jacobian: str = field(default="auto", metadata={"help": "fo_current / fo_lookahead: d x0_hat/dx with the model output held fixed: 'tweedie' (1/alpha_t for eps, identity for v), 'identity' (grad r at x0_hat, VGG-Flow), 'auto' = identity for fo_current, tweedie for fo_lookahead"})
     fo_value: str = field(default="tweedie", metadata={"help": "fo_lookahead: the value whose gradient at the sampled next state x' is the guidance: 'tweedie' r(x0_hat(x')) (SQDF, nabla-DB), 'path' the return of the rest of the record's own sampled path, differentiated through the policy's sampler with its noise held fixed (the soft return r - alpha sum_{j>i} KL_j with method.returns=soft; consistent for Psi*; K = 1 sde plans training every step); 'exact' the 2-D task's closed-form Psi* at the record's state, a ceiling for diagnostics, not a method"})
+    fo_path_rule: str = field(default="next", metadata={"help": "method.fo_value=path: where along each recorded step the pathwise soft-return gradient is read: 'next' grad_{x'} R_i at the sampled next state with the lookahead scale Psi = K (Sigma/b) g (the gradient of J on the sampler's Gaussian steps; lands short of p* on the 2-D task); 'current' grad_x of the return from the record's own state, its step's KL included, with the current-state scale Psi = K g (lands past p*); 'trapezoid' the mean of the two Psi (lands on p*: bench/results/default_run_toy2d_2026-12-06.md); 'current' and 'trapezoid' cost one more sweep step (2 evaluations per path)"})
     fo_lookahead_model: str = field(default="policy", metadata={"help": "fo_lookahead: whose output at the next state x' gives x0_hat(x'): the rollout 'policy' (nabla-DB) or the frozen 'reference' (SQDF without its consistency model); one extra model call per record"})
     fo_grad_chunk: int = field(default=0, metadata={"help": "fo_current / fo_lookahead: records per decode + reward backward (0 = rollout.chunk_size; 0 there = all)"})
     trust_c2: float = field(default=0.0, metadata={"help": "fo trust region C2 (relative, spec §3.2)"})
@@ -217,6 +218,7 @@ _CHOICES = {
     "method.adv_norm": ADV_NORMS, "method.surrogate": FORMS, "method.reweight": REWEIGHTS,
     "method.fo_weight": FO_WEIGHTS, "method.fo_gamma": FO_GAMMAS,
     "method.fo_jacobian": FO_JACOBIANS, "method.fo_lookahead_model": FO_MODELS, "method.fo_value": ("tweedie", "path", "exact"),
+    "method.fo_path_rule": ("next", "current", "trapezoid"),
     "task.name": ("toy2d", "digits-ddim", "digits-flow", "diffusers"),
     "train.lr_schedule": ("constant", "cosine"), "train.loss_impl": ("fused", "reference"),
     "rollout.plan": ("sde", "branch", "tree"), "train.reward_faults": ("error", "skip"),

@@ -244,6 +244,9 @@ def _check_method(cfg: RunConfig) -> None:
     if m.fo_value != "tweedie" and m.estimator != "fo_lookahead":
         raise ConfigError(f"config field 'method.fo_value': {m.fo_value!r} is the value of method.estimator="
                           f"fo_lookahead, got estimator {m.estimator!r}")
+    if m.fo_path_rule != "next" and m.fo_value != "path":
+        raise ConfigError(f"config field 'method.fo_path_rule': {m.fo_path_rule!r} reads the pathwise gradient of "
+                          f"method.fo_value=path, got fo_value {m.fo_value!r}")
     if m.fo_value == "exact" and cfg.task.name != "toy2d":
         raise ConfigError(f"config field 'method.fo_value': 'exact' is the 2-D task's closed-form Psi*, got "
                           f"task.name={cfg.task.name!r}")

@@ -122,7 +122,17 @@ class FirstOrderMixin:
         ``a_j = (d mean_j/d x_j)^T a_{j+1} - alpha grad_{x_j} KL_j`` with the policy and the
         reference evaluated with grad at the recorded ``x_j`` (chunks of ``method.fo_grad_chunk``
         rows, counted as reference NFE: 2 per row and step); ``g_i = a_{i+1}``. Needs every step
-        recorded on every path (checked by the config)."""
+        recorded on every path (checked by the config).
+
+        ``method.fo_path_rule`` reads the sweep at another point of the step. ``current``:
+        ``Psi_i = K a_i``, the gradient of the return from the record's own state ``x_i`` (its own
+        KL included), with the current-state scale; ``trapezoid``: the mean of that and the
+        lookahead ``K (Sigma/b) a_{i+1}``. Both are returned in lookahead units
+        (``g = (b/Sigma) a_i`` for the current-state part) so :meth:`_fo_guidance` is unchanged,
+        and both take the sweep one step further, to ``x_0`` (2 more evaluations per path). On the
+        2-D task the lookahead lands short of p* (it is the gradient of J over the sampler's
+        Gaussian steps, whose optimum is not p*), the current-state rule past it, and the
+        trapezoid on it (bench/results/default_run_toy2d_2026-12-06.md)."""
         mc, tr = self.cfg.method, self.task.transition
         anc = rec.leaf_ancestor                                   # [N, R_N] record per step and sample
         N, R = anc.shape
@@ -154,7 +164,8 @@ class FirstOrderMixin:
                 (a[sl],) = torch.autograd.grad(y, x, grad_outputs=gr) if N > L + 1 else (gr,)
         self.nfe["reference"] += (N - 1 - L) * R * cfg_x
         g.index_copy_(0, last, a.to(g.dtype))
-        for j in range(L, 0, -1):
+        w_cur = {"next": 0.0, "current": 1.0, "trapezoid": 0.5}[mc.fo_path_rule]
+        for j in range(L, -1 if w_cur else 0, -1):
             ids = anc[j]
             c = tr.coeffs(rec.step.index_select(0, ids), torch.ones_like(ids, dtype=torch.bool))
             nxt = torch.empty_like(a)
@@ -175,7 +186,11 @@ class FirstOrderMixin:
                 nxt[sl] = gx.to(a.dtype)
             self.nfe["reference"] += (2 if soft else 1) * R * cfg_x
             a = nxt
-            g.index_copy_(0, anc[j - 1], a)
+            if w_cur:     # the current-state gradient a_j, in lookahead units, mixed into record j's g
+                cur = rowwise(c.b / c.Sigma, a) * a
+                g.index_copy_(0, ids, (1 - w_cur) * g.index_select(0, ids) + w_cur * cur.to(g.dtype))
+            if j > 0:
+                g.index_copy_(0, anc[j - 1], a)
         if not torch.isfinite(g).all():
             raise R.RewardError(f"reward '{self.reward_name}' returned a non-finite path gradient")
         return g

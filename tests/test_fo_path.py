@@ -113,3 +113,46 @@ def test_exact_value_is_the_closed_form_psi_star_and_only_on_the_2d_task():
     torch.testing.assert_close(psi.double(), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="method.fo_value"):
         build_config("rsm-soft-fo", None, ["task.name=digits-flow", "method.fo_value=exact"])
+
+
+@pytest.mark.parametrize("rule", ["current", "trapezoid"])
+def test_path_rules_read_the_sweep_at_the_records_own_state(rule):
+    """``current``: (b/Sigma) grad_{x_i} [r - alpha sum_{j>=i} KL_j] (lookahead units, the record's own
+    KL included), from a fresh re-run of each record's path; ``trapezoid``: the mean of that and the
+    ``next`` rule's g, which the same sweep still gives; the rollout itself is unchanged."""
+    torch.manual_seed(0)
+    sets = SMALL + ["train.seed=3"]
+    tr_next = Trainer(build_config("rsm-soft-fo", None, sets))
+    tr = Trainer(build_config("rsm-soft-fo", None, sets + [f"method.fo_path_rule={rule}"]))
+    with torch.no_grad():             # one policy away from the reference, the same in both trainers
+        for p, q in zip(tr.policy.parameters(), tr_next.policy.parameters()):
+            p.add_(0.3 * torch.randn_like(p))
+            q.copy_(p)
+    rec_n, _, _, _, _, _, g_next = tr_next._sample_and_score()
+    rec, _, _, c, _, _, g = tr._sample_and_score()
+    torch.testing.assert_close(rec.x0, rec_n.x0, rtol=0, atol=0)
+    anc, T = rec.leaf_ancestor, tr.task.transition
+    worst = 0.0
+    for leaf in range(anc.shape[1]):
+        for i in range(T.num_steps - 1):
+            rid = int(anc[i, leaf])
+            x = rec.x[rid:rid + 1].detach().requires_grad_(True)
+            (cur,) = torch.autograd.grad(_path_return(tr, rec, leaf, x, i, True), x)
+            cur = (c.b[rid] / c.Sigma[rid]) * cur
+            want = cur if rule == "current" else 0.5 * (cur + g_next[rid:rid + 1])
+            worst = max(worst, float((want - g[rid:rid + 1]).abs().max() / want.abs().max()))
+    assert worst < 1e-4
+
+
+def test_path_rules_cost_one_more_sweep_step_and_need_the_path_value():
+    counts = {}
+    for rule in ("next", "trapezoid"):
+        tr = Trainer(build_config("rsm-soft-fo", None, SMALL + [f"method.fo_path_rule={rule}"]))
+        before = tr.nfe["reference"]
+        rec, *_ = tr._sample_and_score()
+        counts[rule] = tr.nfe["reference"] - before
+    assert counts["trapezoid"] - counts["next"] == 2 * rec.x0.shape[0]     # policy and reference at x_0
+    with pytest.raises(ConfigError, match="method.fo_path_rule") as e:
+        build_config("rsm-soft-fo", None, ["method.fo_value=tweedie", "method.fo_path_rule=trapezoid"])
+    assert "\n" not in str(e.value)
+    assert build_config("rsm-soft-fo-trap").method.fo_path_rule == "trapezoid"

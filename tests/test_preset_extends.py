@@ -23,6 +23,7 @@ CHILDREN = {
     "rsm-evr-cost": "rsm-evr",
     "pcpo-reweight": "pcpo",
     "pcpo-reweight-flow": "pcpo-reweight",
+    "rsm-soft-fo-trap": "rsm-soft-fo",
 }
 # keys a child restates at its parent's value on purpose: {child: leaf-path prefixes}
 RESTATED = {"pcpo-reweight-flow": [("tasks", "diffusers")]}   # its own SD3 release, stated whole
@@ -165,16 +166,17 @@ def test_a_child_differs_from_its_parent_in_its_own_keys_only(child):
 
 def test_a_parent_change_reaches_every_descendant(monkeypatch):
     real = PF.read
+    roots = {p for p in CHILDREN.values() if p not in CHILDREN}
 
     def read(name):
         d = real(name)
-        if name in ("tempflow-grpo", "pcpo"):
+        if name in roots:
             d = PF.merge(d, {"train": {"epochs": 7}, "method": {"adv_clip": 3.0},
                              "tasks": {"digits-flow": {"train": {"lr": 0.005}}}})
         return d
 
     monkeypatch.setattr(PF, "read", read)
-    roots = {"tempflow-grpo", "pcpo"}
+    assert roots == {"tempflow-grpo", "pcpo", "rsm-soft-fo"}
     for name in sorted(CHILDREN) + sorted(roots):
         root = name
         while root in CHILDREN:
