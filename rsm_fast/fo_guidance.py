@@ -132,7 +132,7 @@ class FirstOrderMixin:
         and both take the sweep one step further, to ``x_0`` (2 more evaluations per path). On the
         2-D task the lookahead lands short of p* (it is the gradient of J over the sampler's
         Gaussian steps, whose optimum is not p*), the current-state rule past it, and the
-        trapezoid on it (bench/results/default_run_toy2d_2026-12-06.md)."""
+        trapezoid's seeds on both sides of it (bench/results/default_run_toy2d_2026-12-06.md)."""
         mc, tr = self.cfg.method, self.task.transition
         anc = rec.leaf_ancestor                                   # [N, R_N] record per step and sample
         N, R = anc.shape
