@@ -26,6 +26,7 @@ NO_DIFFUSERS = {
     "rsm-soft-zo": "rsm_fast's consistent soft zeroth-order estimator; the RSM paper leaves it as future "
                    "work and no code trains an image model with it",
     "rsm-soft-fo": "rsm_fast's pathwise soft first-order estimator (fo_value=path); no image release",
+    "rsm-soft-fo-trap": "rsm-soft-fo read at both ends of each step (fo_path_rule=trapezoid); no image release",
 }
 
 # The release's image settings: {preset: {dotted key: value}}. Sources (see each preset's comment):
@@ -121,7 +122,8 @@ TOY = {
     "reinforce": (1e-4, 2e-3, 512, 16, 50, 0.1), "residual-nabla-db": (1e-4, 5e-3, 512, 16, 50, 0.0),
     "rsm-evr": (1e-2, 2e-3, 64, 4, 10, 0.04), "rsm-evr-cost": (1e-2, 2e-3, 64, 4, 10, 0.04),
     "rsm-fo-terminal": (1e-4, 2e-3, 512, 16, 50, 0.0), "rsm-lowsnr": (1e-2, 2e-3, 64, 4, 10, 0.004),
-    "rsm-soft-fo": (1e-4, 1e-2, 512, 16, 50, 0.0), "rsm-soft-zo": (1e-4, 1e-2, 512, 0, 50, 1.0),
+    "rsm-soft-fo": (1e-4, 1e-2, 512, 16, 50, 0.0), "rsm-soft-fo-trap": (1e-4, 1e-2, 512, 16, 50, 0.0),
+    "rsm-soft-zo": (1e-4, 1e-2, 512, 0, 50, 1.0),
     "rsm-sparse": (1e-2, 2e-3, 40, 5, 50, 0.04), "rsm-uniform-realloc": (1e-2, 2e-3, 64, 4, 10, 0.04),
     "sqdf": (1e-4, 5e-3, 512, 16, 50, 0.0), "tempflow-evr": (1e-2, 2e-3, 64, 4, 10, 0.04),
     "tempflow-evr-cost": (1e-2, 2e-3, 64, 4, 10, 0.04), "tempflow-evr-k1": (1e-2, 2e-3, 256, 16, 10, 0.04),
