@@ -4,13 +4,13 @@ estimate larger by at least its weights, a reward that does not fit names ``task
 weighted spec counts every model it builds."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
+from tinyclip import save_tiny_clip  # noqa: E402
 
 from rsm_fast import preflight as P  # noqa: E402
 from rsm_fast.config import ConfigError, build_config  # noqa: E402
@@ -35,21 +35,8 @@ def tiny_dir(tmp_path_factory):
     """A tiny random CLIPModel saved as a reward folder, with a tokenizer and an aesthetic head
     (sizes 8-6-5-4-3-1, not the published ones, so the head is read from the file)."""
     torch.manual_seed(0)
-    cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=54, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=52, eos_token_id=53,
-                         pad_token_id=53),
-        vision_config=dict(hidden_size=12, intermediate_size=20, num_hidden_layers=3, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=8)
-    d = tmp_path_factory.mktemp("clip")
-    transformers.CLIPModel(cfg).save_pretrained(str(d))
-    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}
-    vocab.update({c + "</w>": 26 + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")})
-    vocab.update({"<|startoftext|>": 52, "<|endoftext|>": 53})
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n")
-    transformers.CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt")).save_pretrained(str(d))
+    d = save_tiny_clip(tmp_path_factory.mktemp("clip"), text=(16, 24, 2), vision=(12, 20, 3), image_size=32,
+                       projection=8)
     sizes = (8, 6, 5, 4, 3, 1)
     sd = {}
     for i, (a, b) in zip(C.AestheticHead.LINEAR_IDX, zip(sizes[:-1], sizes[1:])):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import threading
 from types import SimpleNamespace
 
@@ -26,6 +25,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
+from tinyclip import save_tiny_clip  # noqa: E402
 
 from rsm_fast import rewards as R  # noqa: E402
 from rsm_fast.rewards import clip as C  # noqa: E402
@@ -49,21 +49,8 @@ def clip_dir(tmp_path_factory):
     """A 2-layer random CLIP (32-wide towers, 8-d projection), a CLIP tokenizer over a-z and a
     random 8-16-8-8-4-1 aesthetic head: every CLIP reward loads from it without a download."""
     torch.manual_seed(0)
-    cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=54, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=52, eos_token_id=53,
-                         pad_token_id=53),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=8)
-    d = tmp_path_factory.mktemp("clip")
-    transformers.CLIPModel(cfg).save_pretrained(str(d))
-    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}
-    vocab.update({c + "</w>": 26 + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")})
-    vocab.update({"<|startoftext|>": 52, "<|endoftext|>": 53})
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n")
-    transformers.CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt")).save_pretrained(str(d))
+    d = save_tiny_clip(tmp_path_factory.mktemp("clip"), text=(32, 64, 2), vision=(32, 64, 2), image_size=32,
+                       projection=8)
     g = torch.Generator().manual_seed(0)
     sizes, head = [8, 16, 8, 8, 4, 1], {}
     for k, i in enumerate(R.AestheticHead.LINEAR_IDX):

@@ -1,7 +1,6 @@
 """CLIP reward adapters (aesthetic, PickScore, HPS) on tiny random CLIP models saved to disk."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
+from tinyclip import save_tiny_clip  # noqa: E402
 
 from rsm_fast import rewards as R  # noqa: E402
 from rsm_fast.rewards import RewardError  # noqa: E402
@@ -17,17 +17,6 @@ from rsm_fast.rewards import RewardError  # noqa: E402
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 SIZE = 32
-
-
-def _tokenizer(d):
-    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}
-    vocab.update({c + "</w>": 26 + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")})
-    vocab.update({"<|startoftext|>": 52, "<|endoftext|>": 53})
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n")
-    tok = transformers.CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"))
-    tok.save_pretrained(str(d))
 
 
 def _hand_head():
@@ -44,16 +33,8 @@ def _hand_head():
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     torch.manual_seed(0)
-    cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=54, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=52, eos_token_id=53,
-                         pad_token_id=53),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=SIZE, patch_size=8),
-        projection_dim=4)
-    d = tmp_path_factory.mktemp("clip")
-    transformers.CLIPModel(cfg).save_pretrained(str(d))
-    _tokenizer(d)
+    d = save_tiny_clip(tmp_path_factory.mktemp("clip"), text=(16, 32, 1), vision=(16, 32, 1), image_size=SIZE,
+                       projection=4)
     save_file(_hand_head(), str(d / "aesthetic_head.safetensors"))
     return d
 
