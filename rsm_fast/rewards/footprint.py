@@ -211,8 +211,8 @@ def clip_footprint(name: str, arg: str | None, device="cpu") -> ModelFootprint:
 # the digits classifier
 # ----------------------------------------------------------------------------------------------
 def digits_classifier_footprint() -> ModelFootprint:
-    """The shipped digit classifier (``tasks.digits.DigitClassifier``: four 3x3 convolutions
-    1-w-w-2w-2w and a linear 2w*16 -> 10; ``w`` from the checkpoint's metadata), float32."""
+    """The shipped digit classifier (``tasks.digits.DigitClassifier`` at the checkpoint metadata's
+    width, built on the meta device to count its parameters), float32."""
     from ..tasks import digits as D
 
     w = 16
@@ -223,8 +223,8 @@ def digits_classifier_footprint() -> ModelFootprint:
             w = int(json.loads((f.metadata() or {}).get("config", "{}")).get("width", 16))
     except Exception:  # noqa: BLE001 - the task's own load reports a missing checkpoint
         pass
-    convs = [(1, w), (w, w), (w, 2 * w), (2 * w, 2 * w)]
-    n = sum(i * o * 9 + o for i, o in convs) + 2 * w * 16 * D.NUM_CLASSES + D.NUM_CLASSES
+    with torch.device("meta"):
+        n = sum(p.numel() for p in D.DigitClassifier(width=w).parameters())
     return ModelFootprint("digits classifier", n * F32, source="tasks/digits.py DigitClassifier")
 
 
