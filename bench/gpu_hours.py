@@ -27,7 +27,11 @@ with the same fraction in epochs, NFE, forward-equivalents, CPU and wall seconds
 already: cost 0. Never: "not reached". ``--target-gain g`` (2-D task) crosses the regularised
 objective instead: the evaluation's ``objective_gain`` = (J - J_ref) / (J* - J_ref) with
 J = E[r] - alpha path KL reaching g, so a run that buys reward with KL past p* does not reach it
-(the exact 50-step tilted process measures 0.91). ``--target T`` is an absolute reward; ``--target-frac f`` sets
+(the exact 50-step tilted process measures 0.91). On a task without J* in closed form (digits)
+``--target-gain`` estimates it once, before the runs, from ``--optimum-samples`` reference samples
+(``J* = alpha log E_ref[exp(r/alpha)]``, rsm_fast/optimum.py; its standard error and the optimum's
+reward and KL are written beside the target) and crosses the gain of ``J = E[r] - alpha path KL``;
+the reward, KL and alpha of the target are then all the task's own. ``--target T`` is an absolute reward; ``--target-frac f`` sets
 ``T = r0 + f (r_best - r0)`` with r0 the median pre-training reward and r_best the best preset's
 median final reward (= f x r_best when r0 = 0; the offset form because a reward such as the 2-D
 task's starts at 3, not 0).
@@ -78,6 +82,7 @@ except ImportError:
 
 from rsm_fast.config import ConfigError, build_config, parse_set
 from rsm_fast.ops import backends
+from rsm_fast.optimum import SoftOptimum, soft_optimum
 from rsm_fast.rewards import RewardError
 from rsm_fast.trainer import NonFiniteError, Trainer
 
@@ -191,6 +196,26 @@ def run_config(preset: str, args, seed: int):
         raise ConfigError(msg if f"'{name}'" in msg else f"preset {preset}: {msg}") from None
 
 
+def estimate_optimum(cfgs: list, args) -> dict:
+    """J* of the task's regularised objective by Monte Carlo over ``--optimum-samples`` reference
+    samples (rsm_fast/optimum.py), once for every run: the reference, reward and ``task.alpha``
+    must be the same for every preset (refused otherwise: one objective)."""
+    keys = {(c.task.name, c.task.reward, c.task.condition, c.task.alpha, c.task.num_steps) for c in cfgs}
+    if len(keys) > 1:
+        raise ConfigError(f"--target-gain: the presets differ in task (name, reward, condition, alpha, steps): "
+                          f"{sorted(keys, key=str)}; set them with --set")
+    t0 = time.perf_counter()
+    tr = Trainer(cfgs[0])
+    try:
+        out = soft_optimum(tr, args.optimum_samples).as_dict()
+    finally:
+        tr.close()
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"optimum: J* = {out['objective']:.4g} ± {out['objective_se']:.2g} over {out['samples']:,} reference samples "
+          f"(E*[r] {out['reward']:.4g}, KL* {out['kl']:.3g}, J_ref {out['reference']:.4g}; {out['seconds']:.0f} s)")
+    return out
+
+
 def run_one(preset: str, seed: int, args, log=print) -> tuple[list[dict], str]:
     """Train one (preset, seed) until the first budget is spent: one row per epoch (+ epoch 0) and
     why it stopped. A run whose trainer raises after the first epoch (a NaN, an allocator that left
@@ -213,6 +238,11 @@ def run_one(preset: str, seed: int, args, log=print) -> tuple[list[dict], str]:
                    eval_nfe=tr.nfe["eval"], eval_objective=ev.get("objective", math.nan),
                    eval_gain=ev.get("objective_gain", math.nan),
                    eval_gain_marginal=ev.get("objective_gain_marginal", math.nan))
+        opt = getattr(args, "optimum", None)
+        if opt and "objective_gain" not in ev:       # no closed form: the parent's Monte-Carlo J*
+            o = SoftOptimum(**{k: v for k, v in opt.items() if k != "seconds"})
+            row.update(eval_objective=ev["reward_mean"] - o.alpha * ev["kl_to_reference"],
+                       eval_gain=o.gain(ev["reward_mean"], ev["kl_to_reference"]))
 
     def row(epoch: int, s: dict) -> dict:
         return {"preset": preset, "seed": seed, "epoch": epoch, "nfe": tr.nfe_total(), "nfe_rollout": tr.nfe["rollout"],
@@ -226,6 +256,8 @@ def run_one(preset: str, seed: int, args, log=print) -> tuple[list[dict], str]:
     rows = [row(0, {})]
     evaluate(rows[0])
     epoch, stop = 0, None
+    every_nfe = getattr(args, "eval_every_nfe", 0)
+    next_nfe = every_nfe
     try:
         while stop is None:
             sync()
@@ -245,7 +277,10 @@ def run_one(preset: str, seed: int, args, log=print) -> tuple[list[dict], str]:
             stop = stop or ("epochs" if args.epochs and epoch >= args.epochs else
                             "nfe" if args.budget_nfe and tr.nfe_total() >= args.budget_nfe else
                             "seconds" if args.budget_seconds and spent >= args.budget_seconds else None)
-            if stop or epoch % args.eval_every == 0:
+            due = bool(every_nfe) and tr.nfe_total() >= next_nfe
+            if due:                  # the next multiple of --eval-every-nfe past this epoch's NFE
+                next_nfe = (tr.nfe_total() // every_nfe + 1) * every_nfe
+            if stop or due or epoch % args.eval_every == 0:
                 evaluate(rows[-1])
     finally:
         tr.close()
@@ -311,7 +346,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "J = E[r] - alpha KL (the evaluation's objective_gain; --gain-kl picks the KL)")
     p.add_argument("--gain-kl", choices=("path", "marginal"), default="path",
                    help="--target-gain's KL: along the sampling paths, or the k-NN estimate of the samples' own")
+    p.add_argument("--optimum-samples", type=int, default=4096,
+                   help="--target-gain on a task without J* in closed form (digits): reference samples of its "
+                        "Monte-Carlo estimate (rsm_fast/optimum.py), drawn once before the runs")
     p.add_argument("--eval-every", type=int, default=1, help="epochs between held-out evaluations")
+    p.add_argument("--eval-every-nfe", type=int, default=0,
+                   help="also evaluate after the epoch that crosses each multiple of this many training NFE: one "
+                        "cadence in cost for presets whose epochs differ in NFE (0 = off; with a large --eval-every, "
+                        "the only cadence)")
     p.add_argument("--eval-samples", type=int, default=1024)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (CPU-time accounting: 1)")
     p.add_argument("--jobs", type=int, default=1,
@@ -334,11 +376,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
         v = getattr(a, name)
         if v is not None and not 0 < v <= 1:
             p.error(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
-    if a.target_gain is not None and a.task != "toy2d":
-        p.error("--target-gain needs the 2-D task (the only one with J* in closed form)")
+    if a.target_gain is not None and a.task != "toy2d" and a.gain_kl != "path":
+        p.error("--gain-kl marginal needs the 2-D task (the only one with the samples' k-NN KL)")
+    if a.optimum_samples < 2:
+        p.error(f"--optimum-samples must be >= 2, got {a.optimum_samples}")
     if not a.reanalyze and not (a.epochs or a.budget_nfe or a.budget_seconds):
         p.error("give a budget: --epochs, --budget-nfe and/or --budget-seconds")
-    if min(a.epochs, a.budget_nfe, a.budget_seconds) < 0 or a.eval_every < 1 or a.eval_samples < 2 or a.threads < 0:
+    if min(a.epochs, a.budget_nfe, a.budget_seconds, a.eval_every_nfe) < 0 or a.eval_every < 1 or a.eval_samples < 2 or a.threads < 0:
         p.error("budgets must be >= 0, --eval-every >= 1, --eval-samples >= 2, --threads >= 0")
     if a.jobs < 1:
         p.error(f"--jobs must be >= 1, got {a.jobs}")
@@ -382,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: baseline {args.baseline} is not among --presets: no speedup columns", file=sys.stderr)
     meta = {"command": command, "argv": argv, "machine": machine(cfgs[0].train.device, args.threads), "code": provenance(),
             "args": {k: getattr(args, k) for k in ("task", "baseline", "seeds", "epochs", "budget_nfe", "budget_seconds",
-                                                    "set", "target", "target_frac", "target_gain", "gain_kl", "eval_every",
+                                                    "set", "target", "target_frac", "target_gain", "gain_kl", "optimum_samples", "eval_every", "eval_every_nfe",
                                                     "eval_samples", "jobs")}}
     meta["args"]["presets"] = args.preset_list
     meta["prices"] = prices
@@ -392,6 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     if bad:                                          # a silent fallback would time another implementation
         print(f"error: {bad}", file=sys.stderr)
         return 2
+    if args.target_gain is not None and args.task != "toy2d":
+        try:
+            meta["optimum"] = args.optimum = estimate_optimum(cfgs, args)
+        except (ConfigError, ValueError, RewardError) as e:
+            print(f"error: the optimum J*: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
     rows: list[dict] = []
     meta["runs"] = []
     t0 = time.perf_counter()

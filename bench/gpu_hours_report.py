@@ -41,9 +41,10 @@ def crossing(points: list[tuple[float, ...]], target: float) -> list[float] | No
 
 
 def eval_points(rows: list[dict], key: str = "eval_reward") -> list[tuple[float, ...]]:
-    """One run's evaluation rows as crossing points (value of ``key``, epochs, nfe, cpu_s, wall_s, fe;
-    fe NaN where the CSV has no forward-equivalents)."""
-    return [(r[key], r["epoch"], r["nfe"], r["cpu_s"], r["wall_s"], fe_of(r))
+    """One run's evaluation rows as crossing points (value of ``key``, epochs, nfe, cpu_s, wall_s, fe,
+    eval_kl; fe NaN where the CSV has no forward-equivalents). The KL rides along so a crossing also
+    says the KL at the target."""
+    return [(r[key], r["epoch"], r["nfe"], r["cpu_s"], r["wall_s"], fe_of(r), r["eval_kl"])
             for r in rows if not math.isnan(r["eval_reward"]) and not math.isnan(r.get(key, math.nan))]
 
 
@@ -138,6 +139,7 @@ def summarize(rows: list[dict], target: float, baseline: str, stops: dict | None
                "nfe_per_epoch": last["nfe"] / max(last["epoch"], 1), "target": target, "reached": hit is not None}
         for c, v in zip(COSTS, hit or [None] * len(COSTS)):
             run[f"{c}_to_target"] = v
+        run["kl_at_target"] = hit[len(COSTS)] if hit else None
         run["fe"], run["scored"] = fe_of(last), last.get("scored", math.nan)
         run["fe_known"] = not math.isnan(run["fe"])         # False: an older CSV, or an unpriced reward
         run.update(fe_per_epoch=run["fe"] / max(last["epoch"], 1), scored_per_epoch=run["scored"] / max(last["epoch"], 1))
@@ -235,7 +237,10 @@ def write_markdown(path: Path, runs: list[dict], meta: dict, target_note: str, k
              f"seeds {a['seeds']}; `--set` for every preset: {' '.join(a['set']) or 'none'}"
              + ("; `preset[k=v,...]` = the preset with its own overrides" if any("[" in p for p in presets) else "")
              + (f"; {a['jobs']} runs at a time, one process each" if a.get("jobs", 1) > 1 else "") + ".",
-             f"- Held-out evaluation before training, every {a['eval_every']} epoch(s) and at the end: {a['eval_samples']} "
+             "- Held-out evaluation before training, "
+             + (f"after the epoch crossing each {a['eval_every_nfe']:,} training NFE, " if a.get("eval_every_nfe") else "")
+             + (f"every {a['eval_every']} epoch(s) " if a["eval_every"] < 10 ** 6 else "")
+             + f"and at the end: {a['eval_samples']} "
              "full-SDE samples from a fixed seed per training seed; its cost is not charged to the run (eval_s in the CSV).",
              f"- Target {'reward' if key == 'eval_reward' else 'objective gain'}: {target_note}. Time to target: the "
              "first evaluation at or above it, linearly interpolated "
@@ -252,7 +257,7 @@ def write_markdown(path: Path, runs: list[dict], meta: dict, target_note: str, k
     head += [f"{h} to target" for _, h in clocks]
     head += ([f"speedup {x}" for x in ["NFE", "fwd-equiv"] + [h for _, h in clocks]] if base else [])
     gains = any(not math.isnan(r["final_gain"]) for r in runs)
-    head += ["final reward", "final KL"] + (["final J gain"] if gains else [])
+    head += ["KL at target", "final reward", "final KL"] + (["final J gain"] if gains else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in presets:
         rs = by[p]
@@ -264,10 +269,12 @@ def write_markdown(path: Path, runs: list[dict], meta: dict, target_note: str, k
             cells.append("1× (baseline)" if p == base else "unknown" if unknown else _ratio_cell(ratio_stats(
                 [(r["seed"], r[f"speedup_{c}"], r[f"speedup_{c}_kind"]) for r in rs
                  if r[f"speedup_{c}_kind"] != "unpaired"])))
-        cells += [_fmt([r["final_reward"] for r in rs], 4), _fmt([r["final_kl"] for r in rs])]
+        cells += [_fmt([r["kl_at_target"] for r in rs]), _fmt([r["final_reward"] for r in rs], 4),
+                  _fmt([r["final_kl"] for r in rs])]
         cells += [_fmt([r["final_gain"] for r in rs])] if gains else []
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Cells: median (min–max) over seeds of the runs that reached the target; hours = seconds / 3600.", ""]
+    lines += ["", "Cells: median (min–max) over seeds of the runs that reached the target; hours = seconds / 3600; "
+              "KL at target = the held-out path KL (nats) interpolated at the crossing.", ""]
     if base:
         lines += [f"## Speedup over {base} per seed", "",
                   "| preset | seed | NFE | fwd-equiv | " + " | ".join(h for _, h in clocks) + " |",
@@ -320,6 +327,11 @@ def write_outputs(out: str, rows: list[dict], meta: dict, args) -> list[dict]:
     gain, gain_kl = getattr(args, "target_gain", None), getattr(args, "gain_kl", "path")
     target, note = resolve_target(rows, args.target, args.target_frac, gain, gain_kl)
     key = target_key(gain, gain_kl)
+    opt = meta.get("optimum")
+    if gain is not None and opt:         # a task without J* in closed form: say how it was estimated
+        note += (f"; J* = {opt['objective']:.4g} ± {opt['objective_se']:.2g} (Monte Carlo, {opt['samples']:,} reference "
+                 f"samples, rsm_fast/optimum.py: E*[r] = {opt['reward']:.4g} at KL* = {opt['kl']:.3g} nats; "
+                 f"J_ref = E_ref[r] = {opt['reference']:.4g}; alpha = {opt['alpha']:g})")
     stops = {(r["preset"], r["seed"]): r["stop"] for r in meta.get("runs", [])}
     runs = summarize(rows, target, meta["args"]["baseline"], stops, key)
     write_csv(Path(f"{out}_summary.csv"), runs)

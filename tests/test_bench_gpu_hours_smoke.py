@@ -245,9 +245,9 @@ def test_target_gain_crosses_the_regularised_objective(tmp_path, capsys):
     assert "samples' marginal KL (--target-gain, --gain-kl marginal)" in (tmp_path / "gm.md").read_text()
     runm = R.summarize(rows, 0.05, "grpo", key="eval_gain_marginal")[0]
     assert runm["final_gain"] == ev[-1]["eval_gain_marginal"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):       # digits has no k-NN marginal KL
         G.main(["--task", "digits-flow", "--presets", "grpo", "--epochs", "1", "--target-gain", "0.5",
-                "--out", str(tmp_path / "d")])
+                "--gain-kl", "marginal", "--out", str(tmp_path / "d")])
     old = tmp_path / "old"
     cols = [c for c in R.EPOCH_FIELDS if c not in ("eval_objective", "eval_gain", "eval_gain_marginal")]
     R.write_csv(tmp_path / "old.csv", [{c: r[c] for c in cols} for r in rows], cols)
@@ -255,3 +255,38 @@ def test_target_gain_crosses_the_regularised_objective(tmp_path, capsys):
     capsys.readouterr()
     assert G.main(["--reanalyze", str(old), "--target-gain", "0.5", "--out", str(tmp_path / "re")]) == 2
     assert "recorded no objective gain" in capsys.readouterr().err
+
+
+def test_target_gain_on_digits_uses_the_monte_carlo_optimum(tmp_path):
+    """digits has no closed-form J*: --target-gain estimates it once from reference samples
+    (rsm_fast/optimum.py), every evaluation row's gain is (J - J_ref) / (J* - J_ref) with that
+    estimate, the table states it, and --eval-every-nfe evaluates on one cost cadence."""
+    from rsm_fast.optimum import SoftOptimum
+
+    out = tmp_path / "dg"
+    rc = G.main(["--task", "digits-ddim", "--presets", "tempflow-grpo,rsm-soft-zo", "--seeds", "0",
+                 "--eval-samples", "8", "--budget-nfe", "1500", "--eval-every", "1000000", "--eval-every-nfe", "500",
+                 "--optimum-samples", "24", "--set", "task.reward=digit_logprob:3", "--set", "task.condition=none",
+                 "--set", "task.num_steps=3", "--set", "train.batch_size=4", "--set", "method.group_size=2",
+                 "--target-gain", "0.01", "--out", str(out)])
+    assert rc == 0
+    meta = json.loads((tmp_path / "dg.json").read_text())
+    opt = SoftOptimum(**{k: v for k, v in meta["optimum"].items() if k != "seconds"})
+    assert opt.samples == 24 and opt.objective > opt.reference and opt.alpha == 1.0
+    rows = R.read_epochs(tmp_path / "dg.csv")
+    for p in ("tempflow-grpo", "rsm-soft-zo"):
+        ev = [r for r in rows if r["preset"] == p and not math.isnan(r["eval_reward"])]
+        assert all(r["eval_gain"] == pytest.approx(opt.gain(r["eval_reward"], r["eval_kl"]), rel=1e-9, abs=1e-12)
+                   for r in ev)
+        assert all(r["eval_objective"] == pytest.approx(r["eval_reward"] - r["eval_kl"]) for r in ev)
+        nfe = [r["nfe"] for r in ev]
+        # before training, then after the epoch crossing each 500 NFE, and the last epoch
+        want = [0] + [min(r["nfe"] for r in rows if r["preset"] == p and r["nfe"] >= k)
+                      for k in range(500, max(nfe) + 1, 500)]
+        assert sorted(set(want + [max(nfe)])) == sorted(set(nfe))
+    md = (tmp_path / "dg.md").read_text()
+    assert "J* = " in md and "24 reference samples" in md and "KL at target" in md
+    assert "after the epoch crossing each 500 training NFE" in md
+    for run in R.summarize(rows, 0.01, "tempflow-grpo", key="eval_gain"):
+        if run["reached"]:
+            assert run["kl_at_target"] is not None and run["kl_at_target"] >= 0
