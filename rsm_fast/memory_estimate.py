@@ -301,7 +301,10 @@ def _reward_parts(cfg: RunConfig, geo: TaskGeometry, train: dict, ev: dict, rows
     from .rewards.footprint import reward_footprint
 
     t = cfg.task
-    spec = t.reward or ("digit_label_logprob" if t.name.startswith("digits") else "")  # the tasks' default_reward
+    spec = t.reward
+    if not spec and t.name.startswith("digits"):
+        from .tasks.digits_task import default_reward
+        spec = default_reward(t.condition)
     fp = reward_footprint(spec, t.name, cfg.train.device if device is None else device)
     waves = cfg.rollout.waves if cfg.method.estimator == "zo" and spec.strip() != "linear" else 1
     if waves > 1 and fp.act_row:

@@ -51,3 +51,14 @@ def test_flow_family_trains_with_cfg_and_labels():
     assert st["onpolicy_logratio_absmax"] < 1e-4 and st["records"] == 16 * 5
     s = tr.run(progress=False)
     assert s["epochs"] == 2 and -20.0 < s["reward_mean"] <= 0.0      # run() trains up to train.epochs in all
+
+
+@pytest.mark.parametrize("condition, spec", [("none", "digit_logprob:3"), ("label", "digit_label_logprob")])
+def test_default_reward_is_read_without_building_the_task(condition, spec):
+    """The memory estimate reads the digits default reward from digits_task.default_reward; the
+    built task scores with the same one."""
+    from rsm_fast.tasks import make_task
+    from rsm_fast.tasks.digits_task import default_reward
+
+    cfg = build_config("rsm-soft-zo", None, ["task.name=digits-ddim", f"task.condition={condition}", "train.threads=1"])
+    assert default_reward(condition) == spec == make_task(cfg.task, "cpu").default_reward

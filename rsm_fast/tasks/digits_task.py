@@ -38,6 +38,13 @@ from .base import Conditioning, PolicyHandle, lora_targets
 DEFAULT_CFG = 3.0          # the shipped models' measured class agreement uses CFG 3 (assets/digits/README.md)
 
 
+def default_reward(condition: str) -> str:
+    """The reward spec a digits run scores with when ``task.reward`` is empty: the requested label's
+    log-probability, or, unconditional (``task.condition=none``), digit 3's. Read without building
+    the task (the memory estimate's reward footprint)."""
+    return "digit_logprob:3" if condition == "none" else "digit_label_logprob"
+
+
 class DigitsTask:
     default_eval_samples = 1024   # 8192 took ~8 min of CPU (163,840 UNet evaluations at 10 steps)
 
@@ -54,7 +61,7 @@ class DigitsTask:
         self.transition = self.digits.transition
         self.cfg_scale = scale
         self.classifier = self.digits.build_classifier(self.device)
-        self.default_reward = "digit_logprob:3" if self.unconditional else "digit_label_logprob"
+        self.default_reward = default_reward(cfg.condition)
 
     def make_policy(self, pc) -> PolicyHandle:
         from ..config import ConfigError
