@@ -154,6 +154,19 @@ def write_md(path: Path, res: dict, claims: list[dict], args, wall: float) -> No
                        for name in ["tempflow"] + [f"tempflow_{d}" for d in ST.DEPTHS if d != "full"]],
                 "ode", ms, with_x=True),
         "",
+        "## Higher-order ODE continuation (issue 20, item 6): TempFlow's continuation on a coarser grid",
+        "",
+        "`tempflow_<solver>_s<k>`: the child's ODE continuation run by `rsm_fast.solvers` on every k-th step of "
+        "the grid after the child, then to alpha_bar = 1 (ceil(38/k) evaluations instead of 38): `euler` is "
+        "DDIM eta = 0 (at k = 1 it is `tempflow`, equal to 1e-15 in the tests), so its rows price a coarser grid "
+        "alone; `dpm2` (DPM-Solver++(2M), DiffusionNFT's) and `unipc` add a higher order at the same NFE. "
+        "Against `ode` a row's plateau is the discretisation bias it adds to TempFlow's estimand; against "
+        "`psi_star`, compare with the `tempflow` row.",
+        "",
+        *_table(rows, [(f"{name} (vs {t})", name, t) for t in ("ode", "psi_star")
+                       for name in ["tempflow"] + [f"tempflow_{sv}_s{k}" for sv, k in ST.SOLVER_CONTS]],
+                "ode", ms, with_x=True),
+        "",
         "At equal NFE, RMSE of each tree / RMSE of independent rollouts (branch_1_1 interpolated in log-log at the "
         "same x; mean over budgets, and at the largest budget): "
         + "; ".join(f"{k}: {sum(p[1] for p in v) / len(v):.2f} mean, {v[-1][1]:.2f} at x={v[-1][0]:.2f}"

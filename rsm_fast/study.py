@@ -23,6 +23,11 @@ Estimators (all from :mod:`rsm_fast.estimators`, float64):
   * ``tempflow_<d>`` the same with truncated branches (issue 20 item 6; ``rollout.truncate`` in the
                      engine): the ODE continuation stops at depth ``d`` and the reward is read at
                      the Tweedie estimate of the stop state (1step: no ODE step at all).
+  * ``tempflow_<solver>_s<k>`` the same with the ODE continuation run by :mod:`rsm_fast.solvers`
+                     (``euler`` = DDIM eta = 0, ``dpm2`` = DPM-Solver++(2M), ``unipc``) on every
+                     ``k``-th step of the grid after the child (issue 20 item 6, higher-order
+                     solvers): ``euler`` at ``k = 1`` is ``tempflow`` itself (tested), so the rows
+                     separate a coarser grid (euler) from a higher order (dpm2 / unipc) at equal NFE.
 
 Ground truths (decided here; spec §4.2-4.3, §8.6):
   * ``psi_star``  the exact optimal guidance ``Psi* = s*_t - s^ref_t`` (closed form, soft value). The
@@ -72,6 +77,8 @@ T_TEST = 389                                   # spec §8.4: T - 1 - 110
 STOP_RATIOS = (0.9, 0.8, 0.5)                  # spec §8.4 lookahead stop ratios t_j / t_i
 BRANCH_CONFIGS = ((1, 1), (2, 2), (3, 2), (4, 2), (2, 4))   # spec §8.4 (#split, #branch)
 DEPTHS = ("1step",) + tuple(str(r) for r in STOP_RATIOS) + ("full",)
+SOLVER_CONTS = (("euler", 2), ("euler", 4), ("euler", 8), ("dpm2", 2), ("dpm2", 4), ("dpm2", 8),
+                ("unipc", 4), ("unipc", 8))     # (solver, stride) of the ODE continuation
 SPEC_SIGMA, SPEC_B = 0.45627, 0.23465          # spec §8.5, 10-step transition at t = 389
 
 
@@ -262,6 +269,33 @@ def tempflow(proto: Protocol, x: Tensor, n: int, gen: torch.Generator) -> tuple[
     return zo_depth(proto, x, n, "full", gen, baseline="mean", stochastic=False)
 
 
+def solver_continuation(proto: Protocol, fn, solver: str, stride: int) -> Callable[[Tensor], Tensor]:
+    """Child ``x'`` (at step + 1) -> ``x_0`` by ``solver`` (:mod:`rsm_fast.solvers`) on the grid's
+    steps ``step + 1, step + 1 + stride, ...`` and then to ``alpha_bar = 1`` (the toy's last point):
+    ``ceil(38 / stride)`` evaluations instead of 38."""
+    from . import solvers as SV
+
+    tr, task = proto.transition, proto.task
+    idx = list(range(proto.step + 1, tr.num_steps, int(stride)))
+    plan = SV.make_plan(solver, "eps", SV.vp_grid(task.alphas_cumprod, task.timesteps[idx], 1.0))
+
+    def model(y: Tensor, k: int) -> Tensor:
+        return fn(y, tr.coeffs_at(idx[k], y.shape[0], device=y.device, dtype=y.dtype, stochastic=False))
+    return lambda y: SV.solve(plan, model, y)
+
+
+def tempflow_solver(proto: Protocol, x: Tensor, n: int, gen: torch.Generator, solver: str,
+                    stride: int) -> tuple[Tensor, float]:
+    """TempFlow with its ODE continuation by ``solver`` at ``stride`` (see :func:`solver_continuation`)."""
+    fn = _Counted(proto.output_fn)
+    G = x.shape[0]
+    ch, z, c = _children(proto, fn, x, n, gen)
+    with torch.no_grad():
+        y = solver_continuation(proto, fn, solver, stride)(ch.reshape(G * n, 2))
+    r = proto.task.reward(y).reshape(G, n)
+    return E.zo_lookahead(r, z, c.sigma, c.b, proto.alpha, "mean"), fn.rows / G
+
+
 def split_steps(proto: Protocol, n_split: int) -> list[int]:
     """Steps at which a BranchGRPO tree splits: first grid index <= t - floor(t/S) j (spec §8.4)."""
     steps = [proto.step_at_or_below(T_TEST - (T_TEST // n_split) * j) for j in range(n_split)]
@@ -324,6 +358,7 @@ class StudyConfig:
     chunk_rows: int = 2**15
     depths: tuple = DEPTHS
     branches: tuple = BRANCH_CONFIGS
+    solver_conts: tuple = SOLVER_CONTS
 
     @property
     def log2_ns(self) -> list[int]:
@@ -339,7 +374,8 @@ def rmse_stats(est: Tensor, truth: Tensor) -> tuple[float, float]:
 
 FAMILY = {"fo": "FO", "zo": "ZO", "branch": "branch", "tempflow": "tempflow"}
 PROPER_TRUTH = {"zo_soft": "psi_star", "tempflow": "ode",      # everything else: "hard"
-                **{f"tempflow_{d}": "ode" for d in DEPTHS if d != "full"}}
+                **{f"tempflow_{d}": "ode" for d in DEPTHS if d != "full"},
+                **{f"tempflow_{sv}_s{k}": "ode" for sv, k in SOLVER_CONTS}}
 
 
 def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
@@ -403,6 +439,10 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
                 est, nfe = timed(f"tempflow_{d}", lambda: zo_depth(proto, xg, n, d, gen(f"tempflow_{d}"),
                                                                    baseline="mean", stochastic=False))
                 record(f"tempflow_{d}", m, est, nfe)
+        for sv, k in cfg.solver_conts:   # higher-order / coarser ODE continuation
+            name = f"tempflow_{sv}_s{k}"
+            est, nfe = timed(name, lambda: tempflow_solver(proto, xg, n, gen(name), sv, k))
+            record(name, m, est, nfe)
         log(f"n=2^{m}: done ({time.perf_counter() - t_start:.1f}s elapsed)")
     c = proto.transition.coeffs_at(proto.step, 1, dtype=torch.float64)
     meta = dict(points=cfg.points, repeats=R, seed=cfg.seed, log2_ns=cfg.log2_ns, gt_log2=cfg.gt_log2,

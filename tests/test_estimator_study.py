@@ -193,13 +193,31 @@ def test_truncated_tempflow_costs_d_plus_one_and_reads_the_tweedie_value(proto, 
     assert proto.stop_step("0.9") - proto.step - 1 == 3 and nfe3 == 1 + 8 * (3 + 1)
 
 
+def test_solver_continuation_euler_is_tempflow_and_dpm2_is_closer_on_a_coarse_grid(proto, pts):
+    """Higher-order continuation (issue 20 item 6): euler at stride 1 is TempFlow's DDIM ODE
+    continuation (same children, same estimate to float64 rounding, same NFE); at stride k the
+    continuation costs ceil(38/k) forwards, and on the same children a second-order solver moves the
+    estimate less from the fine-grid one than euler on the same coarse grid."""
+    x = pts["x"].repeat_interleave(4, 0)
+    fine, nfe = ST.tempflow(proto, x, 64, _gen(904))
+    same, nfe1 = ST.tempflow_solver(proto, x, 64, _gen(904), "euler", 1)
+    assert nfe1 == nfe == 1 + 64 * 38
+    assert float((same - fine).abs().max()) < 1e-12
+    dev = {}
+    for sv in ("euler", "dpm2"):
+        est, nfe8 = ST.tempflow_solver(proto, x, 64, _gen(904), sv, 8)
+        assert nfe8 == 1 + 64 * math.ceil(38 / 8)
+        dev[sv] = float((est - fine).pow(2).mean().sqrt())
+    assert dev["dpm2"] < 0.5 * dev["euler"], dev
+
+
 def test_study_driver_and_cli_smoke(tmp_path):
     cfg = ST.StudyConfig(points=2, min_log2=4, max_log2=5, gt_log2=8, ode_gt_log2=8)
     a = ST.run_study(cfg, log=lambda s: None)
     b = ST.run_study(cfg, log=lambda s: None)
     assert [r["rmse"] for r in a["rows"]] == [r["rmse"] for r in b["rows"]]          # seeded
-    n_est = 1 + 5 + 4 + 4 + 5 + 1 + 4      # fo_cs, fo depths, zo_full x3 + soft, zo depths, branches, tempflow
-    #                                        and tempflow truncated at the four lookahead depths
+    n_est = 1 + 5 + 4 + 4 + 5 + 1 + 4 + len(ST.SOLVER_CONTS)   # fo_cs, fo depths, zo_full x3 + soft, zo
+    #   depths, branches, tempflow, tempflow truncated at the four lookahead depths, and its solver continuations
     assert len(a["rows"]) == n_est * 3 * 2
     assert len(ST.evaluate_claims(a)) == 4
     spec = importlib.util.spec_from_file_location("estimator_study", ROOT / "bench" / "estimator_study.py")
