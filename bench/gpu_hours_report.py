@@ -327,11 +327,19 @@ def write_outputs(out: str, rows: list[dict], meta: dict, args) -> list[dict]:
     gain, gain_kl = getattr(args, "target_gain", None), getattr(args, "gain_kl", "path")
     target, note = resolve_target(rows, args.target, args.target_frac, gain, gain_kl)
     key = target_key(gain, gain_kl)
-    opt = meta.get("optimum")
-    if gain is not None and opt:         # a task without J* in closed form: say how it was estimated
-        note += (f"; J* = {opt['objective']:.4g} ± {opt['objective_se']:.2g} (Monte Carlo, {opt['samples']:,} reference "
-                 f"samples, rsm_fast/optimum.py: E*[r] = {opt['reward']:.4g} at KL* = {opt['kl']:.3g} nats; "
-                 f"J_ref = E_ref[r] = {opt['reference']:.4g}; alpha = {opt['alpha']:g})")
+    if gain is not None and meta.get("optimum"):   # no J* in closed form: say how it was estimated, per sampler
+        groups: dict[str, list[str]] = {}
+        for p, o in meta["optimum"].items():
+            groups.setdefault(repr(sorted(o.items())), []).append(p)
+        parts = []
+        for ps in groups.values():
+            o = meta["optimum"][ps[0]]
+            parts.append(f"J* = {o['objective']:.4g} ± {o['objective_se']:.2g} (E*[r] = {o['reward']:.4g} at KL* = "
+                         f"{o['kl']:.3g} nats; J_ref = E_ref[r] = {o['reference']:.4g}) for "
+                         f"{', '.join(ps)} ({o.get('num_steps', '?')} sampling steps)")
+        o = next(iter(meta["optimum"].values()))
+        note += (f"; estimated by Monte Carlo from {o['samples']:,} reference samples of each preset's own sampler "
+                 f"(rsm_fast/optimum.py, alpha = {o['alpha']:g}): " + "; ".join(parts))
     stops = {(r["preset"], r["seed"]): r["stop"] for r in meta.get("runs", [])}
     runs = summarize(rows, target, meta["args"]["baseline"], stops, key)
     write_csv(Path(f"{out}_summary.csv"), runs)

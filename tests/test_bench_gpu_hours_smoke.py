@@ -264,17 +264,22 @@ def test_target_gain_on_digits_uses_the_monte_carlo_optimum(tmp_path):
     from rsm_fast.optimum import SoftOptimum
 
     out = tmp_path / "dg"
-    rc = G.main(["--task", "digits-ddim", "--presets", "tempflow-grpo,rsm-soft-zo", "--seeds", "0",
+    rc = G.main(["--task", "digits-ddim", "--presets", "tempflow-grpo,rsm-soft-zo,rsm-soft-zo[task.num_steps=4]",
+                 "--seeds", "0",
                  "--eval-samples", "8", "--budget-nfe", "1500", "--eval-every", "1000000", "--eval-every-nfe", "500",
                  "--optimum-samples", "24", "--set", "task.reward=digit_logprob:3", "--set", "task.condition=none",
                  "--set", "task.num_steps=3", "--set", "train.batch_size=4", "--set", "method.group_size=2",
                  "--target-gain", "0.01", "--out", str(out)])
     assert rc == 0
     meta = json.loads((tmp_path / "dg.json").read_text())
-    opt = SoftOptimum(**{k: v for k, v in meta["optimum"].items() if k != "seconds"})
-    assert opt.samples == 24 and opt.objective > opt.reference and opt.alpha == 1.0
+    assert set(meta["optimum"]) == {"tempflow-grpo", "rsm-soft-zo", "rsm-soft-zo[task.num_steps=4]"}
+    assert meta["optimum"]["tempflow-grpo"] == meta["optimum"]["rsm-soft-zo"]    # one sampler: one estimate
+    own = meta["optimum"]["rsm-soft-zo[task.num_steps=4]"]                      # its own sampler: its own
+    assert own["num_steps"] == 4 and own["objective"] != meta["optimum"]["rsm-soft-zo"]["objective"]
     rows = R.read_epochs(tmp_path / "dg.csv")
-    for p in ("tempflow-grpo", "rsm-soft-zo"):
+    for p in meta["optimum"]:
+        opt = SoftOptimum(**{k: v for k, v in meta["optimum"][p].items() if k not in ("seconds", "num_steps")})
+        assert opt.samples == 24 and opt.objective > opt.reference and opt.alpha == 1.0
         ev = [r for r in rows if r["preset"] == p and not math.isnan(r["eval_reward"])]
         assert all(r["eval_gain"] == pytest.approx(opt.gain(r["eval_reward"], r["eval_kl"]), rel=1e-9, abs=1e-12)
                    for r in ev)
@@ -286,6 +291,7 @@ def test_target_gain_on_digits_uses_the_monte_carlo_optimum(tmp_path):
         assert sorted(set(want + [max(nfe)])) == sorted(set(nfe))
     md = (tmp_path / "dg.md").read_text()
     assert "J* = " in md and "24 reference samples" in md and "KL at target" in md
+    assert "for tempflow-grpo, rsm-soft-zo (3 sampling steps)" in md and "(4 sampling steps)" in md
     assert "after the epoch crossing each 500 training NFE" in md
     for run in R.summarize(rows, 0.01, "tempflow-grpo", key="eval_gain"):
         if run["reached"]:
