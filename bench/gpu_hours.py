@@ -290,7 +290,7 @@ def run_one(preset: str, seed: int, args, log=print) -> tuple[list[dict], str]:
             due = bool(every_nfe) and tr.nfe_total() >= next_nfe
             if due:                  # the next multiple of --eval-every-nfe past this epoch's NFE
                 next_nfe = (tr.nfe_total() // every_nfe + 1) * every_nfe
-            if stop or due or epoch % args.eval_every == 0:
+            if stop or due or (args.eval_every and epoch % args.eval_every == 0):
                 evaluate(rows[-1])
     finally:
         tr.close()
@@ -359,7 +359,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--optimum-samples", type=int, default=4096,
                    help="--target-gain on a task without J* in closed form (digits): reference samples of its "
                         "Monte-Carlo estimate (rsm_fast/optimum.py), drawn once before the runs")
-    p.add_argument("--eval-every", type=int, default=1, help="epochs between held-out evaluations")
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="epochs between held-out evaluations (0 = none by epoch: only --eval-every-nfe's, the start and the end)")
     p.add_argument("--eval-every-nfe", type=int, default=0,
                    help="also evaluate after the epoch that crosses each multiple of this many training NFE: one "
                         "cadence in cost for presets whose epochs differ in NFE (0 = off; with a large --eval-every, "
@@ -392,8 +393,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error(f"--optimum-samples must be >= 2, got {a.optimum_samples}")
     if not a.reanalyze and not (a.epochs or a.budget_nfe or a.budget_seconds):
         p.error("give a budget: --epochs, --budget-nfe and/or --budget-seconds")
-    if min(a.epochs, a.budget_nfe, a.budget_seconds, a.eval_every_nfe) < 0 or a.eval_every < 1 or a.eval_samples < 2 or a.threads < 0:
-        p.error("budgets must be >= 0, --eval-every >= 1, --eval-samples >= 2, --threads >= 0")
+    if min(a.epochs, a.budget_nfe, a.budget_seconds, a.eval_every_nfe, a.eval_every) < 0 or a.eval_samples < 2 or a.threads < 0:
+        p.error("budgets must be >= 0, --eval-every >= 0, --eval-samples >= 2, --threads >= 0")
     if a.jobs < 1:
         p.error(f"--jobs must be >= 1, got {a.jobs}")
     return a

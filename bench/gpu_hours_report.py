@@ -239,7 +239,8 @@ def write_markdown(path: Path, runs: list[dict], meta: dict, target_note: str, k
              + (f"; {a['jobs']} runs at a time, one process each" if a.get("jobs", 1) > 1 else "") + ".",
              "- Held-out evaluation before training, "
              + (f"after the epoch crossing each {a['eval_every_nfe']:,} training NFE, " if a.get("eval_every_nfe") else "")
-             + (f"every {a['eval_every']} epoch(s) " if a["eval_every"] < 10 ** 6 else "")
+             # (0 = off; tables made before --eval-every 0 existed said "off" with 1,000,000)
+             + (f"every {a['eval_every']} epoch(s) " if 0 < a["eval_every"] < 10 ** 6 else "")
              + f"and at the end: {a['eval_samples']} "
              "full-SDE samples from a fixed seed per training seed; its cost is not charged to the run (eval_s in the CSV).",
              f"- Target {'reward' if key == 'eval_reward' else 'objective gain'}: {target_note}. Time to target: the "

@@ -314,7 +314,7 @@ def check(a: argparse.Namespace) -> None:
             a.eval_samples = value if isinstance(value, int) else 0
     if a.eval_samples < 2:
         raise ConfigError("--eval-samples (or --set task.eval_samples) must be an integer >= 2")
-    a.budget_seconds, a.eval_every = 0.0, 10 ** 9        # gpu_hours.run_one's other settings
+    a.budget_seconds, a.eval_every = 0.0, 0              # gpu_hours.run_one's other settings (0: no evaluation by epoch)
 
 
 def alphas(a: argparse.Namespace) -> dict[str, float]:

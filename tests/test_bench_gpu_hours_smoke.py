@@ -260,13 +260,14 @@ def test_target_gain_crosses_the_regularised_objective(tmp_path, capsys):
 def test_target_gain_on_digits_uses_the_monte_carlo_optimum(tmp_path):
     """digits has no closed-form J*: --target-gain estimates it once from reference samples
     (rsm_fast/optimum.py), every evaluation row's gain is (J - J_ref) / (J* - J_ref) with that
-    estimate, the table states it, and --eval-every-nfe evaluates on one cost cadence."""
+    estimate, the table states it, and --eval-every-nfe evaluates on one cost cadence (with
+    --eval-every 0: no evaluation by epoch count)."""
     from rsm_fast.optimum import SoftOptimum
 
     out = tmp_path / "dg"
     rc = G.main(["--task", "digits-ddim", "--presets", "tempflow-grpo,rsm-soft-zo,rsm-soft-zo[task.num_steps=4]",
                  "--seeds", "0",
-                 "--eval-samples", "8", "--budget-nfe", "1500", "--eval-every", "1000000", "--eval-every-nfe", "500",
+                 "--eval-samples", "8", "--budget-nfe", "1500", "--eval-every", "0", "--eval-every-nfe", "500",
                  "--optimum-samples", "24", "--set", "task.reward=digit_logprob:3", "--set", "task.condition=none",
                  "--set", "task.num_steps=3", "--set", "train.batch_size=4", "--set", "method.group_size=2",
                  "--target-gain", "0.01", "--out", str(out)])
@@ -292,7 +293,7 @@ def test_target_gain_on_digits_uses_the_monte_carlo_optimum(tmp_path):
     md = (tmp_path / "dg.md").read_text()
     assert "J* = " in md and "24 reference samples" in md and "KL at target" in md
     assert "for tempflow-grpo, rsm-soft-zo (3 sampling steps)" in md and "(4 sampling steps)" in md
-    assert "after the epoch crossing each 500 training NFE" in md
+    assert "after the epoch crossing each 500 training NFE, and at the end" in md and "epoch(s)" not in md
     for run in R.summarize(rows, 0.01, "tempflow-grpo", key="eval_gain"):
         if run["reached"]:
             assert run["kl_at_target"] is not None and run["kl_at_target"] >= 0
