@@ -206,6 +206,7 @@ def validate_config(cfg: RunConfig) -> None:
     _check_task(cfg)
     _check_method(cfg)
     _check_rollout(cfg)
+    _check_fused(cfg)
     _check_device(cfg.train.device)
     _check_precision(cfg)
     _check_trains_something(cfg)
@@ -257,6 +258,23 @@ def _check_method(cfg: RunConfig) -> None:
                               "its end, so it needs rollout.plan=sde without rollout.window and "
                               f"train.timestep_fraction=1 (got plan={ro.plan}, window={ro.window}, "
                               f"timestep_fraction={tc.timestep_fraction:g})")
+
+
+def _check_fused(cfg: RunConfig) -> None:
+    """train.fused_epoch: the plan must make each trained step's rows its records (rsm_fast/fused_path.py)."""
+    ro, tc = cfg.rollout, cfg.train
+    if not tc.fused_epoch:
+        return
+    why = ("method.estimator=forward trains on its own rows, not the rollout's" if cfg.method.estimator == "forward"
+           else f"rollout.plan={ro.plan} branches (needs sde)" if ro.plan != "sde"
+           else "rollout.window moves the trained steps" if ro.window
+           else "rollout.graphs replays the model without autograd" if ro.graphs
+           else f"rollout.waves={ro.waves} splits the rollout" if ro.waves > 1
+           else f"train.grad_accum={tc.grad_accum} would backpropagate one step's graph twice" if tc.grad_accum > 1
+           else "policy.gradient_checkpointing drops the activations it keeps" if cfg.policy.gradient_checkpointing
+           else None)
+    if why:
+        raise ConfigError(f"config field 'train.fused_epoch': {why}")
 
 
 def _check_rollout(cfg: RunConfig) -> None:

@@ -148,8 +148,11 @@ FAMILIES = {"zo": TrajectoryFamily, "fo_terminal": TrajectoryFamily, "fo_current
 
 
 def make_family(trainer: "Trainer"):
-    """The family of ``method.estimator`` (:data:`FAMILIES`; the forward family is imported lazily)."""
+    """The family of ``method.estimator`` (:data:`FAMILIES`; the forward family is imported lazily;
+    ``train.fused_epoch``: the trajectory family on the rollout's graphs, :mod:`rsm_fast.fused_path`)."""
     cls = FAMILIES[trainer.cfg.method.estimator]
     if cls == "forward":
         from .forward_family import ForwardFamily as cls
+    elif trainer.cfg.train.fused_epoch:
+        from .fused_path import FusedTrajectoryFamily as cls
     return cls(trainer)

@@ -140,13 +140,35 @@ class FirstOrderMixin:
         L = max((j for j in range(N) if have[j]), default=-1)     # the last recorded (noisy) step
         if L < 0 or not all(have[:L + 1]) or bool((anc[L + 1:] >= 0).any()):
             raise RuntimeError("method.fo_value=path needs a record at every noisy step of every path (plan bug)")
-        soft = mc.returns == "soft"
-        alpha = float(self.kl_alpha)
         chunk = mc.fo_grad_chunk or self.cfg.rollout.chunk_size or R
-        cfg_x = 2 if self.task.cfg_scale is not None else 1
         g = torch.empty_like(rec.x)
-        # a_{L+1}: the final steps after L are deterministic (DDIM's last step to t = 0), so the
-        # gradient of r(x_N) reaches x_{L+1} through them alone
+        a = self._fo_path_tail(rec, L, chunk)                     # a_{L+1}
+        g.index_copy_(0, anc[L], a.to(g.dtype))
+        if rec.graph is not None:      # train.fused_epoch: differentiate the rollout's own forwards
+            from .fused_path import sweep_step as step_vjp
+        else:
+            step_vjp = type(self)._fo_sweep_step
+        w_cur = {"next": 0.0, "current": 1.0, "trapezoid": 0.5}[mc.fo_path_rule]
+        for j in range(L, -1 if w_cur else 0, -1):
+            ids = anc[j]
+            c = tr.coeffs(rec.step.index_select(0, ids), torch.ones_like(ids, dtype=torch.bool))
+            a = step_vjp(self, rec, j, ids, c, a, chunk)
+            if w_cur:     # the current-state gradient a_j, in lookahead units, mixed into record j's g
+                cur = rowwise(c.b / c.Sigma, a) * a
+                g.index_copy_(0, ids, (1 - w_cur) * g.index_select(0, ids) + w_cur * cur.to(g.dtype))
+            if j > 0:
+                g.index_copy_(0, anc[j - 1], a)
+        if not torch.isfinite(g).all():
+            raise R.RewardError(f"reward '{self.reward_name}' returned a non-finite path gradient")
+        return g
+
+    def _fo_path_tail(self, rec: Records, L: int, chunk: int) -> Tensor:
+        """``a_{L+1}`` per final sample: the final steps after the last recorded step ``L`` are
+        deterministic (DDIM's last step to t = 0), so the gradient of ``r(x_N)`` reaches ``x_{L+1}``
+        through them alone (counted as reference NFE)."""
+        tr = self.task.transition
+        anc = rec.leaf_ancestor
+        N, R = anc.shape
         last = anc[L]
         cL = tr.coeffs(rec.step.index_select(0, last), torch.ones_like(last, dtype=torch.bool))
         x_next = cL.step(rec.x.index_select(0, last), rec.f_old.index_select(0, last), rec.z.index_select(0, last))
@@ -162,38 +184,33 @@ class FirstOrderMixin:
                                 torch.zeros_like(y))
                 gr = self._reward_grad(y.detach(), rec.x0_group[sl]).to(y.dtype)
                 (a[sl],) = torch.autograd.grad(y, x, grad_outputs=gr) if N > L + 1 else (gr,)
-        self.nfe["reference"] += (N - 1 - L) * R * cfg_x
-        g.index_copy_(0, last, a.to(g.dtype))
-        w_cur = {"next": 0.0, "current": 1.0, "trapezoid": 0.5}[mc.fo_path_rule]
-        for j in range(L, -1 if w_cur else 0, -1):
-            ids = anc[j]
-            c = tr.coeffs(rec.step.index_select(0, ids), torch.ones_like(ids, dtype=torch.bool))
-            nxt = torch.empty_like(a)
-            for s in range(0, R, chunk):
-                sl = slice(s, min(s + chunk, R))
-                rid = ids[sl]
-                cs = _slice_coeffs(c, sl)
-                with torch.enable_grad():
-                    x = rec.x.index_select(0, rid).detach().requires_grad_(True)
-                    t = self._t_table.index_select(0, rec.step.index_select(0, rid))
-                    grp = rec.group.index_select(0, rid)
-                    f = self._policy_out(x, t, grp)
-                    obj = (cs.mean(x, f) * a[sl].to(f.dtype)).sum()
-                    if soft:
-                        f_ref = self._policy_out(x, t, grp, model=self.handle.reference)
-                        obj = obj - alpha * cs.kl(f, f_ref, reduce="sum").sum()
-                    (gx,) = torch.autograd.grad(obj, x)
-                nxt[sl] = gx.to(a.dtype)
-            self.nfe["reference"] += (2 if soft else 1) * R * cfg_x
-            a = nxt
-            if w_cur:     # the current-state gradient a_j, in lookahead units, mixed into record j's g
-                cur = rowwise(c.b / c.Sigma, a) * a
-                g.index_copy_(0, ids, (1 - w_cur) * g.index_select(0, ids) + w_cur * cur.to(g.dtype))
-            if j > 0:
-                g.index_copy_(0, anc[j - 1], a)
-        if not torch.isfinite(g).all():
-            raise R.RewardError(f"reward '{self.reward_name}' returned a non-finite path gradient")
-        return g
+        self.nfe["reference"] += (N - 1 - L) * R * (2 if self.task.cfg_scale is not None else 1)
+        return a
+
+    def _fo_sweep_step(self, rec: Records, j: int, ids: Tensor, c, a: Tensor, chunk: int) -> Tensor:
+        """One step of the adjoint sweep: ``a_j = (d mean_j/d x_j)^T a_{j+1} - alpha grad_{x_j} KL_j``
+        at the records ``ids`` of step ``j``, the policy and the reference evaluated again with grad
+        (2 reference NFE per row; 1 with hard returns)."""
+        soft, alpha = self.cfg.method.returns == "soft", float(self.kl_alpha)
+        R = ids.shape[0]
+        nxt = torch.empty_like(a)
+        for s in range(0, R, chunk):
+            sl = slice(s, min(s + chunk, R))
+            rid = ids[sl]
+            cs = _slice_coeffs(c, sl)
+            with torch.enable_grad():
+                x = rec.x.index_select(0, rid).detach().requires_grad_(True)
+                t = self._t_table.index_select(0, rec.step.index_select(0, rid))
+                grp = rec.group.index_select(0, rid)
+                f = self._policy_out(x, t, grp)
+                obj = (cs.mean(x, f) * a[sl].to(f.dtype)).sum()
+                if soft:
+                    f_ref = self._policy_out(x, t, grp, model=self.handle.reference)
+                    obj = obj - alpha * cs.kl(f, f_ref, reduce="sum").sum()
+                (gx,) = torch.autograd.grad(obj, x)
+            nxt[sl] = gx.to(a.dtype)
+        self.nfe["reference"] += (2 if soft else 1) * R * (2 if self.task.cfg_scale is not None else 1)
+        return nxt
 
     def _fo_record_grads(self, x: Tensor, step: Tensor, f_old: Tensor, z: Tensor, group: Tensor, c) -> Tensor:
         """Per-record ``g`` ``[M, ...]`` of the current-state and lookahead estimators (spec §4.1,

@@ -212,7 +212,7 @@ class MemoryEstimate:
         the training forward's activations, the VAE decode and the reward's scoring call (they do
         not overlap)."""
         return (part["plan"] + part["records"] + part["record copies"] + part.get("task metrics", 0)
-                + max(part["model calls"] + part.get("reward scoring during rollout", 0),
+                + part.get("rollout graphs", 0) + max(part["model calls"] + part.get("reward scoring during rollout", 0),
                       part.get("training activations", 0), part.get("decode", 0), part.get("reward scoring", 0)))
 
     @property
@@ -243,8 +243,12 @@ class MemoryEstimate:
         part = self.eval if ev > tr else self.train
         size = "task.eval_samples" if ev > tr else "train.batch_size"
         base = model + part["plan"] + part["records"] + part["record copies"] + part.get("task metrics", 0)
+        graphs = part.get("rollout graphs", 0)
+        base += graphs
         calls = part["model calls"] + part.get("reward scoring during rollout", 0)
         act, dec, rew = part.get("training activations", 0), part.get("decode", 0), part.get("reward scoring", 0)
+        if available is not None and graphs and base > available >= base - graphs:
+            return "train.fused_epoch"
         if available is None or base > available:
             return size
         if base + max(calls, dec, rew) <= available < base + act:
@@ -329,8 +333,12 @@ def estimate_memory(cfg: RunConfig, geo: TaskGeometry, *, world_size: int = 1,
     g = 2 if geo.cfg_guidance else 1
     mask = geo.sde_mask if geo.sde_mask is not None else (True,) * cfg.task.num_steps
     tp = plan_counts(cfg, mask)
+    fused = cfg.train.fused_epoch and cfg.method.estimator != "forward"
     train = _phase(tp.rows, tp.records, cfg.rollout.chunk_size, g, geo,
-                   train_rows=math.ceil(tp.records / max(1, cfg.train.grad_accum)), decoded=2 * geo.image_bytes)
+                   train_rows=0 if fused else math.ceil(tp.records / max(1, cfg.train.grad_accum)),
+                   decoded=2 * geo.image_bytes)
+    if fused:   # rsm_fast/fused_path.py: every record's policy and reference graph, rollout to first backward
+        train["rollout graphs"] = 2 * g * tp.records * geo.act_grad + geo.act_fixed
     n = cfg.task.eval_samples or geo.default_eval
     ep = eval_counts(n, mask)
     ev = _phase(ep.rows, ep.records, cfg.rollout.chunk_size or min(n, EVAL_CHUNK), g, geo, decoded=2 * geo.image_bytes)

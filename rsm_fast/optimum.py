@@ -27,8 +27,6 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from .engine.plan import PlanSpec, compile_plan
-from .engine.rollout import RolloutEngine
 
 # the reference samples' generator seed: one fixed stream for every run and preset of a benchmark,
 # apart from the training seeds and from Trainer.evaluate's (seed + 1_000_003)
@@ -95,20 +93,10 @@ def reference_rewards(trainer, n: int, seed: int = OPTIMUM_SEED) -> tuple[Tensor
     counters are left as they were."""
     if n < 2:
         raise ValueError(f"the optimum needs >= 2 reference samples, got {n}")
-    tr = trainer.task.transition
-    spec = PlanSpec("sde", tr.num_steps, n, 1, sde_mask=tuple(bool(v) for v in tr.sde_mask))
-    chunk = trainer.cfg.rollout.chunk_size or min(n, 2048)
-    engine = RolloutEngine(trainer.handle.reference, tr, compile_plan(spec), seed=seed,
-                           cfg_scale=trainer.task.cfg_scale, chunk_size=chunk, device=trainer.device)
+    engine = trainer.sde_engine(trainer.handle.reference, n, seed, trainer.cfg.rollout.chunk_size or min(n, 2048))
     gen = torch.Generator().manual_seed(seed)
     conds = trainer.task.conditions(n, gen)
-    x_init = trainer.task.initial_latents(n, gen)
-    c = None if conds.cond is None else conds.cond.to(trainer.device)
-    u = None if conds.uncond is None else conds.uncond.to(trainer.device)
-    if x_init is None:
-        rec = engine.run(None, c, u, latent_shape=tuple(trainer.task.latent_shape))
-    else:
-        rec = engine.run(x_init.to(trainer.device), c, u)
+    rec, _, _ = trainer._rollout([engine], engine.plan, conds, gen, 0, reference=False)
     scored = dict(trainer.scored)
     try:
         r = trainer._score(rec.x0, rec.x0_group, conds, kind="eval")

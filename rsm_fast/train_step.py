@@ -431,6 +431,9 @@ class TrainStep:
         self.compiled = self.regions.names          # names of the compiled modules ([] = eager)
         self.ema = EMA(params, ema_decay, ema_every) if ema_decay > 0 else None
         self.guard = StepGuard(params, opt)
+        # the tensors the backward differentiates (None: every leaf; the fused epoch names the trained
+        # weights, so its backward skips the rollout states' branch of the graph)
+        self.backward_inputs: list[Tensor] | None = None
         if sharded:     # FSDP2: snapshots of the local shards; the non-finite count spans every rank
             from . import parallel as PAR
 
@@ -471,7 +474,8 @@ class TrainStep:
                             on_forward(sl.stop - sl.start)
                             share = (sl.stop - sl.start) / denom
                             with annotate("train/backward", dev):
-                                (loss * share if (len(parts) > 1 or world is not None) else loss).backward()
+                                (loss * share if (len(parts) > 1 or world is not None) else loss).backward(
+                                    inputs=self.backward_inputs)
                         ld = loss.detach().double()     # on the device: no host read per micro-batch
                         total = ld * share if total is None else total + ld * share
                         ok = torch.isfinite(ld) if ok is None else ok & torch.isfinite(ld)

@@ -248,12 +248,14 @@ class Trainer(TrainerState, FirstOrderMixin):
 
     # ------------------------------------------------------------------------------------------
     def _rollout(self, engines: list[RolloutEngine], plan, cond: Conditioning, gen: torch.Generator, epoch: int,
-                 on_wave=None, ref_chunk: int | None = None, rows0: tuple[int, int] | None = None
-                 ) -> tuple[Records, Tensor, int]:
+                 on_wave=None, ref_chunk: int | None = None, rows0: tuple[int, int] | None = None,
+                 grad: bool = False, reference: bool = True) -> tuple[Records, Tensor | None, int]:
         """Roll out the waves ``engines`` (whose merged plan is ``plan``) one after the other, calling
         ``on_wave(records)`` after each (the reward overlap), then the frozen reference at every record.
         ``rows0 = (first, total)``: a task's own initial latents are drawn for all ``total`` rows of
-        the run (every rank) and this rank keeps its block from ``first``."""
+        the run (every rank) and this rank keeps its block from ``first``. ``grad``: keep the
+        forwards' graphs (:mod:`rsm_fast.fused_path`; the reference's too); ``reference=False``:
+        no reference pass (``f_ref`` None)."""
         first, total = rows0 or (0, plan.rows[0])
         x_init = self.task.initial_latents(total, gen)
         if x_init is not None and (first, total) != (0, plan.rows[0]):
@@ -264,19 +266,25 @@ class Trainer(TrainerState, FirstOrderMixin):
         recs, r0 = [], 0
         for engine in engines:
             if x_init is None:
-                rec = engine.run(None, c, u, latent_shape=tuple(self.task.latent_shape), epoch=epoch)
+                rec = engine.run(None, c, u, latent_shape=tuple(self.task.latent_shape), epoch=epoch, grad=grad)
             else:
                 n = engine.plan.rows[0]
-                rec = engine.run(x_init[r0:r0 + n].to(self.device), c, u, epoch=epoch)
+                rec = engine.run(x_init[r0:r0 + n].to(self.device), c, u, epoch=epoch, grad=grad)
                 r0 += n
             if on_wave is not None:
                 on_wave(rec)
             recs.append(rec)
         rec = merge_records(recs, plan)
+        if not reference:
+            return rec, None, 0
         # rollout.chunk_size 0 means "all rows in one call": for the records too
         chunk = ref_chunk or self.cfg.rollout.chunk_size or max(1, rec.x.shape[0])
         with annotate("reference", self.device):      # an NVTX sub-phase of the rollout
-            f_ref, n_ref = engines[0].evaluate_records(self.handle.reference, rec, c, u, chunk_size=chunk)
+            if grad:
+                from .fused_path import reference_with_graph
+                f_ref, n_ref = reference_with_graph(engines[0], self.handle.reference, rec, c, u)
+            else:
+                f_ref, n_ref = engines[0].evaluate_records(self.handle.reference, rec, c, u, chunk_size=chunk)
         return rec, f_ref, n_ref
 
     def _record_kl(self, rec: Records, f_ref: Tensor):
@@ -412,9 +420,10 @@ class Trainer(TrainerState, FirstOrderMixin):
         d = self.world.sum(d, "NFE sum").tolist()
         self._set_counters({k: nfe0.get(k, 0) + int(v) for k, v in zip(now, d)})
 
-    def _sample_and_score(self):
+    def _sample_and_score(self, grad: bool = False):
         """The epoch's rollout and reward: ``(records, f_ref, reference NFE, coeffs, record KL,
-        rewards, reward gradients)``, or the epoch's record when the reward policy skipped it."""
+        rewards, reward gradients)``, or the epoch's record when the reward policy skipped it.
+        ``grad``: the rollout keeps its forwards' graphs (:mod:`rsm_fast.fused_path`)."""
         mc = self.cfg.method
         pending = []
         with self.clock("rollout"):
@@ -425,7 +434,7 @@ class Trainer(TrainerState, FirstOrderMixin):
                     self.scored["reward"] += w.x0.shape[0]
                     pending.append(self.async_reward.submit(self.task.decode(w.x0), *self.conds.rows(w.x0_group)))
             rec, f_ref, n_ref = self._rollout(self.engines, self.plan, self.conds, self.gen, self.epochs_done, submit,
-                                              rows0=self._rows0)
+                                              rows0=self._rows0, grad=grad)
         self.nfe["rollout"] += rec.nfe["total"]
         self.nfe["reference"] += n_ref
         self._groups = rec.group
@@ -498,8 +507,8 @@ class Trainer(TrainerState, FirstOrderMixin):
         self.policy.train()
         fam, g = self.family, 1 if self.task.cfg_scale is None else 2
 
-        def on_forward(n: int):
-            self.nfe["train"] += n * g
+        def on_forward(n: int):     # (a fused epoch's first update reuses the rollout's forward)
+            self.nfe["train"] += 0 if getattr(fam, "reused_forward", False) else n * g
 
         try:
             stats, self._last_clipped = self.step.run(fam.num_rows(rows), self.cfg.train.inner_updates,
@@ -521,18 +530,24 @@ class Trainer(TrainerState, FirstOrderMixin):
     def _ema_applied(self):
         return self.step.ema.applied() if self.step.ema is not None else nullcontext()
 
+    def sde_engine(self, model, rows: int, seed: int, chunk: int, group_offset: int = 0) -> RolloutEngine:
+        """An engine of the task's full-SDE sampler over ``rows`` rows, one group each (the
+        evaluation's; rsm_fast/optimum.py's reference samples)."""
+        tr = self.task.transition
+        spec = PlanSpec("sde", tr.num_steps, rows, 1, sde_mask=tuple(bool(v) for v in tr.sde_mask),
+                        group_offset=group_offset)
+        return RolloutEngine(model, tr, compile_plan(spec), seed=seed, cfg_scale=self.task.cfg_scale,
+                             chunk_size=chunk, device=self.device)
+
     @torch.no_grad()
     def _evaluate(self, n: int | None = None) -> dict:
         n = n or self.cfg.task.eval_samples or self.task.default_eval_samples
         seed = self.cfg.train.seed + 1_000_003
-        tr = self.task.transition
         g0, ng = rank_groups(n, self.world)     # several ranks: a contiguous block of the n samples each
-        spec = PlanSpec("sde", tr.num_steps, ng, 1, sde_mask=tuple(bool(v) for v in tr.sde_mask), group_offset=g0)
         # evaluation rows go through the model EVAL_CHUNK at a time unless rollout.chunk_size says
         # otherwise: 8192 digits samples in one call (x 10 steps for the reference) peaked at 14 GB
         chunk = self.cfg.rollout.chunk_size or min(n, EVAL_CHUNK)
-        engine = RolloutEngine(self.handle.model, tr, compile_plan(spec), seed=seed, cfg_scale=self.task.cfg_scale,
-                               chunk_size=chunk, device=self.device)
+        engine = self.sde_engine(self.handle.model, ng, seed, chunk, group_offset=g0)
         self.policy.eval()
         nfe0 = self._counters()
         with self.clock("eval"):

@@ -64,6 +64,9 @@ class Records:
     x0_group: Tensor    # [R_N]
     leaf_ancestor: Tensor  # [N, R_N] record id of each sample's ancestor transition per step (-1: none)
     nfe: dict           # row-evaluations: trunk / branch / cfg / total (+ padding, not counted in total)
+    # run(grad=True) only: {step i: {"x": leaf state [R, ...] (requires grad), "f": the model's
+    # output [R, ...] with its graph}} per trained step; the records are those steps' rows, step-major
+    graph: dict | None = None
 
 
 def finish_rows(c: StepCoeffs, transition: GaussianTransition, step: int, jump: Tensor, parked: Tensor) -> StepCoeffs:
@@ -190,12 +193,49 @@ class RolloutEngine(ChunkedEvaluation):
     def epoch_seed(self, epoch: int) -> int:
         return (self.seed * 1_000_003 + int(epoch)) & ((1 << 62) - 1)
 
-    @torch.no_grad()
+    def graph_unfit(self) -> str | None:
+        """Why this plan cannot keep its forwards' graphs (``run(grad=True)``), or None: every
+        trained step must train every row it evaluates, in row order, with no branching, truncation
+        or CUDA graphs, so that step i's records are its rows and their graph is the step's call."""
+        if not hasattr(self, "_unfit"):       # host metadata of a fixed plan: once per engine
+            self._unfit = self._check_graph_fit()
+        return self._unfit
+
+    def _check_graph_fit(self) -> str | None:
+        plan = self.plan
+        if self.graphs_active:
+            return "rollout.graphs replays graphs without autograd"
+        if self._record_order is not None:
+            return "the plan's records are not in step-major row order (merged waves)"
+        for i in range(plan.num_steps):
+            if not self._train_idx[i].numel():
+                continue
+            R = plan.rows[i]
+            if (plan.rows[i + 1] != R or self._train_idx[i].numel() != R or self._live_idx[i] is not None
+                    or bool(plan.jump[i].any()) or not torch.equal(plan.src[i].cpu(), torch.arange(R))
+                    or not torch.equal(plan.leaf_ancestor[i].cpu(), plan.record[i].cpu())):
+                return f"step {i} branches, truncates or trains only some of its rows"
+        return None
+
     def run(self, x_init: Tensor | None = None, cond: Tensor | None = None, uncond: Tensor | None = None, *,
-            latent_shape: tuple[int, ...] | None = None, epoch: int = 0) -> Records:
+            latent_shape: tuple[int, ...] | None = None, epoch: int = 0, grad: bool = False) -> Records:
         """Roll out the plan. ``cond``: ``[P, ...]`` per group (rows gather by group id); ``uncond``:
         one ``[1, ...]`` unconditional embedding for CFG. Without ``x_init`` the initial latents are
-        standard normal from the counter-based generator (``latent_shape`` per row)."""
+        standard normal from the counter-based generator (``latent_shape`` per row).
+
+        ``grad=True`` (the fused first-order epoch, :mod:`rsm_fast.fused_path`): every trained
+        step's model call runs with autograd on a leaf copy of its state, and ``Records.graph``
+        keeps the leaves and outputs, so later passes differentiate the rollout's own forwards
+        instead of repeating them. The sampled path is the same as without (the step itself is
+        taken on detached values). Needs :meth:`graph_unfit` to be None."""
+        if grad:
+            why = self.graph_unfit()
+            if why is not None:
+                raise PlanError(f"run(grad=True): {why}")
+        with torch.no_grad():
+            return self._run(x_init, cond, uncond, latent_shape, epoch, grad)
+
+    def _run(self, x_init, cond, uncond, latent_shape, epoch: int, grad: bool) -> Records:
         plan = self.plan
         if x_init is None:
             if latent_shape is None:
@@ -211,12 +251,19 @@ class RolloutEngine(ChunkedEvaluation):
             self.model.begin_epoch(epoch)      # frees the graphs no rollout used for a few epochs
         nfe = {"trunk": 0, "branch": 0, "cfg": 0, "padding": 0}
         keep = {k: [] for k in ("x", "step", "z", "f_old", "log_prob", "group", "parent")}
+        graph = {} if grad else None
         for i in range(plan.num_steps):
             label = "trunk" if plan.trunk_rows[i] == plan.rows[i] else "branch"
             with annotate(f"rollout/{label} step {i}", self.device):
                 rows_cond = None if cond is None else cond.index_select(0, plan.group[i])
                 live = self._live_idx[i]
-                if live is None:
+                if grad and self._train_idx[i].numel():   # graph_unfit: every row trained, none parked
+                    leaf = x.detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        f_g = self._evaluate(leaf, self._t[i:i + 1], rows_cond, uncond, nfe)
+                    graph[i] = {"x": leaf, "f": f_g}
+                    f = f_g.detach()
+                elif live is None:
                     f = self._evaluate(x, self._t[i:i + 1], rows_cond, uncond, nfe)
                 elif live.numel() == 0:            # every row parked: nothing to evaluate
                     f = torch.zeros_like(x)
@@ -254,7 +301,7 @@ class RolloutEngine(ChunkedEvaluation):
             out = {k: v.index_select(0, self._record_order) for k, v in out.items()}
         return Records(x=out["x"], step=out["step"], z=out["z"], f_old=out["f_old"], log_prob=out["log_prob"],
                        group=plan.record_group, parent=plan.record_parent, x0=x, x0_group=plan.group[-1],
-                       leaf_ancestor=plan.leaf_ancestor, nfe=nfe)
+                       leaf_ancestor=plan.leaf_ancestor, nfe=nfe, graph=graph)
 
     @torch.no_grad()
     def evaluate_records(self, model: Callable, records: Records, cond: Tensor | None = None,
