@@ -149,9 +149,13 @@ class FirstOrderMixin:
         else:
             step_vjp = type(self)._fo_sweep_step
         w_cur = {"next": 0.0, "current": 1.0, "trapezoid": 0.5}[mc.fo_path_rule]
+        cache = self.__dict__.setdefault("_sweep_coeffs", {})    # every record of step j: one set of coefficients
         for j in range(L, -1 if w_cur else 0, -1):
             ids = anc[j]
-            c = tr.coeffs(rec.step.index_select(0, ids), torch.ones_like(ids, dtype=torch.bool))
+            key = (j, ids.shape[0])
+            if key not in cache:
+                cache[key] = tr.coeffs(rec.step.index_select(0, ids), torch.ones_like(ids, dtype=torch.bool))
+            c = cache[key]
             a = step_vjp(self, rec, j, ids, c, a, chunk)
             if w_cur:     # the current-state gradient a_j, in lookahead units, mixed into record j's g
                 cur = rowwise(c.b / c.Sigma, a) * a

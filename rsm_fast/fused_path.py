@@ -65,19 +65,27 @@ def sweep_step(tr: Trainer, rec: Records, j: int, ids: Tensor, c, a: Tensor, chu
     """:meth:`FirstOrderMixin._fo_sweep_step` on the rollout's graphs: ``a_j = grad_{x_j} [mean_j(x_j,
     f(x_j)) . a_{j+1} - alpha KL_j]`` through step ``j``'s stored policy and reference outputs
     (their rows are the records ``ids``, in order: :meth:`RolloutEngine.graph_unfit`). No model is
-    evaluated; the policy's graph is retained for the training backward."""
+    evaluated; the policy's graph is retained for the training backward.
+
+    The outer derivatives are written out (``mean = c_x x + c_f f``, ``KL = 0.5 omega^2 |f -
+    f_ref|^2``: ``d/df = c_f a - alpha omega^2 (f - f_ref) = -d/df_ref - ...``), so one
+    vector-Jacobian product through the two networks is the step's only autograd call (fp32)."""
+    from .transitions import compute_dtype, rowwise
+
     e = rec.graph[j]
     x, f = e["x"], e["f"]
-    with torch.enable_grad():
-        obj = (c.mean(x, f) * a.to(f.dtype)).sum()
-        if tr.cfg.method.returns == "soft":
-            obj = obj - float(tr.kl_alpha) * c.kl(f, e["f_ref"], reduce="sum").sum()
-        (gx,) = torch.autograd.grad(obj, x, retain_graph=True)
+    dt = compute_dtype(f, a, c.c_f)
+    g_f = rowwise(c.c_f, a).to(dt) * a.to(dt)
+    outs, grads = [f], [g_f]
+    if tr.cfg.method.returns == "soft":
+        d = float(tr.kl_alpha) * rowwise(c.omega, a).to(dt) ** 2 * (f.detach().to(dt) - e["f_ref"].detach().to(dt))
+        outs, grads = [f, e["f_ref"]], [g_f - d, d]
+    gx = torch.autograd.grad(outs, x, grad_outputs=[g.to(o.dtype) for o, g in zip(outs, grads)], retain_graph=True)[0]
+    gx = gx.to(dt) + rowwise(c.c_x, a).to(dt) * a.to(dt)
     # priced as the forwards it replaces (an input vector-Jacobian product costs about one forward,
     # rsm_fast/cost.py), so NFE budgets never favour the fused sweep; only the reused training
     # forward of the first update leaves the count
-    tr.nfe["reference"] += (2 if tr.cfg.method.returns == "soft" else 1) * ids.shape[0] * (
-        2 if tr.task.cfg_scale is not None else 1)
+    tr.nfe["reference"] += len(outs) * ids.shape[0] * (2 if tr.task.cfg_scale is not None else 1)
     return gx.to(a.dtype)
 
 
