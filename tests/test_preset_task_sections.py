@@ -213,7 +213,9 @@ def test_set_and_config_file_win_over_every_task_section(preset, tmp_path):
         for k in leaves:
             assert _get(back, k) == _get(toy, k), (task, k)
         f = tmp_path / f"{task}.yaml"
-        f.write_text(f"task:\n  name: {task}\ntrain:\n  lr: 0.0123\n  grad_accum: 3\n")
+        # (a fused epoch differentiates one graph per step once: micro-batches need it off)
+        fused = "  fused_epoch: false\n" if toy.train.fused_epoch else ""
+        f.write_text(f"task:\n  name: {task}\ntrain:\n  lr: 0.0123\n  grad_accum: 3\n{fused}")
         byfile = build_config(preset, str(f), extra)
         assert (byfile.train.lr, byfile.train.grad_accum) == (0.0123, 3)
         assert build_config(preset, str(f), [*extra, "train.lr=0.0456"]).train.lr == 0.0456
