@@ -79,13 +79,16 @@ def sweep_step(tr: Trainer, rec: Records, j: int, ids: Tensor, c, a: Tensor, chu
     outs, grads = [f], [g_f]
     if tr.cfg.method.returns == "soft":
         d = float(tr.kl_alpha) * rowwise(c.omega, a).to(dt) ** 2 * (f.detach().to(dt) - e["f_ref"].detach().to(dt))
-        outs, grads = [f, e["f_ref"]], [g_f - d, d]
+        grads[0] = g_f - d
+        if e["f_ref"].requires_grad:    # (the diffusers adapter's reference runs without grad, as unfused)
+            outs, grads = [f, e["f_ref"]], [g_f - d, d]
     gx = torch.autograd.grad(outs, x, grad_outputs=[g.to(o.dtype) for o, g in zip(outs, grads)], retain_graph=True)[0]
     gx = gx.to(dt) + rowwise(c.c_x, a).to(dt) * a.to(dt)
     # priced as the forwards it replaces (an input vector-Jacobian product costs about one forward,
     # rsm_fast/cost.py), so NFE budgets never favour the fused sweep; only the reused training
     # forward of the first update leaves the count
-    tr.nfe["reference"] += len(outs) * ids.shape[0] * (2 if tr.task.cfg_scale is not None else 1)
+    soft = tr.cfg.method.returns == "soft"
+    tr.nfe["reference"] += (2 if soft else 1) * ids.shape[0] * (2 if tr.task.cfg_scale is not None else 1)
     return gx.to(a.dtype)
 
 
