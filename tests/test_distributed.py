@@ -190,15 +190,22 @@ def test_forward_process_presets_two_ranks_equal_one_process(tmp_path, preset):
 def test_fsdp_full_finetune_of_digits_equals_one_process(tmp_path):
     """FSDP2 (fully_shard per UNet block, the frozen reference sharded too) on 2 ranks against one
     process fine-tuning every weight. The attention key biases have an exactly-zero true gradient
-    (softmax ignores a shift of all keys), so theirs is float noise that Adam turns into ~lr steps:
-    they are held to 1e-4, every other tensor to DIGITS_TOL."""
+    (softmax ignores a shift of all keys), so theirs is float noise that Adam turns into steps of
+    about lr each, in either run: they are held to 1.5 x (2 runs x updates x lr) per element, every
+    other tensor to DIGITS_TOL. (A relative bound of 1e-4 on them passed on one CPU and read 1.7e-4 on
+    another, with identical code: it measured the noise, not the sharding.)"""
     one = _worker(tmp_path, "fsdp", DIGITS, 3, 1, ("policy.lora_rank=0",))
     two = _worker(tmp_path, "fsdp", DIGITS, 3, 2, ("policy.lora_rank=0", "train.parallel=fsdp"))
     zero_grad = {n for n in one["params"] if n.endswith("to_k.bias")}
     _assert_same_run({**one, "params": {n: v for n, v in one["params"].items() if n not in zero_grad}},
                      {**two, "params": {n: v for n, v in two["params"].items() if n not in zero_grad}},
                      tol=DIGITS_TOL)
-    assert max(_rel(two["params"][n], one["params"][n]) for n in zero_grad) < 1e-4
+    from rsm_fast.config import build_config
+
+    tc = build_config(DIGITS[0], None, DIGITS[1:] + ["policy.lora_rank=0"]).train
+    bound = 1.5 * 2 * 3 * tc.inner_updates * tc.lr          # 3 epochs
+    worst = max(float((two["params"][n].double() - one["params"][n].double()).abs().max()) for n in zero_grad)
+    assert zero_grad and worst <= bound, (worst, bound)
 
 
 # -- the CLI under torchrun ------------------------------------------------------------------------
