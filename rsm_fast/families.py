@@ -79,7 +79,7 @@ class TrajectoryFamily:
     def prepare(self) -> None:
         tr = self.tr
         if tr.cfg.rollout.window:     # MixGRPO: the SDE window moves every window_every epochs
-            from .trainer import plan_spec
+            from .training_plan import plan_spec
 
             trans = tr.task.transition
             spec = plan_spec(tr.cfg, trans.num_steps, trans.sde_mask, tr.epochs_done)
@@ -114,13 +114,17 @@ class TrajectoryFamily:
 
         tr = self.tr
         r, cs = _slice_rows(rows.rows, sl), _slice_coeffs(rows.coeffs, sl)
-        f = tr._policy_out(r.x, r.t, rows.group[sl])
+        f = self._forward(r, rows, sl)
         key = (sl.start, sl.stop)
         if tr.cfg.method.estimator == "zo" and REEXPRESS_ON_POLICY and key not in rows.seen:
             rows.seen.add(key)             # first update of these rows: f is the rollout policy's
             reexpress_on_policy(f, r.f_old, r.z, cs)
         rw = None if tr._row_weight is None else tr._row_weight[sl]
         return tr._loss(r, cs, f, None if rows.shift is None else rows.shift[sl], rw)
+
+    def _forward(self, r, rows: TrajectoryRows, sl: slice) -> torch.Tensor:
+        """The policy's output at the rows ``sl`` (``r``: those rows), with grad."""
+        return self.tr._policy_out(r.x, r.t, rows.group[sl])
 
     def after_update(self, rows: TrajectoryRows) -> None:
         pass

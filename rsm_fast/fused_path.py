@@ -75,19 +75,19 @@ def sweep_step(tr: Trainer, rec: Records, j: int, ids: Tensor, c, a: Tensor, chu
     e = rec.graph[j]
     x, f = e["x"], e["f"]
     dt = compute_dtype(f, a, c.c_f)
+    soft = tr.cfg.method.returns == "soft"
     g_f = rowwise(c.c_f, a).to(dt) * a.to(dt)
     outs, grads = [f], [g_f]
-    if tr.cfg.method.returns == "soft":
+    if soft:
         d = float(tr.kl_alpha) * rowwise(c.omega, a).to(dt) ** 2 * (f.detach().to(dt) - e["f_ref"].detach().to(dt))
-        grads[0] = g_f - d
+        grads = [g_f - d]
         if e["f_ref"].requires_grad:    # (the diffusers adapter's reference runs without grad, as unfused)
-            outs, grads = [f, e["f_ref"]], [g_f - d, d]
+            outs, grads = [f, e["f_ref"]], grads + [d]
     gx = torch.autograd.grad(outs, x, grad_outputs=[g.to(o.dtype) for o, g in zip(outs, grads)], retain_graph=True)[0]
     gx = gx.to(dt) + rowwise(c.c_x, a).to(dt) * a.to(dt)
     # priced as the forwards it replaces (an input vector-Jacobian product costs about one forward,
     # rsm_fast/cost.py), so NFE budgets never favour the fused sweep; only the reused training
     # forward of the first update leaves the count
-    soft = tr.cfg.method.returns == "soft"
     tr.nfe["reference"] += (2 if soft else 1) * ids.shape[0] * (2 if tr.task.cfg_scale is not None else 1)
     return gx.to(a.dtype)
 
@@ -134,16 +134,16 @@ class FusedTrajectoryFamily(TrajectoryFamily):
         return rows
 
     def loss(self, rows, sl: slice):
-        f, self._f = self._f, None
-        self.reused_forward = f is not None
-        if f is None:                     # a later inner update: its own forward
+        self.reused_forward = self._f is not None
+        try:
             return super().loss(rows, sl)
-        from .trainer import _slice_coeffs, _slice_rows
+        finally:
+            self._f = None
 
-        tr = self.tr
-        r, cs = _slice_rows(rows.rows, sl), _slice_coeffs(rows.coeffs, sl)
-        rw = None if tr._row_weight is None else tr._row_weight[sl]
-        return tr._loss(r, cs, f[sl], None if rows.shift is None else rows.shift[sl], rw)
+    def _forward(self, r, rows, sl: slice) -> Tensor:
+        """The first update: the rollout's outputs (their graphs); a later one: its own forward.
+        (For zeroth order the re-expression then finds ``f == f_old`` exactly and changes nothing.)"""
+        return super()._forward(r, rows, sl) if self._f is None else self._f[sl]
 
     def after_update(self, rows) -> None:
         self._f = None

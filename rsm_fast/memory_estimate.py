@@ -144,7 +144,7 @@ def _branching(cfg: RunConfig, N: int) -> list[int]:
 
 
 def plan_counts(cfg: RunConfig, sde_mask: tuple[bool, ...] | None = None, *, budgeted: bool = True) -> PlanCounts:
-    """Rows per step and records of the training plan ``trainer.plan_spec(cfg, ...)`` compiles,
+    """Rows per step and records of the training plan ``training_plan.plan_spec(cfg, ...)`` compiles,
     computed with Python ints (no tensor; any size). ``sde_mask`` defaults to every step noisy.
     With ``rollout.allocator=online`` in branch units and a budget, the profile is scaled to spend
     the budget (what later epochs run); ``budgeted=False`` gives the starting profile."""
@@ -333,7 +333,7 @@ def estimate_memory(cfg: RunConfig, geo: TaskGeometry, *, world_size: int = 1,
     g = 2 if geo.cfg_guidance else 1
     mask = geo.sde_mask if geo.sde_mask is not None else (True,) * cfg.task.num_steps
     tp = plan_counts(cfg, mask)
-    fused = cfg.train.fused_epoch and cfg.method.estimator != "forward"
+    fused = cfg.train.fused_epoch      # (refused with method.estimator=forward by the config check)
     train = _phase(tp.rows, tp.records, cfg.rollout.chunk_size, g, geo,
                    train_rows=0 if fused else math.ceil(tp.records / max(1, cfg.train.grad_accum)),
                    decoded=2 * geo.image_bytes)

@@ -149,7 +149,7 @@ BRANCHING = _branching_presets()
 
 def _preset_plans(name):
     from rsm_fast.tasks import make_task
-    from rsm_fast.trainer import plan_spec
+    from rsm_fast.training_plan import plan_spec
     cfg = build_config(preset=name)
     tr = make_task(cfg.task).transition
     spec = plan_spec(cfg, tr.num_steps, tr.sde_mask)
