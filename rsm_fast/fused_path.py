@@ -9,7 +9,10 @@ these are the same functions at the same points. Here the rollout keeps each tra
 with its graph), the reference is evaluated once with grad at those leaves, the sweep takes
 vector-Jacobian products through both (``retain_graph``), and the first inner update's loss is
 built on the rollout's own outputs, so its backward is the only pass left. Later inner updates
-(``train.inner_updates`` > 1) run their own forwards, as without fusion.
+(``train.inner_updates`` > 1) run their own forwards, as without fusion. Where the policy is the
+reference plus a correction (``PolicyHandle.model_on_reference``, the 2-D task's), the rollout
+evaluates the reference once per step for both outputs (:func:`shared_reference`), so the sweep's
+product also runs the reference's backward once.
 
 The zeroth-order and the per-record first-order estimators gain the training forward only; the
 path estimator gains the sweep's two forwards as well. What it costs: every record's activations
@@ -22,7 +25,7 @@ on-policy ratio of 1, issue 21 item 8). Modules whose forward depends on ``train
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor, nn
@@ -45,17 +48,38 @@ def mode_dependent(module: nn.Module) -> str | None:
     return None
 
 
+def shared_reference(handle, engine: RolloutEngine) -> Callable | None:
+    """The rollout's joint call ``(x, t, cond) -> (f, f_ref)`` for :meth:`RolloutEngine.run`, where the
+    policy is the reference plus a correction (``PolicyHandle.model_on_reference``): the reference is
+    evaluated once and the policy's output built on it, the same ops on the same inputs as two
+    separate calls, so ``f`` and ``f_ref`` are bitwise those values; their graphs share the
+    reference's, so the sweep's one product also runs its backward once. None where the engine
+    calls another model (CUDA graphs) or combines CFG passes."""
+    pol = handle.model_on_reference
+    if pol is None or engine.cfg_scale is not None or engine.model is not handle.model:
+        return None
+    ref = handle.reference
+
+    def joint(x: Tensor, t: Tensor, cond: Tensor | None):
+        f_ref = ref(x, t, cond)
+        return pol(x, t, f_ref, cond), f_ref
+    return joint
+
+
 def reference_with_graph(engine: RolloutEngine, reference, rec: Records, cond: Tensor | None,
                          uncond: Tensor | None) -> tuple[Tensor, int]:
     """The reference's output at every record, evaluated with grad at the rollout's leaf states
-    (stored in ``rec.graph[i]["f_ref"]``). Returns the records' outputs (detached, record order)
-    and the row-evaluations spent, like :meth:`RolloutEngine.evaluate_records`."""
+    (stored in ``rec.graph[i]["f_ref"]``; kept where the rollout's joint call made it,
+    :func:`shared_reference`). Returns the records' outputs (detached, record order) and the
+    row-evaluations spent, like :meth:`RolloutEngine.evaluate_records` (a shared evaluation counts
+    as the reference's: the policy's output reused it)."""
     outs, nfe = [], {"padding": 0}
     for i in sorted(rec.graph):
         e = rec.graph[i]
-        rows_cond = None if cond is None else cond.index_select(0, engine.plan.group[i])
-        with torch.enable_grad():
-            e["f_ref"] = engine._evaluate(e["x"], engine._t[i:i + 1], rows_cond, uncond, nfe, model=reference)
+        if "f_ref" not in e:
+            rows_cond = None if cond is None else cond.index_select(0, engine.plan.group[i])
+            with torch.enable_grad():
+                e["f_ref"] = engine._evaluate(e["x"], engine._t[i:i + 1], rows_cond, uncond, nfe, model=reference)
         outs.append(e["f_ref"].detach())
     f_ref = torch.cat(outs) if outs else rec.x.new_empty(rec.x.shape)
     return f_ref, rec.x.shape[0] * (2 if engine.cfg_scale is not None else 1)

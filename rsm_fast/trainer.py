@@ -237,13 +237,16 @@ class Trainer(TrainerState, FirstOrderMixin):
         c, u = cond.cond, cond.uncond
         c = None if c is None else c.to(self.device)
         u = None if u is None else u.to(self.device)
+        from .fused_path import shared_reference
+        joint = shared_reference(self.handle, engines[0]) if grad and reference else None
         recs, r0 = [], 0
         for engine in engines:
             if x_init is None:
-                rec = engine.run(None, c, u, latent_shape=tuple(self.task.latent_shape), epoch=epoch, grad=grad)
+                rec = engine.run(None, c, u, latent_shape=tuple(self.task.latent_shape), epoch=epoch, grad=grad,
+                                 joint=joint)
             else:
                 n = engine.plan.rows[0]
-                rec = engine.run(x_init[r0:r0 + n].to(self.device), c, u, epoch=epoch, grad=grad)
+                rec = engine.run(x_init[r0:r0 + n].to(self.device), c, u, epoch=epoch, grad=grad, joint=joint)
                 r0 += n
             if on_wave is not None:
                 on_wave(rec)

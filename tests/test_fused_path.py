@@ -10,6 +10,8 @@ graphs, the first-order path sweep and the first update differentiate them.
 * Zeroth order: the first update's log-ratio is exactly 0 (the loss is built on the rollout's own
   outputs), which would fail if the rollout and training forwards differed.
 * Configurations it cannot serve are refused in one line naming the field.
+* A policy that is the reference plus a correction shares one reference evaluation per step
+  between the rollout's two outputs (bitwise the separate calls; the same weights to rounding).
 """
 from __future__ import annotations
 
@@ -55,6 +57,65 @@ def test_grad_rollout_samples_the_same_path_and_keeps_each_trained_steps_graph()
         e = kept.graph[i]
         assert e["x"].is_leaf and e["x"].requires_grad and e["f"].grad_fn is not None
         assert torch.equal(e["f"].detach(), plain.f_old[plain.step == i])
+
+
+def test_a_residual_policy_shares_one_reference_evaluation_with_the_rollout():
+    """The 2-D policy is the reference plus a correction (``PolicyHandle.model_on_reference``): the
+    fused rollout evaluates the reference once per step for both outputs, which are bitwise the
+    separate calls' and whose graphs share it; the sweep then evaluates nothing. An epoch calls the
+    reference once less per trained step, and trains the same weights (rounding only:
+    the sweep's product sums the two reference terms before one backward instead of after two)."""
+    from rsm_fast.fused_path import shared_reference
+
+    calls, weights = {}, {}
+    for share in (True, False):
+        tr = _trainer("rsm-soft-fo-trap", "train.ema_decay=0")
+        _perturb(tr, 0.1)
+        if not share:
+            tr.handle.model_on_reference = None
+        assert (shared_reference(tr.handle, tr.engines[0]) is not None) == share
+        n, ref_eps = [0], tr.task.reference_eps
+
+        def counted(x, t, _f=ref_eps):
+            n[0] += 1
+            return _f(x, t)
+        tr.task.reference_eps = counted
+        x_init = tr.task.initial_latents(tr.engines[0].plan.rows[0], torch.Generator().manual_seed(3))
+        rec = tr.engines[0].run(x_init, epoch=1, grad=True, joint=shared_reference(tr.handle, tr.engines[0]))
+        if share:
+            for i, e in rec.graph.items():
+                with torch.no_grad():
+                    assert torch.equal(e["f_ref"], ref_eps(e["x"], tr.engines[0]._t[i:i + 1].expand(e["x"].shape[0])))
+                    assert torch.equal(e["f"], tr.handle.model(e["x"], tr.engines[0]._t[i:i + 1].expand(e["x"].shape[0])))
+        else:
+            assert all("f_ref" not in e for e in rec.graph.values())
+        n[0] = 0
+        tr.epoch()
+        calls[share] = (n[0], len(rec.graph))
+        for _ in range(2):
+            tr.epoch()
+        weights[share] = [p.detach().clone() for p in tr.params]
+    steps = calls[True][1]          # (the trapezoid's sweep evaluates the last state again, in both)
+    assert steps > 0 and calls[False][0] - calls[True][0] == steps
+    moved = max(float(p.abs().max()) for p in weights[False])
+    assert max(float((p - q).abs().max()) for p, q in zip(weights[True], weights[False])) <= 1e-5 * moved
+
+
+def test_the_shared_reference_needs_a_plain_engine_and_no_cfg():
+    from rsm_fast.fused_path import shared_reference
+
+    tr = _trainer("rsm-soft-fo-trap")
+    eng = tr.engines[0]
+    assert shared_reference(tr.handle, eng) is not None
+    eng.cfg_scale = 2.0
+    assert shared_reference(tr.handle, eng) is None
+    with pytest.raises(PlanError, match="joint"):
+        eng.run(None, latent_shape=(2,), grad=True, joint=lambda x, t, c: (x, x))
+    eng.cfg_scale = None
+    eng.model = lambda x, t, cond=None: tr.handle.model(x, t, cond)    # e.g. a graphed wrapper
+    assert shared_reference(tr.handle, eng) is None
+    with pytest.raises(PlanError, match="joint"):
+        eng.run(None, latent_shape=(2,), joint=lambda x, t, c: (x, x))
 
 
 def test_branching_plans_cannot_keep_graphs():

@@ -218,7 +218,8 @@ class RolloutEngine(ChunkedEvaluation):
         return None
 
     def run(self, x_init: Tensor | None = None, cond: Tensor | None = None, uncond: Tensor | None = None, *,
-            latent_shape: tuple[int, ...] | None = None, epoch: int = 0, grad: bool = False) -> Records:
+            latent_shape: tuple[int, ...] | None = None, epoch: int = 0, grad: bool = False,
+            joint: Callable | None = None) -> Records:
         """Roll out the plan. ``cond``: ``[P, ...]`` per group (rows gather by group id); ``uncond``:
         one ``[1, ...]`` unconditional embedding for CFG. Without ``x_init`` the initial latents are
         standard normal from the counter-based generator (``latent_shape`` per row).
@@ -227,15 +228,20 @@ class RolloutEngine(ChunkedEvaluation):
         step's model call runs with autograd on a leaf copy of its state, and ``Records.graph``
         keeps the leaves and outputs, so later passes differentiate the rollout's own forwards
         instead of repeating them. The sampled path is the same as without (the step itself is
-        taken on detached values). Needs :meth:`graph_unfit` to be None."""
+        taken on detached values). Needs :meth:`graph_unfit` to be None. ``joint(x, t, cond) -> (f,
+        f_ref)``: with ``grad``, a call that returns the policy's and the reference's outputs together
+        (one reference evaluation for both, :func:`rsm_fast.fused_path.shared_reference`); the
+        graphs then keep ``"f_ref"`` too. Without CFG only (it replaces the engine's model call)."""
         if grad:
             why = self.graph_unfit()
             if why is not None:
                 raise PlanError(f"run(grad=True): {why}")
+        if joint is not None and (not grad or self.cfg_scale is not None):
+            raise PlanError("run(joint=...) needs grad=True and no CFG")
         with torch.no_grad():
-            return self._run(x_init, cond, uncond, latent_shape, epoch, grad)
+            return self._run(x_init, cond, uncond, latent_shape, epoch, grad, joint)
 
-    def _run(self, x_init, cond, uncond, latent_shape, epoch: int, grad: bool) -> Records:
+    def _run(self, x_init, cond, uncond, latent_shape, epoch: int, grad: bool, joint: Callable | None) -> Records:
         plan = self.plan
         if x_init is None:
             if latent_shape is None:
@@ -260,8 +266,12 @@ class RolloutEngine(ChunkedEvaluation):
                 if grad and self._train_idx[i].numel():   # graph_unfit: every row trained, none parked
                     leaf = x.detach().requires_grad_(True)
                     with torch.enable_grad():
-                        f_g = self._evaluate(leaf, self._t[i:i + 1], rows_cond, uncond, nfe)
-                    graph[i] = {"x": leaf, "f": f_g}
+                        if joint is None:
+                            f_g = self._evaluate(leaf, self._t[i:i + 1], rows_cond, uncond, nfe)
+                            graph[i] = {"x": leaf, "f": f_g}
+                        else:
+                            f_g, f_r = joint(leaf, self._t[i:i + 1].expand(leaf.shape[0]), rows_cond)
+                            graph[i] = {"x": leaf, "f": f_g, "f_ref": f_r}
                     f = f_g.detach()
                 elif live is None:
                     f = self._evaluate(x, self._t[i:i + 1], rows_cond, uncond, nfe)

@@ -48,6 +48,10 @@ class PolicyHandle:
     reference: Callable[..., Tensor]          # (x, t, cond) -> native output of the frozen reference
     frozen: nn.Module | None = None           # the reference's own module when it is a frozen copy (full
                                               # fine-tuning): FSDP2 shards it like the policy
+    # (x, t, f_ref, cond) -> the policy's output given the reference's output f_ref at the same point,
+    # for a policy that is the reference plus a correction (the 2-D task's): a pass that needs both
+    # (the fused epoch's rollout, rsm_fast/fused_path.py) evaluates the reference once. None: apart.
+    model_on_reference: Callable[..., Tensor] | None = None
 
 
 class TrainedModules(nn.Module):

@@ -199,7 +199,8 @@ class Toy2D:
     def make_policy(self, pc) -> PolicyHandle:
         net = self.build_policy(hidden=pc.hidden, layers=pc.layers, emb_dim=pc.emb_dim)
         return PolicyHandle(module=net, model=lambda x, t, cond=None: net(x, t),
-                            reference=lambda x, t, cond=None: self.reference_eps(x, t))
+                            reference=lambda x, t, cond=None: self.reference_eps(x, t),
+                            model_on_reference=lambda x, t, f_ref, cond=None: net(x, t, f_ref))
 
     def conditions(self, groups: int, gen: torch.Generator) -> Conditioning:
         return Conditioning()                  # unconditional
