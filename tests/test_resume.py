@@ -1,7 +1,7 @@
 """Kill-and-resume (issue 17, must-show): a run killed (SIGKILL) or stopped (SIGTERM / SIGINT) at
 many points and continued with ``--resume`` ends with final weights, log and summary identical to
-the uninterrupted run, for the default preset, an allocator preset with EMA, a MixGRPO window
-preset and the digits task.
+the uninterrupted run: at ten points in a row for the 2-D task's zeroth-order preset, and at four
+of them for an allocator preset with EMA, a MixGRPO window preset and the digits task.
 
 Deterministic kill points come from the fault hook (``RSM_FAST_FAULT=<point>:<n>[:<SIGNAL>]``,
 rsm_fast/interrupts.py): the process signals itself the n-th time it passes the point. One test
@@ -42,6 +42,11 @@ CONFIGS = {
 CHAIN = [("after-rollout:2", -9), ("checkpoint-write:2", -9), ("after-epoch:1:TERM", 143), ("after-log:2", -9),
          ("after-epoch:2", -9), ("after-rollout:2:TERM", 143), ("final-eval:1", -9), ("final-eval:1:INT", 130),
          ("summary:1", -9), (None, 0)]
+# the other configurations (whose extra state -- allocator, EMA, window, an image task -- is what
+# they test) take four of those points: a kill mid-rollout, one inside a checkpoint write, a
+# SIGTERM stop after an update and a kill in the final evaluation (five processes instead of ten)
+SHORT_CHAIN = [("after-rollout:2", -9), ("checkpoint-write:2", -9), ("after-epoch:1:TERM", 143),
+               ("final-eval:1", -9), (None, 0)]
 
 
 def _args(cfg: list[str]) -> list[str]:
@@ -92,7 +97,7 @@ def test_killed_and_stopped_runs_resume_to_the_uninterrupted_run(tmp_path, name)
     args = _args(CONFIGS[name])
     ref = cli(tmp_path, "--out", "ref", *args)
     assert ref.returncode == 0, ref.stderr
-    for i, (fault, rc) in enumerate(CHAIN):
+    for i, (fault, rc) in enumerate(CHAIN if name == "default" else SHORT_CHAIN):
         if i == 0:
             p = cli(tmp_path, "--out", "run", *args, fault=fault)
         else:
