@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _launch as L
+from ._direct import direct
 
 NSUMS = 6                   # decomposed_fp.NSUMS
 NFT_WEIGHT_FLOOR = 1e-5     # decomposed_fp.NFT_WEIGHT_FLOOR
@@ -63,6 +64,7 @@ def _fp_tile(v_ptr, vo_ptr, xa_ptr, x0_ptr, vr_ptr, ve_ptr, t, tb, offs, mask, o
     return X0, X1, e, f
 
 
+@direct
 @triton.jit
 def _fp_partials(v_ptr, vo_ptr, xa_ptr, x0_ptr, vr_ptr, ve_ptr, t_ptr, ws_ptr, n, chunk_len, n_chunks,
                  beta_in: "fp64", KIND: tl.constexpr, HAS_REF: tl.constexpr, HAS_EMA: tl.constexpr,
@@ -106,6 +108,7 @@ def _fp_partials(v_ptr, vo_ptr, xa_ptr, x0_ptr, vr_ptr, ve_ptr, t_ptr, ws_ptr, n
     tl.store(out + 5, tl.sum(a_ff + f * f, axis=0))
 
 
+@direct
 @triton.jit
 def _fp_epilogue(ws_ptr, t_ptr, w_ptr, lpo_ptr, klc_ptr, emac_ptr, loss_ptr, pol_ptr, kl_ptr, ema_ptr, aux_ptr,
                  clip_ptr, coef_ptr, B, n_chunks, norm_in: "fp64", beta_in: "fp64", scale_in: "fp64",
@@ -217,6 +220,7 @@ def _fp_grad_tile(g_ptr, v_ptr, vo_ptr, xa_ptr, x0_ptr, vr_ptr, ve_ptr, t, tb, k
     tl.store(g_ptr + offs, grad.to(g_ptr.dtype.element_ty), mask=mask)
 
 
+@direct
 @triton.jit
 def _fp_grad(g_ptr, v_ptr, vo_ptr, xa_ptr, x0_ptr, vr_ptr, ve_ptr, gl_ptr, gp_ptr, gk_ptr, ge_ptr, t_ptr, klc_ptr,
              emac_ptr, coef_ptr, n, chunk_len, norm_in: "fp64", beta_in: "fp64", KIND: tl.constexpr,

@@ -30,6 +30,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import _launch as L
+from ._direct import direct
 
 # Philox-4x32 constants, from Salmon, Moraes, Dror and Shaw, "Parallel Random Numbers: As Easy as
 # 1, 2, 3", SC'11, and Random123's philox.h: round multipliers and Weyl key increments
@@ -101,6 +102,7 @@ def _bf16_rne(x):
     return u.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
+@direct
 @triton.jit
 def _bf16_rne_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     """``y = _bf16_rne(x)`` elementwise: lets the tests check the rounding on crafted ties."""
@@ -109,6 +111,7 @@ def _bf16_rne_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, _bf16_rne(tl.load(x_ptr + offs, mask=m, other=0.0)), mask=m)
 
 
+@direct
 @triton.jit(do_not_specialize=["step", "k0", "k1", "block0"])   # runtime values: one compile
 def _noise_kernel(out_ptr, keys_ptr, steps_ptr, step, k0, k1, block0, numel, progs_per_row,
                   HAS_STEPS: tl.constexpr, MODE: tl.constexpr, OUT_BF16: tl.constexpr, PRECISE: tl.constexpr,

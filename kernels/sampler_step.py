@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from . import _launch as L
+from ._direct import direct
 
 
 @triton.jit
@@ -28,6 +29,7 @@ def _step_tile(x_ptr, f_ptr, z_ptr, xn_ptr, c_x, c_f, s_eff, offs, mask, other, 
     return z * z
 
 
+@direct
 @triton.jit
 def _step_partials(x_ptr, f_ptr, z_ptr, xn_ptr, cx_ptr, cf_ptr, sigma_ptr, st_ptr, ws_ptr, n, chunk_len, n_chunks,
                    ACC: tl.constexpr, BLOCK: tl.constexpr):
@@ -53,6 +55,7 @@ def _step_partials(x_ptr, f_ptr, z_ptr, xn_ptr, cx_ptr, cf_ptr, sigma_ptr, st_pt
     tl.store(ws_ptr + b.to(tl.int64) * n_chunks + tl.program_id(1), tl.sum(a_zz, axis=0))
 
 
+@direct
 @triton.jit
 def _step_epilogue(ws_ptr, sigma_ptr, st_ptr, lp_ptr, B, n_chunks, norm_in: "fp64", cmul_in: "fp64",
                    log_sqrt_2pi: "fp64", ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):

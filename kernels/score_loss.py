@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from . import _launch as L
+from ._direct import direct
 
 
 @triton.jit
@@ -33,6 +34,7 @@ def _score_tile(s_ptr, sr_ptr, psi_ptr, so_ptr, gamma, offs, mask, other, HAS_OL
     return t, o
 
 
+@direct
 @triton.jit
 def _score_partials(s_ptr, sr_ptr, psi_ptr, so_ptr, gamma_ptr, ws_ptr, n, chunk_len, n_chunks,
                     HAS_OLD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
@@ -57,6 +59,7 @@ def _score_partials(s_ptr, sr_ptr, psi_ptr, so_ptr, gamma_ptr, ws_ptr, n, chunk_
     tl.store(out + 1, tl.sum(a_oo + o * o, axis=0))
 
 
+@direct
 @triton.jit
 def _score_epilogue(ws_ptr, c1_ptr, c2_ptr, loss_ptr, B, n_chunks, norm_in: "fp64", HAS_OLD: tl.constexpr,
                     ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -80,6 +83,7 @@ def _score_grad_tile(g_ptr, s_ptr, sr_ptr, psi_ptr, so_ptr, gamma, k, c2, offs, 
     tl.store(g_ptr + offs, (k * t).to(g_ptr.dtype.element_ty), mask=mask)
 
 
+@direct
 @triton.jit
 def _score_grad(g_ptr, s_ptr, sr_ptr, psi_ptr, so_ptr, gl_ptr, c1_ptr, gamma_ptr, c2_ptr, n, chunk_len,
                 norm_in: "fp64", HAS_OLD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):

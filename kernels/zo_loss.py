@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _launch as L
+from ._direct import direct
 
 
 @triton.jit
@@ -33,6 +34,7 @@ def _zo_tile(ft_ptr, fo_ptr, z_ptr, fr_ptr, offs, mask, other, HAS_REF: tl.const
     return dz, d * d, ee
 
 
+@direct
 @triton.jit
 def _zo_partials(ft_ptr, fo_ptr, z_ptr, fr_ptr, ws_ptr, n, chunk_len, n_chunks,
                  HAS_REF: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
@@ -59,6 +61,7 @@ def _zo_partials(ft_ptr, fo_ptr, z_ptr, fr_ptr, ws_ptr, n, chunk_len, n_chunks,
     tl.store(out + 2, tl.sum(a_ee + ee, axis=0))
 
 
+@direct
 @triton.jit
 def _zo_epilogue(ws_ptr, adv_ptr, omega_ptr, sigma_ptr, dt_ptr, st_ptr, w_ptr, klc_ptr, omt_ptr,
                  loss_ptr, pol_ptr, kl_ptr, clip_ptr, logr_ptr, lin_ptr, dlin_ptr, dquad_ptr, dkl_ptr,
@@ -165,6 +168,7 @@ def _zo_grad_tile(g_ptr, ft_ptr, fo_ptr, z_ptr, fr_ptr, c_z, c_d, c_e, offs, mas
     tl.store(g_ptr + offs, grad.to(g_ptr.dtype.element_ty), mask=mask)
 
 
+@direct
 @triton.jit
 def _zo_grad(g_ptr, ft_ptr, fo_ptr, z_ptr, fr_ptr, gl_ptr, gp_ptr, gk_ptr, omega_ptr, dlin_ptr, dquad_ptr,
              dkl_ptr, n, chunk_len, norm_in: "fp64", HAS_REF: tl.constexpr, ACC: tl.constexpr,
