@@ -202,7 +202,9 @@ def _kill_session(sid: int) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("kill", ["process", "session"])
+# The session kill (every builder process gone) is the easier case of the process kill (orphaned
+# compilers left running, which the recovery must wait for): it runs with the slow tests (~40 s).
+@pytest.mark.parametrize("kill", ["process", pytest.param("session", marks=pytest.mark.slow)])
 def test_killed_build_recovers_without_waiting(tmp_path, kill):
     """SIGKILL the builder while it compiles: only the Python process (``kill -9 PID``: its ninja and
     compilers run on, orphaned; ninja puts each compiler in a process group of its own) or every process

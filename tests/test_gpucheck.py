@@ -1,0 +1,103 @@
+"""The GPU validation command (rsm_fast/gpucheck.py, issue 21 item 11): its CPU dry run passes, and
+the CUDA-only commands it would run name flags their scripts accept."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rsm_fast import gpucheck as G
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpucheck")
+    env = dict(os.environ, TRITON_CACHE_DIR=str(out / "triton-cache"))
+    # no wall-clock limit a loaded machine could trip; 30 min only stops a hang
+    r = subprocess.run([sys.executable, "-m", "rsm_fast.gpucheck", "--dry-run", "--out", str(out / "check")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    return r, out / "check"
+
+
+def test_dry_run_passes_every_stage_and_writes_its_summary(dry_run):
+    r, out = dry_run
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["ok"] and s["dry_run"] and s["device"] == "cpu (dry run)"
+    status = {st["name"]: st["status"] for st in s["stages"]}
+    assert list(status) == list(G.STAGES)
+    assert status.pop("host") == "skip"                   # needs CUDA
+    assert set(status.values()) == {"pass"}, status
+    by = {st["name"]: st for st in s["stages"]}
+    assert by["pytest-gpu"]["detail"]["collected"] >= 30   # the GPU tests are there to run
+    assert by["launch"]["detail"]["ok"] is True
+    assert by["install"]["detail"]["rsm_fast.kernels"] == "importable"
+    md = (out / "summary.md").read_text()
+    assert "CPU dry run" in md and "| train | pass |" in md
+    # what a device call brings back: at most 8 files, none deeper than the folder
+    files = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert len(files) <= 8 and all(p.parent == out for p in out.rglob("*") if p.is_file()), files
+    assert "=====" in (out / "logs.txt").read_text()
+
+
+def _flags(argv: list[str]) -> list[str]:
+    return [a for a in argv if a.startswith("--")]
+
+
+def test_cuda_commands_use_flags_their_scripts_accept(tmp_path):
+    """The CUDA commands never run on CPU; each flag must appear in its script's --help."""
+    cmds = G.commands(tmp_path, True, tmp_path)
+    seconds = 0
+    for name, (argv, limit) in cmds.items():
+        seconds += limit
+        target = argv[1:3] if argv[1] == "-m" else argv[1:2]
+        helped = subprocess.run([sys.executable, *target, "--help"], cwd=ROOT, capture_output=True, text=True,
+                                env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+                                if name == "launch" else None, timeout=600)
+        if name == "pytest-gpu":
+            assert "-m" in argv and "gpu" in argv
+            continue
+        assert helped.returncode == 0, (name, helped.stderr[-2000:])
+        for f in _flags(argv):
+            assert f in helped.stdout, f"{name}: {f} not accepted by {target}"
+    assert seconds <= 600, "the CUDA stages' limits must fit one 10-minute device call"
+
+
+def test_budget_spent_skips_the_remaining_stages(tmp_path):
+    with open(tmp_path / "log", "w") as log:
+        st = G.run_stage("launch", ([sys.executable, "-c", "pass"], 60), log, left=1.0)
+    assert st.status == "skip" and "budget" in st.note
+
+
+def test_stage_failure_is_reported_with_its_last_line(tmp_path):
+    with open(tmp_path / "log", "w") as log:
+        st = G.run_stage("train", ([sys.executable, "-c", "import sys; print('boom: bad'); sys.exit(3)"], 60), log,
+                         left=100.0)
+    assert st.status == "fail" and st.detail["rc"] == 3 and st.note == "boom: bad"
+
+
+def test_pytest_counts_are_parsed():
+    d = G.parse("pytest-gpu", "....\n37 passed, 2 skipped, 1 failed, 5059 deselected in 12.0s\n")
+    assert d == {"passed": 37, "skipped": 2, "failed": 1, "deselected": 5059}
+    assert G.parse("pytest-gpu", "37/5096 tests collected (5059 deselected) in 14s")["collected"] == 37
+
+
+def test_unknown_stage_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        G.main(["--stages", "install,warp"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--stages: unknown stage 'warp'" in err
+
+
+def test_pinned_triton_reads_torchs_requirement(monkeypatch):
+    from importlib import metadata
+
+    monkeypatch.setattr(metadata, "requires", lambda name: ["filelock", 'triton==3.7.1; platform_system == "Linux"'])
+    assert G.pinned_triton() == "3.7.1"
+    monkeypatch.setattr(metadata, "requires", lambda name: ["filelock"])
+    assert G.pinned_triton() is None
