@@ -3,7 +3,7 @@
     python -m rsm_fast.gpucheck [--out DIR] [--stages a,b,...] [--dry-run]
 
 Stages, each a subprocess with its own time limit (the sum stays under ten minutes on one H100),
-its output kept in ``DIR/logs.txt`` and its verdict in ``DIR/summary.{json,md}``:
+its output kept in ``DIR/logs.txt`` and its verdict in ``DIR/summary.{json,md}`` (with the JSON the benchmarks write):
 
 1. ``install``: Python, torch (+ its CUDA), the Triton that torch's wheel pins against the one
    installed, numpy, the NVIDIA driver (a CUDA 13 build of torch needs >= 580), the GPU, the
@@ -19,6 +19,8 @@ its output kept in ``DIR/logs.txt`` and its verdict in ``DIR/summary.{json,md}``
    forward + backward, eager and CUDA-graphed.
 6. ``rollout``: ``bench/run_rollout_bench.py``: graphed vs eager vs a per-step loop on the tiny UNet.
 7. ``train``: a short ``python -m rsm_fast.train`` on the tiny SD3 model (random weights).
+8. ``fused``: ``bench/fused_epoch_check.py``: ``rsm-soft-fo`` with and without ``train.fused_epoch``
+   on the tiny SD3 model: peak memory and time per epoch against the memory preflight's estimate.
 
 ``--dry-run`` (the default without CUDA; CI runs it): the same stages with CPU-sized arguments,
 so every command, its parser and the summary are exercised: ``pytest-gpu`` collects the GPU tests
@@ -48,7 +50,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("diffusers", "peft", "transformers", "nvtx", "bitsandbytes", "xformers", "torch_tensorrt")
-STAGES = ("install", "launch", "pytest-gpu", "loss", "host", "rollout", "train")   # in the order they run
+STAGES = ("install", "launch", "pytest-gpu", "loss", "host", "rollout", "train", "fused")   # in the order they run
 MIN_DRIVER_CUDA13 = 580     # CUDA 13.0 release notes: minimum Linux driver 580 (issue 21, item 1)
 
 
@@ -154,18 +156,20 @@ def commands(out: Path, cuda: bool, scratch: Path) -> dict:
     run_dir = str(scratch / "train-run")       # outside DIR: a run folder holds many files
     if cuda:
         return {
-            "launch": (_py(b("bench_triton_launch.py"), "--check", "--json", str(out / "launch.json")), 60),
-            "pytest-gpu": (_py("-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(ROOT / "tests")), 200),
+            "launch": (_py(b("bench_triton_launch.py"), "--check"), 40),
+            "pytest-gpu": (_py("-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(ROOT / "tests")), 180),
             "loss": (_py(b("run_loss_bench.py"), "--device", "cuda", "--rows", "12", "--latents", "16x64x64",
-                         "--dtypes", "fp32,bf16", "--no-sd3", "--out", str(out)), 120),
+                         "--dtypes", "fp32,bf16", "--no-sd3", "--out", str(out)), 110),
             "host": (_py(b("bench_host_overhead.py"), "--device", "cuda", "--calls", "100", "--repeats", "5"), 60),
             "rollout": (_py(b("run_rollout_bench.py"), "--device", "cuda", "--model", "tiny", "--rows", "8,48",
                             "--samplers", "flow10", "--out", str(out)), 60),
             "train": (_py("-m", "rsm_fast.train", "--model", "sd3-tiny", "--preset", "tempflow-grpo", "--quiet",
                           "--out", run_dir, "--set", "train.device=cuda", "--set", "train.epochs=3"), 60),
+            "fused": (_py(b("fused_epoch_check.py"), "--device", "cuda", "--epochs", "3", "--batch", "8", "--steps", "10",
+                          "--out", str(out)), 60),
         }
     return {
-        "launch": (_py(b("bench_triton_launch.py"), "--check", "--json", str(out / "launch.json")), 600),
+        "launch": (_py(b("bench_triton_launch.py"), "--check"), 600),
         "pytest-gpu": (_py("-m", "pytest", "-q", "-m", "gpu", "--collect-only", "-p", "no:cacheprovider",
                            str(ROOT / "tests")), 600),
         "loss": (_py(b("run_loss_bench.py"), "--device", "cpu", "--ops", "zo,nft", "--rows", "4", "--latents", "4x8x8",
@@ -178,6 +182,8 @@ def commands(out: Path, cuda: bool, scratch: Path) -> dict:
                       "--out", run_dir, "--set", "train.device=cpu", "--set", "train.epochs=1",
                       *_sets("task.num_steps=4", "train.batch_size=4", "method.group_size=4", "task.eval_samples=4")),
                   900),
+        "fused": (_py(b("fused_epoch_check.py"), "--device", "cpu", "--epochs", "2", "--batch", "4", "--steps", "4",
+                      "--out", str(out)), 900),
     }
 
 
@@ -202,8 +208,10 @@ def parse(name: str, text: str) -> dict:
     return d
 
 
-def run_stage(name: str, spec, log, left: float) -> Stage:
-    """One subprocess stage; ``left``: seconds of the run's budget still unspent."""
+def run_stage(name: str, spec, log, left: float, out: Path | None = None) -> Stage:
+    """One subprocess stage; ``left``: seconds of the run's budget still unspent. JSON files the
+    stage writes into ``out`` move into the stage's ``detail["tables"]`` (a device call brings
+    back at most 8 files: DIR keeps the summary, the log and the markdown tables)."""
     st = Stage(name)
     if isinstance(spec, str):
         st.status, st.note = "skip", spec
@@ -218,6 +226,7 @@ def run_stage(name: str, spec, log, left: float) -> Stage:
     if name == "pytest-gpu" and "--collect-only" in argv:
         env["TRITON_INTERPRET"] = "1"       # the CPU suite's setting, so collection imports as in CI
     env["PYTHONUNBUFFERED"] = "1"
+    before = set(out.glob("*.json")) if out is not None else set()
     t0 = time.perf_counter()
     try:
         r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
@@ -231,6 +240,12 @@ def run_stage(name: str, spec, log, left: float) -> Stage:
     log.flush()
     st.detail = parse(name, text)
     st.detail["rc"] = rc
+    for f in sorted(set(out.glob("*.json")) - before) if out is not None else ():
+        try:
+            st.detail.setdefault("tables", {})[f.name] = json.loads(f.read_text())
+            f.unlink()
+        except (OSError, ValueError):
+            pass
     if name == "pytest-gpu" and "--collect-only" in argv:
         ok = rc == 0 and st.detail.get("collected", 0) > 0
     elif name == "pytest-gpu":
@@ -298,7 +313,7 @@ def main(argv=None) -> int:
     with open(out / "logs.txt", "w") as log:
         for name in stages:
             left = budget - (time.perf_counter() - t0)
-            st = install_check(cuda) if name == "install" else run_stage(name, cmds[name], log, left)
+            st = install_check(cuda) if name == "install" else run_stage(name, cmds[name], log, left, out)
             done.append(st)
             print(f"[gpucheck] {name}: {st.status} ({st.seconds} s){' - ' + st.note if st.note else ''}", flush=True)
     ok = all(s.status != "fail" for s in done)

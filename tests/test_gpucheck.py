@@ -36,11 +36,18 @@ def test_dry_run_passes_every_stage_and_writes_its_summary(dry_run):
     assert by["pytest-gpu"]["detail"]["collected"] >= 30   # the GPU tests are there to run
     assert by["launch"]["detail"]["ok"] is True
     assert by["install"]["detail"]["rsm_fast.kernels"] == "importable"
+    for stage in ("loss", "rollout", "fused"):            # the benchmarks' JSON, moved into the summary
+        assert by[stage]["detail"]["tables"], stage
+    rows = next(iter(by["fused"]["detail"]["tables"].values()))["rows"]
+    assert [r["fused_epoch"] for r in rows] == [False, True]
+    assert rows[1]["nfe_by_kind"]["train"] == 0 < rows[0]["nfe_by_kind"]["train"]   # the fused epoch's point
+    assert rows[1]["rollout_graphs_mb"] > 0 == rows[0]["rollout_graphs_mb"]
     md = (out / "summary.md").read_text()
     assert "CPU dry run" in md and "| train | pass |" in md
     # what a device call brings back: at most 8 files, none deeper than the folder
     files = sorted(p.name for p in out.rglob("*") if p.is_file())
     assert len(files) <= 8 and all(p.parent == out for p in out.rglob("*") if p.is_file()), files
+    assert not [f for f in files if f.endswith(".json") and f != "summary.json"], files
     assert "=====" in (out / "logs.txt").read_text()
 
 
