@@ -95,12 +95,13 @@ class FirstOrderMixin:
         return mc.trust_c2 + torch.where(on, absolute / torch.where(on, c1, torch.ones_like(c1)), torch.zeros_like(c1))
 
     def _fo_grads(self, rec: Records, c) -> Tensor:
-        """The reward phase's first-order signal: ``grad_{x0} r`` per final sample (fo_terminal),
-        the path gradient of :meth:`_fo_path_grads` (fo_lookahead, fo_value=path) or the per-record
-        gradient of :meth:`_fo_record_grads` (fo_current, fo_lookahead)."""
+        """The reward phase's first-order signal: ``grad_{x0} r`` per final sample (fo_terminal,
+        one decode + reward backward per ``method.fo_grad_chunk`` samples: 0 = rollout.chunk_size,
+        0 there = all), the path gradient of :meth:`_fo_path_grads` (fo_lookahead, fo_value=path)
+        or the per-record gradient of :meth:`_fo_record_grads` (fo_current, fo_lookahead)."""
         mc = self.cfg.method
         if mc.estimator == "fo_terminal":
-            return self._reward_grad(rec.x0, rec.x0_group)
+            return self._reward_grad(rec.x0, rec.x0_group, chunk=mc.fo_grad_chunk or self.cfg.rollout.chunk_size)
         if mc.estimator == "fo_lookahead" and mc.fo_value == "path":
             return self._fo_path_grads(rec)
         if mc.estimator == "fo_lookahead" and mc.fo_value == "exact":

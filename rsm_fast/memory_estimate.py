@@ -5,6 +5,11 @@ models measured on the meta device by :mod:`rsm_fast.memory_profile`) and the by
 epoch and the final evaluation hold at their peaks (:func:`estimate_memory`), with the reward
 models a model-backed ``task.reward`` builds on the run's device (:mod:`rsm_fast.rewards.footprint`).
 What each term counts is listed in :mod:`rsm_fast.preflight`'s docstring.
+
+The first-order estimators' reward backward (:func:`reward_backward`) differentiates the reward
+through the decode: autograd keeps every layer of the decode (measured on the meta device with
+grad, :func:`rsm_fast.memory_profile.grad_cost`) and of the reward model (footprint's with-grad
+bytes) for each row of a call, ``method.fo_grad_chunk`` rows a call (:func:`fo_grad_rows`).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ RECORD_EXTRA = 12            # log_prob (float32) + step (int64) per record
 PLAN_RECORD_BYTES = 40       # record_step / group / parent / set (int64) + set sizes per record
 DIGITS_ACT_GRAD = 1_320_000  # bytes per row the digits UNet's training forward saves (measured: 1.29 MB)
 DIGITS_ACT_NOGRAD = 200_000  # bytes per row of a no-grad digits UNet call (largest block output 48 KB, x4)
+FIRST_ORDER = ("fo_terminal", "fo_current", "fo_lookahead")   # the estimators with a reward backward
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,6 +56,8 @@ class TaskGeometry:
     visit_bytes: int = 0                  # the largest of them, on the device while it runs
     decode_fixed: int = 0                 # the VAE decode of the final samples: fixed + per image
     decode_row: int = 0
+    decode_grad_fixed: int = 0            # the decode with grad + backward (first-order reward backward)
+    decode_grad_row: int = 0
 
     @property
     def latent_bytes(self) -> int:
@@ -204,16 +212,19 @@ class MemoryEstimate:
     decode_field: str = "task.vae_slicing"   # ... when decoding the final samples does not fit
     reward_weights: int = 0        # reward models resident on the device for the whole run
     reward_field: str = "task.reward"   # ... when the reward models do not fit beside the run
+    backward_field: str = "method.fo_grad_chunk"   # ... when the first-order reward backward does not fit
 
     @staticmethod
     def phase_total(part: dict) -> int:
         """Plan + records + record copies, plus the largest of the model calls (rollout, reference;
         with a reward scored on a worker thread while the next wave samples, that scoring too),
-        the training forward's activations, the VAE decode and the reward's scoring call (they do
-        not overlap)."""
+        the training forward's activations, the VAE decode, the reward's scoring call and the
+        first-order reward backward (they do not overlap: the backward runs after the rollout's
+        calls and the no-grad scoring have freed their activations, before the training forward)."""
         return (part["plan"] + part["records"] + part["record copies"] + part.get("task metrics", 0)
                 + part.get("rollout graphs", 0) + max(part["model calls"] + part.get("reward scoring during rollout", 0),
-                      part.get("training activations", 0), part.get("decode", 0), part.get("reward scoring", 0)))
+                      part.get("training activations", 0), part.get("decode", 0), part.get("reward scoring", 0),
+                      part.get("reward backward", 0)))
 
     @property
     def total(self) -> int:
@@ -228,7 +239,10 @@ class MemoryEstimate:
         (``train.batch_size`` / ``task.eval_samples``) when the records do not fit or neither of
         the terms below alone is the problem (the reward scores all final samples at once);
         else the rows per training forward (``train.grad_accum``), per model call
-        (``rollout.chunk_size``) or per decode (``task.vae_slicing``)."""
+        (``rollout.chunk_size``), per decode (``task.vae_slicing``) or per first-order reward
+        backward (``method.fo_grad_chunk``: its rows bound both the decode's and the reward
+        model's kept layers, which VAE slicing does not lower, since autograd keeps every slice's;
+        ``method.estimator`` when one row a call already does not fit)."""
         tr, ev = self.phase_total(self.train), self.phase_total(self.eval)
         model, rw = self.params + self.weights, self.reward_weights
         if available is not None and rw > available and rw >= model:
@@ -247,16 +261,19 @@ class MemoryEstimate:
         base += graphs
         calls = part["model calls"] + part.get("reward scoring during rollout", 0)
         act, dec, rew = part.get("training activations", 0), part.get("decode", 0), part.get("reward scoring", 0)
+        bwd = part.get("reward backward", 0)
         if available is not None and graphs and base > available >= base - graphs:
             return "train.fused_epoch"
         if available is None or base > available:
             return size
-        if base + max(calls, dec, rew) <= available < base + act:
+        if base + max(calls, dec, rew, bwd) <= available < base + act:
             return "train.grad_accum"
-        if base + max(act, dec, rew) <= available < base + calls:
+        if base + max(act, dec, rew, bwd) <= available < base + calls:
             return "rollout.chunk_size"
-        if base + max(act, calls, rew) <= available < base + dec:
+        if base + max(act, calls, rew, bwd) <= available < base + dec:
             return self.decode_field
+        if base + max(act, calls, dec, rew) <= available < base + bwd:
+            return self.backward_field
         return size
 
 
@@ -296,20 +313,69 @@ def _per_rank(cfg: RunConfig, world_size: int, default_eval: int) -> RunConfig:
     return c
 
 
-def _reward_parts(cfg: RunConfig, geo: TaskGeometry, train: dict, ev: dict, rows: int, n: int, device) -> int:
+def fo_grad_rows(cfg: RunConfig, samples: int, records: int) -> int:
+    """Rows per decode + reward backward of a first-order run (0 for the other estimators and for
+    fo_value=exact, which differentiates no reward): ``method.fo_grad_chunk``, else
+    ``rollout.chunk_size``, else all of them -- the final samples (fo_terminal:
+    ``Trainer._reward_grad``; fo_value=path: ``_fo_path_tail``) or the records (fo_current,
+    fo_lookahead: ``estimators.tweedie_reward_grad``)."""
+    mc = cfg.method
+    if mc.estimator not in FIRST_ORDER or mc.fo_value == "exact":
+        return 0
+    n = samples if mc.estimator == "fo_terminal" or mc.fo_value == "path" else records
+    c = mc.fo_grad_chunk or cfg.rollout.chunk_size
+    return min(c, n) if c > 0 else n
+
+
+def reward_backward(cfg: RunConfig, geo: TaskGeometry, fp, k: int, g: int) -> int:
+    """The first-order reward backward at its peak, ``k`` rows a call (:func:`fo_grad_rows`): the
+    decode with grad (``geo.decode_grad_*``) and the reward models' with-grad bytes
+    (``fp.backward``); the built-in analytic reward (``linear``: ``task.reward_grad``) decodes
+    and keeps nothing. With fo_value=path the call runs at the end of the path's tail, whose
+    deterministic last steps keep the policy's graph of the ``k`` rows (``_fo_path_tail``), and
+    the adjoint sweep after it calls the policy with grad on ``k`` rows at a time
+    (``_fo_sweep_step``; under train.fused_epoch it reuses the rollout's graphs, counted there)."""
+    if k <= 0:
+        return 0
+    call = 0 if _reward_spec(cfg.task).strip() == "linear" else (
+        k * geo.decode_grad_row + geo.decode_grad_fixed + fp.backward(k))
+    if cfg.method.fo_value != "path":
+        return call
+    mask = geo.sde_mask if geo.sde_mask is not None else (True,) * cfg.task.num_steps
+    tail = len(mask) - 1 - max((i for i, v in enumerate(mask) if v), default=-1)
+    graph = g * k * geo.act_grad                       # one with-grad policy call of k rows
+    sweep = 0 if cfg.train.fused_epoch else graph + geo.act_fixed
+    return max(call + (tail * graph + geo.act_fixed if tail else 0), sweep)
+
+
+def _reward_spec(t) -> str:
+    """The reward the trainer scores with: ``task.reward``, else the task's default (toy2d's
+    ``linear``, digits' classifier reward, diffusers' ``jpeg``)."""
+    if t.reward:
+        return t.reward
+    if t.name.startswith("digits"):
+        from .tasks.digits_task import default_reward
+        return default_reward(t.condition)
+    return "linear" if t.name == "toy2d" else "jpeg"
+
+
+def _reward_parts(cfg: RunConfig, geo: TaskGeometry, train: dict, ev: dict, rows: int, n: int, device,
+                  fo_rows: int = 0) -> int:
     """Adds the reward's scoring call to the training (``rows`` final samples) and evaluation
     (``n``) parts; returns the bytes its models keep on ``device`` (:mod:`rsm_fast.rewards.footprint`).
     The trainer scores every final sample of the epoch (of the rank) in one call; a zeroth-order
     run with a reward model and ``rollout.waves`` > 1 scores each wave on a worker thread while
-    the next one samples (``trainer.async_reward``): a wave's rows, on top of the model calls."""
+    the next one samples (``trainer.async_reward``): a wave's rows, on top of the model calls.
+    A first-order run's reward backward, ``fo_rows`` rows a call (:func:`reward_backward`), is a
+    training part of its own."""
     from .rewards.footprint import reward_footprint
 
     t = cfg.task
-    spec = t.reward
-    if not spec and t.name.startswith("digits"):
-        from .tasks.digits_task import default_reward
-        spec = default_reward(t.condition)
+    spec = _reward_spec(t)
     fp = reward_footprint(spec, t.name, cfg.train.device if device is None else device)
+    backward = reward_backward(cfg, geo, fp, fo_rows, 2 if geo.cfg_guidance else 1)
+    if backward:
+        train["reward backward"] = backward
     waves = cfg.rollout.waves if cfg.method.estimator == "zo" and spec.strip() != "linear" else 1
     if waves > 1 and fp.act_row:
         train["reward scoring during rollout"] = fp.scoring(math.ceil(rows / waves), geo.image_bytes)
@@ -344,7 +410,8 @@ def estimate_memory(cfg: RunConfig, geo: TaskGeometry, *, world_size: int = 1,
     ev = _phase(ep.rows, ep.records, cfg.rollout.chunk_size or min(n, EVAL_CHUNK), g, geo, decoded=2 * geo.image_bytes)
     if geo.metric_bytes:
         ev["task metrics"] = n * geo.metric_bytes
-    reward = _reward_parts(cfg, geo, train, ev, tp.rows[-1], ep.rows[-1], device)
+    fo_rows = fo_grad_rows(cfg, tp.rows[-1], tp.records)
+    reward = _reward_parts(cfg, geo, train, ev, tp.rows[-1], ep.rows[-1], device, fo_rows)
     tc = cfg.train
     elems = geo.param_bytes // max(1, geo.param_elem)
     optim = 2 * elems if tc.optimizer == "adamw8bit" else 2 * geo.param_bytes   # two 8-bit states / two moments
@@ -358,7 +425,8 @@ def estimate_memory(cfg: RunConfig, geo: TaskGeometry, *, world_size: int = 1,
     host = max(train["plan"], ev["plan"]) + 2 * max(tp.rows[-1], ep.rows[-1]) * len(mask) * 8
     return MemoryEstimate(train, ev, params, host, "policy.hidden" if cfg.task.name == "toy2d" else "policy.lora_rank",
                           weights=geo.frozen_bytes + geo.visit_bytes, start=geo.text_bytes,
-                          host_extra=geo.offload_bytes, reward_weights=reward, **_fields(cfg))
+                          host_extra=geo.offload_bytes, reward_weights=reward,
+                          backward_field="method.fo_grad_chunk" if fo_rows > 1 else "method.estimator", **_fields(cfg))
 
 
 def _fields(cfg: RunConfig) -> dict:

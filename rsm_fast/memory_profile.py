@@ -11,8 +11,13 @@ the model itself, built on the ``meta`` device (shapes only: no memory, no weigh
   storage an op creates and subtracts it when the storage is freed (a weakref finalizer), keeping
   the peak: the live activation bytes of a no-grad forward (rollout, reference, evaluation), of a
   training forward + backward (what autograd saves, the backward's temporaries; gradients of the
-  parameters are preallocated, so they are not counted here but with the parameters), and of the
-  VAE decode. Each is measured at 1 and 2 rows and returned as ``fixed + rows * per_row``
+  parameters are preallocated, so they are not counted here but with the parameters), of the
+  VAE decode, and -- for the first-order estimators only, whose reward backward differentiates
+  through the decode -- of the decode with grad through the latents, forward + backward (what the
+  frozen decoder saves for the backward, every layer of it per image: 6.10 GB per 512 px image
+  for sd15-full's VAE, 24.4 GB per 1024 px image for sd35m-full's, 300 KB per 16 px image for
+  sd15-tiny's, where the no-grad decode peaks at 805 MB / 3.22 GB / 51 KB). Each is measured at 1
+  and 2 rows and returned as ``fixed + rows * per_row``
   (``fixed``: e.g. autocast's cast copies of the weights). ``policy.dtype``, ``policy.autocast``,
   ``policy.gradient_checkpointing`` (diffusers' own non-reentrant checkpointing runs, recompute
   included) and ``task.vae_slicing`` / ``vae_tiling`` act in the measurement exactly as in the run.
@@ -23,11 +28,15 @@ that keeps the output and the log-sum-exp only. During a measurement the call is
 ``aten._scaled_dot_product_flash_attention_for_cpu`` (meta kernel: output + logsumexp), the same
 bytes the fused kernels keep. Measured against the real CPU run of the digits UNet the count is
 exact (1,145,232 bytes per training row, 213,584 per no-grad row; ``tests/test_precision_cli.py``
-checks the estimate of a whole run against its measured peak RSS).
+checks the estimate of a whole run against its measured peak RSS). The live bytes at the end of a
+with-grad meta forward are the bytes autograd saves in the real CPU run, to the byte, for
+sd15-tiny's VAE decode (288,896 per 16 px image) and the digits classifier
+(``tests/test_memory_estimate_fo.py``, by ``torch.autograd.graph.saved_tensors_hooks``).
 
 Cost: building the models on meta and running them costs about 0.5 s for the tiny configs, 2-5 s
 for sd15-full and sd35m-full on an idle 2-core CPU (Python meta kernels; 10-16 s under load), plus
-the first import of diffusers / transformers; results are cached per setting in the process. Not called by config validation (``task_geometry``
+0.2-0.6 s for a first-order run's decode with grad, plus the first import of diffusers /
+transformers; results are cached per setting in the process. Not called by config validation (``task_geometry``
 stays arithmetic), only by :func:`rsm_fast.preflight.check_memory`.
 """
 from __future__ import annotations
@@ -154,6 +163,7 @@ class ModelProfile:
     decode: Cost = Cost()         # the VAE decode (no grad)
     clip_params: int = 0          # policy.train_text_encoder: the CLIP encoders that stay on the device
     text_lora_params: int = 0     # ... and their LoRA (float32, trained)
+    decode_grad: Cost = Cost()    # the VAE decode with grad through the latents + backward (first-order only)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,6 +215,30 @@ def _costs(model: nn.Module, pc, call) -> tuple[Cost, Cost]:
 
 def _meta(n, *shape, dtype=torch.float32):
     return torch.zeros(n, *shape, device="meta", dtype=dtype)
+
+
+def grad_cost(call, *shape) -> Cost:
+    """The cost of ``call(x)`` with grad through ``x`` (``[rows, *shape]``) and the backward of the
+    sum of its output: what the first-order estimators' reward backward does to a frozen module
+    (``Trainer._reward_grad``). ``x`` exists before the call (the run's final samples do), its
+    gradient is made by the backward (the run's returned gradient)."""
+    inputs = {n: _meta(n, *shape).requires_grad_(True) for n in (1, 2)}
+
+    def run(n):
+        with torch.enable_grad():
+            out = call(inputs[n])
+        out.float().sum().backward()
+        inputs[n].grad = None
+
+    return Cost(*linear_cost(run))
+
+
+@functools.lru_cache(maxsize=4)
+def digits_decode_grad() -> Cost:
+    """``tasks.digits.decode`` (scale, shift, clamp) with grad: the clamp keeps its input."""
+    from .tasks import digits as D
+
+    return grad_cost(D.decode, 1, D.SIZE, D.SIZE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,13 +406,47 @@ def _diffusers(spec: str, res: int, t5: bool, slicing: bool, tiling: bool, pc_ke
 
     # with slicing the decode's peak is one image's: measured at 1 and 2 images it is all fixed
     clip, text_lora = _clip_lora(family, c, pc) if pc.train_text_encoder and pc.lora_rank > 0 else (0, 0)
+    # (the first-order decode with grad is measured apart, by _decode_grad: zeroth-order runs skip it)
     return ModelProfile(n_den, lora, n_vae, _text_params(family, c, t5), L * D * BYTES.get(pc.dtype, 4),
                         nograd, grad, Cost(*linear_cost(decode)), clip, text_lora)
 
 
+@functools.lru_cache(maxsize=16)
+def _decode_grad(spec: str, res: int, slicing: bool, tiling: bool) -> Cost:
+    """The VAE decode of the adapters (``models/sd15.py`` / ``sd3.py`` ``decode``: unscale, decode,
+    to [0, 1]) with grad through the latents and the backward, the VAE frozen in float32 as the
+    run keeps it. Slicing decodes one image at a time but autograd keeps every image's layers
+    until the backward, so it barely lowers this cost (sd15-full at 512 px: 5.97 GB per image
+    sliced, 6.10 GB not): the lever is ``method.fo_grad_chunk``."""
+    from diffusers import AutoencoderKL
+
+    _, c = _configs(spec)
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(_clean(c["vae"]))
+    vae.requires_grad_(False).eval()
+    if slicing:
+        vae.enable_slicing()
+    if tiling:
+        vae.enable_tiling()
+    vc = vae.config
+    h = res // 2 ** (len(vc.block_out_channels) - 1)
+
+    shift = getattr(vc, "shift_factor", None)      # SD3's VAE only
+
+    def decode(latents):
+        z = latents / vc.scaling_factor
+        img = vae.decode(z + shift if shift else z).sample
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+    return grad_cost(decode, vc.latent_channels, h, h)
+
+
 def diffusers_profile(cfg) -> ModelProfile | None:
-    """The diffusers task's model under ``cfg`` (None when its configs cannot be read)."""
-    from .memory_estimate import task_geometry
+    """The diffusers task's model under ``cfg`` (None when its configs cannot be read); with a
+    first-order estimator, the decode with grad too."""
+    from dataclasses import replace
+
+    from .memory_estimate import FIRST_ORDER, task_geometry
 
     geo = task_geometry(cfg)
     if geo is None:
@@ -386,7 +454,10 @@ def diffusers_profile(cfg) -> ModelProfile | None:
     t = cfg.task
     res = geo.latent_shape[-1] * _vae_factor(t.model)
     try:
-        return _diffusers(t.model, res, bool(t.t5), bool(t.vae_slicing), bool(t.vae_tiling), _pc_key(cfg.policy))
+        prof = _diffusers(t.model, res, bool(t.t5), bool(t.vae_slicing), bool(t.vae_tiling), _pc_key(cfg.policy))
+        if cfg.method.estimator in FIRST_ORDER:
+            prof = replace(prof, decode_grad=_decode_grad(t.model, res, bool(t.vae_slicing), bool(t.vae_tiling)))
+        return prof
     except (OSError, ValueError, TypeError, KeyError):
         return None
 
@@ -405,7 +476,7 @@ def image_geometry(cfg, geo, device=None):
     device only (on a CPU device every part is in the same memory)."""
     from dataclasses import replace
 
-    from .memory_estimate import DIGITS_ACT_GRAD, DIGITS_ACT_NOGRAD
+    from .memory_estimate import DIGITS_ACT_GRAD, DIGITS_ACT_NOGRAD, FIRST_ORDER
 
     t, pc = cfg.task, cfg.policy
     b = BYTES[pc.dtype]
@@ -415,11 +486,12 @@ def image_geometry(cfg, geo, device=None):
         ratio = lambda new, old: new / old if old else 1.0  # noqa: E731
         lora = pc.lora_rank > 0
         den = prof.denoiser_params * b
+        dec = digits_decode_grad() if cfg.method.estimator in FIRST_ORDER else Cost()
         return replace(geo, param_bytes=prof.lora_params * 4 if lora else den, param_elem=4 if lora else b,
                        full_copy_bytes=0 if lora else den, frozen_bytes=den if lora else 0,
                        act_grad=round(DIGITS_ACT_GRAD * ratio(prof.grad.per_row, base[3].per_row)),
                        act_nograd=round(DIGITS_ACT_NOGRAD * ratio(prof.nograd.per_row, base[2].per_row)),
-                       act_fixed=prof.grad.fixed)
+                       act_fixed=prof.grad.fixed, decode_grad_fixed=dec.fixed, decode_grad_row=dec.per_row)
     if t.name != "diffusers":
         return geo
     prof = diffusers_profile(cfg)
@@ -444,4 +516,5 @@ def image_geometry(cfg, geo, device=None):
                    text_bytes=text if t.text_cache != "off" else 0,
                    act_grad=prof.grad.per_row + prof.cond_bytes, act_fixed=prof.grad.fixed,
                    act_nograd=prof.nograd.per_row + prof.cond_bytes,
-                   decode_fixed=prof.decode.fixed, decode_row=prof.decode.per_row)
+                   decode_fixed=prof.decode.fixed, decode_row=prof.decode.per_row,
+                   decode_grad_fixed=prof.decode_grad.fixed, decode_grad_row=prof.decode_grad.per_row)

@@ -49,6 +49,15 @@ batch that cannot fit ends in one ``error:`` line with nothing written and no mo
     wave's rows on top of the model calls when ``rollout.waves`` scores on a worker thread;
     evaluation: its samples) holds the images and one no-grad transformer layer's activations
     per image; the digits classifier's weights; nothing for weight-free, remote or Python rewards;
+  - the first-order estimators' reward backward (``fo_terminal``, ``fo_current``,
+    ``fo_lookahead``): the reward differentiated through the decode keeps every layer of the
+    decode (the VAE, measured on the meta device with grad) and of the reward model (the CLIP
+    image tower's saved tensors, the digits classifier's measured bytes) for each row of a call,
+    ``method.fo_grad_chunk`` rows a call (else ``rollout.chunk_size``, else all final samples /
+    records); it runs after the rollout and the no-grad scoring, before the training forward, so
+    it counts as one more of the parts of which the largest is held (sd15-full at 512 px with
+    PickScore: 6.1 GB + 614 MB per row); with ``fo_value=path`` the policy's graph over the
+    path's deterministic tail steps and the adjoint sweep's with-grad policy calls of those rows;
   - several ranks (``world_size``): each holds its share of the groups (whole groups per rank)
     and of the evaluation samples; ``sharded`` (FSDP) divides the denoiser's weights, the trained
     state and the reference copy by the number of ranks.
@@ -66,7 +75,8 @@ the cgroup's limit minus its usage; on CUDA ``torch.cuda.mem_get_info`` (free by
 must also hold the plan while it is compiled). A config whose estimate exceeds it raises a one-line
 :class:`~rsm_fast.config.ConfigError` naming the estimate, what is available and the setting to
 lower (``train.batch_size``, ``rollout.chunk_size``, ``train.grad_accum``, ``task.eval_samples``,
-``task.reward`` when its models do not fit, and for image models ``policy.dtype``,
+``task.reward`` when its models do not fit, ``method.fo_grad_chunk`` when a first-order reward
+backward does not (``method.estimator`` when one row a call already does not), and for image models ``policy.dtype``,
 ``task.offload``, ``task.t5``, ``task.vae_slicing`` / ``vae_tiling``, ``policy.lora_rank``,
 ``train.optimizer``).
 """
@@ -185,6 +195,9 @@ def check_memory(cfg: RunConfig, device=None, *, available: int | None = None, h
                 "task.text_cache": "fill the text cache in a run with more memory, or lower policy.dtype",
                 "task.vae_slicing": "decode one image at a time (task.vae_slicing=true)",
                 "task.vae_tiling": "decode in tiles (task.vae_tiling=true) or lower train.batch_size",
+                "method.fo_grad_chunk": "set method.fo_grad_chunk to fewer rows per reward backward",
+                "method.estimator": ("one row's reward backward does not fit: use method.estimator=zo, a lower "
+                                     "task.resolution or a smaller reward model"),
                 "task.reward": (f"its reward models need {fmt_bytes(est.reward_weights)}: use a smaller one or a "
                                 f"reward server (task.reward=http://...)")}[setting]
         if setting == "train.grad_accum" and cfg.task.name != "toy2d" and not cfg.policy.gradient_checkpointing:

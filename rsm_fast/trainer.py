@@ -280,14 +280,19 @@ class Trainer(TrainerState, FirstOrderMixin):
         return R.evaluate_rewards(self.reward_fn, images, prompts, meta, policy=self.cfg.train.reward_faults,
                                   timeout=self.cfg.task.reward_timeout).unwrap()
 
-    def _reward_grad(self, x0: Tensor, group: Tensor) -> Tensor:
+    def _reward_grad(self, x0: Tensor, group: Tensor, chunk: int = 0) -> Tensor:
+        """``grad_{x0} r`` per row, one decode + reward backward per ``chunk`` rows (0: all at once).
+        Autograd keeps every layer of the decode and the reward model for each row of a call, so
+        the chunk bounds that memory; rows are independent, so the result does not depend on it."""
         if self.builtin_reward:
             self.scored["reward_grad"] += x0.shape[0]
             return self.task.reward_grad(x0)
-        with torch.enable_grad():
-            x = x0.detach().requires_grad_(True)
-            r = self._score(x, group)
-            (g,) = torch.autograd.grad(r.sum(), x)
+        n, g = x0.shape[0], torch.empty_like(x0)
+        step = max(1, chunk if 0 < chunk < n else n)
+        for s in range(0, n, step):
+            with torch.enable_grad():
+                x = x0[s:s + step].detach().requires_grad_(True)
+                (g[s:s + step],) = torch.autograd.grad(self._score(x, group[s:s + step]).sum(), x)
         if not torch.isfinite(g).all():
             raise R.RewardError(f"reward '{self.reward_name}' returned a non-finite gradient")
         return g

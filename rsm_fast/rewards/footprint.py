@@ -32,12 +32,31 @@ float32 copies of the ``3 x S x S`` preprocessed pixels (resize, then normalisat
 the meta device (:class:`rsm_fast.memory_profile.LiveBytes`, float32, no grad): 17.4 MB per image
 for ViT-L/14 and 21.7 MB for ViT-H/14; the tower term gives 17.9 and 22.4 MB, 19.7 and 24.2 MB
 with the pixels (tests/test_memory_estimate_rewards.py checks the bound).
-A weighted sum scores its terms one after another: the largest term's bytes. Not counted: the
-first-order estimators' reward backward (with grad, every layer is kept), and a TensorRT
-engine's own copy of the image tower (``task.reward_backend=tensorrt``).
+A weighted sum scores its terms one after another: the largest term's bytes.
+
+With grad (the first-order estimators' reward backward, :meth:`RewardFootprint.backward`), autograd
+keeps every layer of the image tower until the backward (:func:`clip_grad_saved_row`): per layer
+and token the two layer norms' inputs (the residual stream, ``w`` bytes), q, k, v and the
+attention output (``a``), the MLP's ``fc1`` output and quick-GELU's sigmoid (``a``), the fused
+attention's log-sum-exp (float32 per head) and the norms' mean and rstd (float32): ``L T (2 D w
++ 4 D a + 2 I a + 4 H + 16)`` bytes per image for ``L`` layers and ``H`` heads -- 354 MB for
+ViT-L/14, 590 MB for ViT-H/14 in float32 -- plus the no-grad term above for the backward's working
+set (and the text tower's no-grad forward, which runs while the image graph is kept); under
+autocast each linear's cast weight copy is kept too (:func:`clip_grad_fixed`: autocast caches
+only weights that require grad), ``L (4 D^2 + 2 D I) a`` bytes per call whatever the rows. The
+per-layer term and the autocast copies equal, to the byte, what
+``torch.autograd.graph.saved_tensors_hooks`` sees a real CPU run save (float32 and bfloat16
+autocast, tiny CLIPs); the whole bounds the meta measurement of the with-grad forward + backward
+within 1.2 % for ViT-L/14 (373.9 MB formula, 369.5 MB measured per image) and ViT-H/14 (614.3 /
+609.2 MB) (tests/test_memory_estimate_fo.py). The digits classifier's with-grad bytes are measured
+on the meta device (:func:`digits_classifier_grad`). With grad the terms of a weighted sum each
+keep their graph until the one backward: they add. Not counted: a TensorRT engine's own copy of
+the image tower (``task.reward_backend=tensorrt``; a compiled engine has no gradient, so no
+first-order run uses one).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from dataclasses import dataclass, field
@@ -70,6 +89,8 @@ class ModelFootprint:
     cache: int = 0        # the text-feature cache at its cap
     act_row: int = 0      # peak activation bytes of one scored image (no grad)
     source: str = ""      # where the architecture was read
+    grad_row: int = 0     # bytes per image of a with-grad call through its backward, every term using the model
+    grad_fixed: int = 0   # ... whatever the rows (autocast's kept weight copies)
 
 
 @dataclass(frozen=True)
@@ -90,6 +111,14 @@ class RewardFootprint:
         """One scoring call of ``rows`` images (held as input, ``image_bytes`` each) at its peak;
         0 without a model that has activations."""
         return rows * (image_bytes + self.act_row) if self.act_row and rows > 0 else 0
+
+    def backward(self, rows: int) -> int:
+        """One with-grad scoring call of ``rows`` images through its backward (the first-order
+        estimators' reward gradient), beyond the images: every term keeps its graph until the one
+        backward, so the terms add (an upper bound: each brings its own working set)."""
+        if rows <= 0:
+            return 0
+        return rows * sum(m.grad_row for m in self.models) + sum(m.grad_fixed for m in self.models)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,6 +162,23 @@ def clip_activation_row(dims: dict, w: int, a: int, text: bool = True) -> int:
     img = tower(v, (v["image_size"] // v["patch_size"]) ** 2 + 1)
     txt = tower(dims["text"], dims["text"]["max_position_embeddings"]) if text else 0
     return max(img, txt) + 3 * 3 * v["image_size"] ** 2 * F32
+
+
+def clip_grad_saved_row(dims: dict, w: int, a: int) -> int:
+    """Bytes autograd keeps per image through the image tower with grad to the pixels and frozen
+    weights (module docstring): ``L T (2 D w + 4 D a + 2 I a + 4 H + 16)``."""
+    v = dims["vision"]
+    d, i, heads = v["hidden_size"], v["intermediate_size"], v["num_attention_heads"]
+    tokens = (v["image_size"] // v["patch_size"]) ** 2 + 1
+    return v["num_hidden_layers"] * tokens * (2 * d * w + 4 * d * a + 2 * i * a + heads * F32 + 4 * F32)
+
+
+def clip_grad_fixed(dims: dict, a: int, cast: bool) -> int:
+    """The image tower's linear weights in the autocast dtype (``a`` bytes), which a with-grad call
+    under autocast keeps for the backward (``cast``: autocast to a dtype other than the weights')."""
+    v = dims["vision"]
+    d, i = v["hidden_size"], v["intermediate_size"]
+    return v["num_hidden_layers"] * (4 * d * d + 2 * d * i) * a if cast else 0
 
 
 def _clip_dir(name: str, arg: str | None) -> Path | None:
@@ -204,28 +250,54 @@ def clip_footprint(name: str, arg: str | None, device="cpu") -> ModelFootprint:
         weights += head_params(aesthetic_head_sizes(arg, dims["projection_dim"])) * F32
     else:
         cache = TEXT_CACHE_MAX * dims["projection_dim"] * F32
-    return ModelFootprint(name, weights, cache, clip_activation_row(dims, w, a, text=name != "aesthetic"), src)
+    act = clip_activation_row(dims, w, a, text=name != "aesthetic")
+    cast = prec.autocast is not None and prec.autocast != prec.dtype
+    return ModelFootprint(name, weights, cache, act, src, grad_row=clip_grad_saved_row(dims, w, a) + act,
+                          grad_fixed=clip_grad_fixed(dims, a, cast))
 
 
 # ----------------------------------------------------------------------------------------------
 # the digits classifier
 # ----------------------------------------------------------------------------------------------
-def digits_classifier_footprint() -> ModelFootprint:
-    """The shipped digit classifier (``tasks.digits.DigitClassifier`` at the checkpoint metadata's
-    width, built on the meta device to count its parameters), float32."""
+def _classifier_width() -> int:
+    """The shipped classifier's width (its checkpoint metadata; 16, the default, without one)."""
     from ..tasks import digits as D
 
-    w = 16
     try:
         from safetensors import safe_open
 
         with safe_open(str(D.ASSETS / "classifier.safetensors"), framework="pt") as f:
-            w = int(json.loads((f.metadata() or {}).get("config", "{}")).get("width", 16))
+            return int(json.loads((f.metadata() or {}).get("config", "{}")).get("width", 16))
     except Exception:  # noqa: BLE001 - the task's own load reports a missing checkpoint
-        pass
+        return 16
+
+
+@functools.lru_cache(maxsize=4)
+def digits_classifier_grad(width: int):
+    """``(fixed, per image)`` bytes of the digit rewards' with-grad call (``digits_reward``:
+    classifier, log-softmax) through its backward, measured on the meta device
+    (:func:`rsm_fast.memory_profile.grad_cost`; at width 16: 68,648 bytes per image, 60,456 of
+    them saved for the backward)."""
+    from ..memory_profile import grad_cost
+    from ..tasks import digits as D
+
+    with torch.device("meta"):
+        clf = D.DigitClassifier(width=width).eval().requires_grad_(False)
+    return grad_cost(lambda x: torch.log_softmax(clf(x), dim=1), 1, D.SIZE, D.SIZE)
+
+
+def digits_classifier_footprint(terms: int = 1) -> ModelFootprint:
+    """The shipped digit classifier (``tasks.digits.DigitClassifier`` at the checkpoint metadata's
+    width, built on the meta device to count its parameters), float32, and its with-grad bytes
+    for ``terms`` digit terms (one module, one graph each)."""
+    from ..tasks import digits as D
+
+    w = _classifier_width()
     with torch.device("meta"):
         n = sum(p.numel() for p in D.DigitClassifier(width=w).parameters())
-    return ModelFootprint("digits classifier", n * F32, source="tasks/digits.py DigitClassifier")
+    grad = digits_classifier_grad(w)
+    return ModelFootprint("digits classifier", n * F32, source="tasks/digits.py DigitClassifier",
+                          grad_row=terms * grad.per_row, grad_fixed=terms * grad.fixed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,14 +317,15 @@ def reward_footprint(spec: str, task_name: str = "", device="cpu") -> RewardFoot
         kinds = [lookup(atom) for _, atom in terms]
     except RewardError:
         return RewardFootprint()
-    models, digits = [], False
+    models, digits = [], 0
     for (_, atom), (kind, _, arg) in zip(terms, kinds):
         name = atom.split(":", 1)[0]
         if kind != "registered":
             continue
         if name in CLIP_REWARDS:
             models.append(clip_footprint(name, arg, device))
-        elif name in DIGIT_REWARDS and not digits:
-            digits = True
-            models.append(digits_classifier_footprint())
+        elif name in DIGIT_REWARDS:
+            digits += 1
+    if digits:
+        models.append(digits_classifier_footprint(digits))
     return RewardFootprint(tuple(models))
