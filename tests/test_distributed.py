@@ -257,6 +257,10 @@ def _sharded_weights(ckpt: Path) -> dict:
     return torch.load(flat, weights_only=False)["model"]
 
 
+# Slow (~50 s): its parts run by default -- FSDP2 checkpoints saved and loaded at the same and at
+# another world size (tests/test_parallel.py test_fsdp_checkpoint_*) and a killed rank's elastic
+# restart resuming exactly (test_cli_two_ranks_checkpoint_resume_and_elastic_restart, DDP).
+@pytest.mark.slow
 def test_fsdp_checkpoint_resumes_to_the_same_result(tmp_path):
     cli = ["--preset", "grpo", "--quiet", *[x for kv in DIGITS[1:] for x in ("--set", kv)], "--set", "train.epochs=3",
            "--set", "train.checkpoint_every=1", "--set", "policy.lora_rank=0", "--set", "train.parallel=fsdp",
