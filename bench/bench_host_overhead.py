@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import platform
@@ -62,6 +61,7 @@ import rsm_fast  # noqa: E402,F401  (first: a PYTHONPATH checkout wins over loss
 
 sys.path.insert(0, str(HERE))
 import loss_cases as LC  # noqa: E402
+from host_timing import capture, per_call_us  # noqa: E402
 import machine_info  # noqa: E402
 
 from rsm_fast import ops  # noqa: E402
@@ -143,40 +143,6 @@ def count_ops(fn) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------
-def per_call_us(fn, calls: int, repeats: int, warmup: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        gc.collect()
-        gc.disable()
-        try:
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            ts.append((time.perf_counter() - t0) / calls * 1e6)
-        finally:
-            gc.enable()
-    return statistics.median(ts)
-
-
-@contextlib.contextmanager
-def _capture(obj, name, store: list):
-    """Wrap ``obj.name`` so its first call's arguments (and result) are recorded."""
-    orig = getattr(obj, name)
-
-    def wrapper(*a, **k):
-        out = orig(*a, **k)
-        store.append((a, k, out))
-        return out
-
-    setattr(obj, name, wrapper)
-    try:
-        yield orig
-    finally:
-        setattr(obj, name, orig)
-
-
 @contextlib.contextmanager
 def _replaced(obj, name, value):
     orig = getattr(obj, name)
@@ -218,7 +184,7 @@ def measure(op: str, backend: str, case: LC.Case, calls: int, repeats: int) -> d
     else:                                # before: <Loss>Fn.apply
         owner, attr = getattr(L, FN_OF[op]), "apply"
     store: list = []
-    with _capture(owner, attr, store):
+    with capture(owner, attr, store):
         fused[False](inp)
     fargs, _, fout = store[0]
     entry = getattr(owner, attr)
@@ -243,7 +209,7 @@ def measure(op: str, backend: str, case: LC.Case, calls: int, repeats: int) -> d
         fname, bname = fname + "_unchecked", bname + "_unchecked"
     fstore: list = []
     bstore: list = []
-    with _capture(be, fname, fstore), _capture(be, bname, bstore):
+    with capture(be, fname, fstore), capture(be, bname, bstore):
         step(False)()
     (fa, fk, _), (ba, bk, _) = fstore[0], bstore[0]
     fwd, bwd = getattr(be, fname), getattr(be, bname)

@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import platform
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes"):
@@ -51,6 +49,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import loss_cases as LC  # noqa: E402
+from host_timing import capture, per_call_us  # noqa: E402
 from rsm_fast.kernels import _direct as D, _launch as L  # noqa: E402
 from rsm_fast.kernels import fp_loss, philox_noise, sampler_step, score_loss, zo_loss  # noqa: E402
 from rsm_fast.kernels._nodriver import recording_driver  # noqa: E402
@@ -59,21 +58,6 @@ from rsm_fast.ops import backends  # noqa: E402
 BE_FWD = {"zo": ("zo_fwd", "zo_bwd", zo_loss), "score": ("score_fwd", "score_bwd", score_loss),
           "nft": ("fp_fwd", "fp_bwd", fp_loss), "awm": ("fp_fwd", "fp_bwd", fp_loss)}
 MODULES = (zo_loss, score_loss, fp_loss, sampler_step, philox_noise)
-
-
-@contextlib.contextmanager
-def _capture(obj, name, store: list):
-    orig = getattr(obj, name)
-
-    def wrapper(*a, **k):
-        store.append((a, k))
-        return orig(*a, **k)
-
-    setattr(obj, name, wrapper)
-    try:
-        yield
-    finally:
-        setattr(obj, name, orig)
 
 
 def cases(rows: int = 4, latent=(4, 8, 8), dtype: str = "bf16") -> dict:
@@ -85,10 +69,10 @@ def cases(rows: int = 4, latent=(4, 8, 8), dtype: str = "bf16") -> dict:
         inp = LC.make_inputs(case, torch.device("cpu"))
         fused = LC.loss_fns(case, ("fused",))["fused"]
         fs, bs = [], []
-        with _capture(dec, fname + "_unchecked", fs), _capture(dec, bname + "_unchecked", bs):
+        with capture(dec, fname + "_unchecked", fs), capture(dec, bname + "_unchecked", bs):
             loss = fused(inp)
             torch.autograd.grad(loss, inp["x"], inp["grad_out"] if loss.dim() else None)
-        (fa, fk), (ba, bk) = fs[0], bs[0]
+        (fa, fk, _), (ba, bk, _) = fs[0], bs[0]
         fa = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in fa)
         ba = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in ba)
         fwd, bwd = getattr(mod, fname + "_unchecked"), getattr(mod, bname + "_unchecked")
@@ -269,22 +253,6 @@ def run_checks() -> dict:
     res["ok"] = (all(v["ok"] for v in res["launches"].values()) and all(v["ok"] for v in res["keys"].values())
                  and res["hook"]["ok"])
     return res
-
-
-def per_call_us(fn, calls: int, repeats: int) -> float:
-    for _ in range(20):
-        fn()
-    ts = []
-    gc.disable()
-    try:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            ts.append((time.perf_counter() - t0) / calls * 1e6)
-    finally:
-        gc.enable()
-    return statistics.median(ts)
 
 
 def run_timing(args) -> str:
