@@ -362,8 +362,9 @@ def default_reward(tc) -> str:
     if tc.name == "toy2d":
         from .tasks.toy2d import Toy2D
         return Toy2D.default_reward
-    if tc.name.startswith("digits"):     # tasks/digits_task.py: unconditional -> a fixed digit
-        return "digit_logprob:3" if tc.condition == "none" else "digit_label_logprob"
+    if tc.name.startswith("digits"):
+        from .tasks.digits_task import default_reward as digits_default
+        return digits_default(tc.condition)
     from .tasks.diffusers_task import DiffusersTask
     return DiffusersTask.default_reward
 

@@ -349,14 +349,11 @@ def reward_backward(cfg: RunConfig, geo: TaskGeometry, fp, k: int, g: int) -> in
 
 
 def _reward_spec(t) -> str:
-    """The reward the trainer scores with: ``task.reward``, else the task's default (toy2d's
-    ``linear``, digits' classifier reward, diffusers' ``jpeg``)."""
-    if t.reward:
-        return t.reward
-    if t.name.startswith("digits"):
-        from .tasks.digits_task import default_reward
-        return default_reward(t.condition)
-    return "linear" if t.name == "toy2d" else "jpeg"
+    """The reward the trainer scores with: ``task.reward``, else the task's default
+    (:func:`rsm_fast.cost.default_reward`)."""
+    from .cost import default_reward
+
+    return t.reward or default_reward(t)
 
 
 def _reward_parts(cfg: RunConfig, geo: TaskGeometry, train: dict, ev: dict, rows: int, n: int, device,
